@@ -1,0 +1,55 @@
+"""The one interface every sequence mixer implements.
+
+A mixer maps (batch, length, d_model) to the same shape and must be causal: output t depends only
+on inputs 0..t. Batches are right-padded, so causality alone guarantees that padding never changes a
+real position; ``lengths`` is passed for mixers that want it (e.g. to skip work) but may be ignored.
+
+Streaming (the recommender-serving case): ``init_state`` + ``step`` carry whatever the mixer needs
+(a hidden state, a key/value cache, TTT weights plus the partial mini-batch) so that feeding a
+sequence chunk by chunk gives exactly the outputs of one full ``forward``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Mixer(nn.Module):
+    """Base class. Subclasses take ``d_model`` and ``max_len`` plus their own keyword options."""
+
+    #: backends this mixer can run with; "auto" picks the best available one at construction.
+    BACKENDS: tuple[str, ...] = ("torch",)
+
+    def __init__(self, d_model: int, max_len: int = 512):
+        super().__init__()
+        if d_model < 1:
+            raise ValueError(f"d_model must be >= 1, got {d_model}")
+        self.d_model = d_model
+        self.max_len = max_len
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- streaming -------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None, dtype=None) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} does not support streaming")
+
+    def step(self, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """Process new tokens ``x`` (batch, t, d_model), t >= 1, continuing from ``state``."""
+        raise NotImplementedError(f"{type(self).__name__} does not support streaming")
+
+    @property
+    def supports_streaming(self) -> bool:
+        return type(self).step is not Mixer.step
+
+    # ---- backends ---------------------------------------------------------------------------
+    @classmethod
+    def available_backends(cls, device: str | torch.device = "cpu") -> list[str]:
+        """Backends usable on ``device`` on this machine (optional packages checked here)."""
+        return ["torch"]
+
+    @classmethod
+    def auto_backend(cls, device: str | torch.device = "cpu") -> str:
+        return cls.available_backends(device)[0]
