@@ -1,0 +1,88 @@
+"""One run's settings. Everything that changes a number lives here and is stored in the CSV row."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from . import BenchboxError
+
+
+class ConfigError(BenchboxError):
+    pass
+
+
+@dataclass
+class RunConfig:
+    mixer: str = "ttt_linear"
+    dataset: str = "synthetic"
+    mixer_opts: dict = field(default_factory=dict)
+    readout: str = "last"
+    readout_opts: dict = field(default_factory=dict)
+    data_dir: str | None = None
+    d_model: int = 64
+    n_layers: int = 2
+    ffn_mult: int = 2
+    dropout: float = 0.2
+    max_len: int | None = None  # None: the dataset card's default (50 Amazon, 200 ML-1M)
+    epochs: int | None = None  # None: the readout's default (10; 50 for ComiRec as in the study)
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    train_neg: int = 4
+    eval_neg: int = 99
+    eval_full: bool = False
+    eval_seed: int = 42  # the stored validation/test candidates; same for every run by default
+    seed: int = 0
+    patience: int = 0  # stop after this many epochs without a better validation NDCG@10 (0: never)
+    device: str = "auto"
+    dtype: str = "float32"
+    threads: int = 0  # torch CPU threads (0: leave torch's default)
+    download: bool = False
+    sweep_id: str = ""
+
+    def validate(self) -> "RunConfig":
+        checks = [
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.max_len is None or self.max_len >= 2, f"max_len must be >= 2, got {self.max_len}"),
+            (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.d_model >= 1, f"d_model must be >= 1, got {self.d_model}"),
+            (self.n_layers >= 0, f"n_layers must be >= 0, got {self.n_layers}"),
+            (self.ffn_mult >= 0, f"ffn_mult must be >= 0, got {self.ffn_mult}"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.train_neg >= 1, f"train_neg must be >= 1, got {self.train_neg}"),
+            (self.eval_neg >= 1, f"eval_neg must be >= 1, got {self.eval_neg}"),
+            (self.patience >= 0, f"patience must be >= 0, got {self.patience}"),
+            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+             f"device must be cpu, cuda or auto, got {self.device!r}"),
+            (self.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {self.dtype!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        return self
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.pop("data_dir")  # where the file was found is not part of the result; its checksum is
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown run option(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+def parse_opts(pairs: list[str] | None) -> dict:
+    """``["num_heads=2", "use_gate=true"]`` -> dict of strings (mixers coerce them to their types)."""
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise ConfigError(f"option {p!r} must look like key=value")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out

@@ -1,0 +1,60 @@
+"""Ranking metrics with one positive per user (HR@k, NDCG@k), sampled and full-ranking evaluation.
+
+A tie between the positive and another candidate counts against the positive (the pessimistic rank),
+so a constant scorer gets HR@k = 0, never a flattering 1.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+KS = (5, 10)
+
+
+def ranks_from_scores(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """scores: (B, C) with the positive in column 0. Rank = number of other (valid) candidates that
+    score >= the positive (0 = top). NaN scores count against the positive."""
+    pos = scores[:, :1]
+    beats = (scores[:, 1:] >= pos) | torch.isnan(scores[:, 1:]) | torch.isnan(pos)
+    if valid is not None:
+        beats &= valid[:, 1:]
+    return beats.sum(dim=1)
+
+
+def metrics_from_ranks(ranks: np.ndarray | torch.Tensor, ks=KS) -> dict[str, float]:
+    r = torch.as_tensor(ranks, dtype=torch.float64)
+    out = {}
+    for k in ks:
+        hit = r < k
+        out[f"ndcg@{k}"] = float((hit / torch.log2(r + 2)).mean())
+        out[f"hr@{k}"] = float(hit.double().mean())
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, batches, n_items: int, full: bool = False, device="cpu", autocast_dtype=None) -> dict:
+    """Sampled metrics over each batch's candidates; with ``full`` also the rank of the positive among
+    all items with the user's history masked (reported as full_ndcg@k, full_hr@k)."""
+    model.eval()
+    table = model.item_table()  # F_t for every item, computed once
+    sampled, full_ranks = [], []
+    for batch in batches:
+        batch = batch.to(device)
+        with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            scores = model.score_candidates(batch.inputs, batch.lengths, batch.candidates, table)
+        sampled.append(ranks_from_scores(scores.float()).cpu())
+        if full:
+            with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                all_scores = model.score_all(batch.inputs, batch.lengths, table).float()
+            pos = batch.candidates[:, 0]
+            pos_score = all_scores.gather(1, pos[:, None])
+            mask = torch.zeros_like(all_scores, dtype=torch.bool)
+            mask.scatter_(1, batch.inputs, True)  # history (and column 0, the padding id)
+            mask[:, 0] = True
+            mask.scatter_(1, pos[:, None], True)
+            beats = ((all_scores >= pos_score) | torch.isnan(all_scores)) & ~mask
+            full_ranks.append(beats.sum(1).cpu())
+    out = metrics_from_ranks(torch.cat(sampled))
+    if full:
+        out.update({f"full_{k}": v for k, v in metrics_from_ranks(torch.cat(full_ranks)).items()})
+    return out

@@ -1,0 +1,120 @@
+"""The one recommender every mixer plugs into (the TTT4Rec design).
+
+item embedding (0 = padding) -> n_layers x [x + mixer(RMSNorm x); x + FFN(RMSNorm x)] -> RMSNorm = H.
+A readout turns H into the user feature F_s; the default ("last") takes H at the last real position
+(right padding). The target item goes through the same embedding and a two-layer MLP = F_t.
+score = F_s . F_t, click probability = sigmoid(score).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mixers
+from .readouts import build_readout
+
+
+class Block(nn.Module):
+    def __init__(self, mixer: nn.Module, d_model: int, dropout: float, ffn_mult: int):
+        super().__init__()
+        self.mixer = mixer
+        self.norm1 = nn.RMSNorm(d_model, eps=1e-6)
+        self.drop = nn.Dropout(dropout)
+        self.ffn = None
+        if ffn_mult > 0:
+            self.norm2 = nn.RMSNorm(d_model, eps=1e-6)
+            self.ffn = nn.Sequential(nn.Linear(d_model, ffn_mult * d_model), nn.GELU(),
+                                     nn.Linear(ffn_mult * d_model, d_model))
+
+    def _ffn(self, x):
+        return x if self.ffn is None else x + self.drop(self.ffn(self.norm2(x)))
+
+    def forward(self, x, lengths=None):
+        return self._ffn(x + self.drop(self.mixer(self.norm1(x), lengths)))
+
+    def step(self, x, state):
+        y, state = self.mixer.step(self.norm1(x), state)
+        return self._ffn(x + self.drop(y)), state
+
+
+class Recommender(nn.Module):
+    def __init__(self, n_items: int, mixer: str, mixer_opts: dict | None = None, d_model: int = 64,
+                 n_layers: int = 2, max_len: int = 50, dropout: float = 0.2, ffn_mult: int = 2,
+                 readout: str = "last", readout_opts: dict | None = None):
+        super().__init__()
+        self.n_items, self.d_model = n_items, d_model
+        self.item_emb = nn.Embedding(n_items + 1, d_model, padding_idx=0)
+        nn.init.normal_(self.item_emb.weight, std=1.0)  # nn.Embedding's default, as in SASRec.pytorch
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        self.emb_drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            Block(mixers.build(mixer, d_model, max_len, **(mixer_opts or {})), d_model, dropout, ffn_mult)
+            for _ in range(n_layers))
+        self.norm = nn.RMSNorm(d_model, eps=1e-6)
+        self.target_mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+        self.readout = build_readout(readout, d_model, **(readout_opts or {}))
+
+    # ---- features -------------------------------------------------------------------------
+    def encode(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, L) item ids -> (B, L, D) sequence features H (causal: H[t] sees items 0..t)."""
+        x = self.emb_drop(self.item_emb(inputs))
+        for block in self.blocks:
+            x = block(x, lengths)
+        return self.norm(x)
+
+    def item_features(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.target_mlp(self.item_emb(ids))
+
+    def item_table(self) -> torch.Tensor:
+        """F_t of every item id (row 0 is padding)."""
+        return self.target_mlp(self.item_emb.weight)
+
+    def _candidate_features(self, ids: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        if table is not None:
+            return table[ids]
+        # many lookups: run the MLP once per item instead of once per lookup
+        if ids.numel() > self.n_items + 1:
+            return self.item_table()[ids]
+        return self.item_features(ids)
+
+    # ---- scores ---------------------------------------------------------------------------
+    def train_logits(self, inputs, lengths, targets, negatives) -> torch.Tensor:
+        """(B, L, 1 + n_neg) logits at every position, positive first."""
+        h = self.encode(inputs, lengths)
+        cand = self._candidate_features(torch.cat([targets[..., None], negatives], dim=-1))
+        return self.readout.train_scores(h, lengths, cand, self.item_emb(inputs))
+
+    def score_candidates(self, inputs, lengths, candidates, table=None) -> torch.Tensor:
+        h = self.encode(inputs, lengths)
+        return self.readout.scores(h, lengths, self._candidate_features(candidates, table), self.item_emb(inputs))
+
+    def score_all(self, inputs, lengths, table=None) -> torch.Tensor:
+        """(B, n_items + 1) scores of every item (column 0 is padding)."""
+        table = self.item_table() if table is None else table
+        h = self.encode(inputs, lengths)
+        return self.readout.scores_all(h, lengths, table, self.item_emb(inputs))
+
+    # ---- streaming (serving): one new click updates the carried state ----------------------
+    def init_stream(self, batch_size: int, device=None, dtype=None):
+        return [b.mixer.init_state(batch_size, device=device, dtype=dtype) for b in self.blocks]
+
+    def stream(self, items: torch.Tensor, state):
+        """items (B, t) new clicks -> (B, t, D) features H for them, and the new state."""
+        x = self.item_emb(items)
+        new = []
+        for block, s in zip(self.blocks, state):
+            x, s = block.step(x, s)
+            new.append(s)
+        return self.norm(x), new
+
+
+def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """BCE on click probabilities: label 1 for the positive (column 0), 0 for the negatives, averaged
+    over real positions only (targets == 0 marks padding)."""
+    labels = torch.zeros_like(logits)
+    labels[..., 0] = 1
+    loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(-1)
+    mask = (targets > 0).to(loss.dtype)
+    return (loss * mask).sum() / mask.sum().clamp_min(1)

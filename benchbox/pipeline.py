@@ -1,0 +1,184 @@
+"""The data pipeline between sequences and the model: leave-one-out splits, negative sampling, and
+length-bucketed batches padded only to their own longest sequence (right padding, 0 = pad).
+
+Split (leave-one-out in time order): for a user's sequence s of length n, s[n-1] is the test item,
+s[n-2] the validation item, s[:n-2] the training part. Training predicts every next item of the
+training part; validation reads s[:n-2] and test reads s[:n-1] (so it includes the validation item).
+Every input is truncated to its last ``max_len`` items.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import Sequences
+from .paths import cache_dir
+from . import BenchboxError
+
+
+# --------------------------------------------------------------------------------------------
+# "has user u interacted with item i?" for whole arrays at once
+# --------------------------------------------------------------------------------------------
+class InteractionIndex:
+    """Sorted keys u * (n_items + 1) + i; membership is one vectorised searchsorted."""
+
+    def __init__(self, data: Sequences):
+        self.stride = data.n_items + 1
+        users = np.repeat(np.arange(data.n_users, dtype=np.int64), data.lengths)
+        self.keys = np.unique(users * self.stride + data.items)
+        self.n_items = data.n_items
+        self.distinct_per_user = np.bincount(self.keys // self.stride, minlength=data.n_users)
+
+    def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        q = users * self.stride + items
+        pos = np.searchsorted(self.keys, q)
+        pos = np.minimum(pos, len(self.keys) - 1)
+        return self.keys[pos] == q
+
+
+def sample_negatives(index: InteractionIndex, users: np.ndarray, shape: tuple, rng: np.random.Generator,
+                     distinct: bool = False) -> np.ndarray:
+    """Items drawn uniformly from 1..n_items that ``users`` (broadcast over ``shape``) never interacted
+    with, by vectorised rejection sampling. ``distinct`` also forbids repeats along the last axis."""
+    users = np.broadcast_to(users.reshape(users.shape + (1,) * (len(shape) - users.ndim)), shape)
+    out = rng.integers(1, index.n_items + 1, size=shape)
+    bad = index.contains(users, out)
+    if distinct:
+        bad |= _repeats_in_rows(out)
+    for _ in range(1000):
+        n_bad = int(bad.sum())
+        if n_bad == 0:
+            return out
+        out[bad] = rng.integers(1, index.n_items + 1, size=n_bad)
+        bad = index.contains(users, out)
+        if distinct:
+            bad |= _repeats_in_rows(out)
+    raise BenchboxError("negative sampling did not converge: some users interacted with almost every item")
+
+
+def _repeats_in_rows(a: np.ndarray) -> np.ndarray:
+    """True where a value already occurred earlier in its row (last axis)."""
+    order = np.argsort(a, axis=-1, kind="stable")
+    srt = np.take_along_axis(a, order, -1)
+    dup_sorted = np.zeros_like(srt, dtype=bool)
+    dup_sorted[..., 1:] = srt[..., 1:] == srt[..., :-1]
+    dup = np.zeros_like(dup_sorted)
+    np.put_along_axis(dup, order, dup_sorted, -1)
+    return dup
+
+
+def eval_candidates(data: Sequences, split: str, n_neg: int, seed: int) -> np.ndarray:
+    """(n_users, 1 + n_neg): the positive first, then ``n_neg`` distinct negatives that the user never
+    interacted with. Drawn once from ``seed`` and stored in the cache keyed by the data checksum, so
+    every mixer and every run is ranked on exactly the same candidates."""
+    path = cache_dir() / "eval" / f"{data.sha256[:24]}-{split}-n{n_neg}-s{seed}.npy"
+    if path.exists():
+        return np.load(path)
+    index = InteractionIndex(data)
+    if (data.n_items - index.distinct_per_user).min() < n_neg:
+        raise BenchboxError(f"{n_neg} negatives impossible: a user of {data.name} interacted with all but "
+                            f"{int((data.n_items - index.distinct_per_user).min())} of {data.n_items} items")
+    rng = np.random.default_rng([seed, 0 if split == "valid" else 1])
+    users = np.arange(data.n_users)
+    neg = sample_negatives(index, users, (data.n_users, n_neg), rng, distinct=True)
+    pos_at = data.offsets[1:] - (2 if split == "valid" else 1)
+    cand = np.concatenate([data.items[pos_at][:, None], neg], axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, cand)
+    os.replace(tmp, path)
+    return cand
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    users: torch.Tensor  # (B,)
+    inputs: torch.Tensor  # (B, L) item ids, right-padded with 0
+    lengths: torch.Tensor  # (B,)
+    targets: torch.Tensor | None = None  # (B, L) next items (training) or None
+    negatives: torch.Tensor | None = None  # (B, L, n_neg) training negatives
+    candidates: torch.Tensor | None = None  # (B, 1 + n_neg) evaluation candidates, positive first
+
+    def to(self, device):
+        return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in
+                       (self.users, self.inputs, self.lengths, self.targets, self.negatives, self.candidates)))
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def _gather_windows(data: Sequences, users: np.ndarray, ends: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """(B, max(lengths)) items data[u][end-len:end], right-padded with 0, in one fancy index."""
+    width = int(lengths.max())
+    starts = data.offsets[users] + ends - lengths
+    idx = starts[:, None] + np.arange(width)[None, :]
+    valid = np.arange(width)[None, :] < lengths[:, None]
+    return np.where(valid, data.items[np.minimum(idx, len(data.items) - 1)], 0)
+
+
+def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+    """Batches of users with similar lengths. With ``rng``: shuffle, sort by length inside windows of
+    50 batches, cut, shuffle batch order (random but with little padding). Without: sorted order."""
+    order = np.arange(len(lengths))
+    if rng is None:
+        order = order[np.argsort(lengths, kind="stable")]
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    order = rng.permutation(order)
+    window = batch_size * 50
+    for i in range(0, len(order), window):
+        w = order[i:i + window]
+        order[i:i + window] = w[np.argsort(lengths[w], kind="stable")]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class TrainLoader:
+    """Every user with >= 2 training items yields one row: inputs s[:-1], targets s[1:] of the training
+    part (last max_len), plus ``n_neg`` negatives per position, redrawn each epoch."""
+
+    def __init__(self, data: Sequences, max_len: int, batch_size: int, n_neg: int, seed: int):
+        self.data, self.max_len, self.batch_size, self.n_neg = data, max_len, batch_size, n_neg
+        train_len = data.lengths - 2
+        self.users = np.flatnonzero(train_len >= 2)
+        self.lengths = np.minimum(train_len[self.users] - 1, max_len)  # number of predicted positions
+        self.index = InteractionIndex(data)
+        self.seed = seed
+        self.epoch = 0
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def __len__(self):
+        return (len(self.users) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        for rows in length_buckets(self.lengths, self.batch_size, rng):
+            users, lengths = self.users[rows], self.lengths[rows]
+            ends = self.data.lengths[users] - 2  # end of the training part
+            inputs = _gather_windows(self.data, users, ends - 1, lengths)
+            targets = _gather_windows(self.data, users, ends, lengths)
+            neg = sample_negatives(self.index, users, targets.shape + (self.n_neg,), rng)
+            neg[targets == 0] = 0
+            yield Batch(torch.from_numpy(users), torch.from_numpy(inputs), torch.from_numpy(lengths),
+                        torch.from_numpy(targets), torch.from_numpy(neg))
+
+
+def eval_batches(data: Sequences, split: str, max_len: int, batch_size: int, candidates: np.ndarray | None):
+    """Validation (history s[:n-2]) or test (history s[:n-1]) batches, sorted by length."""
+    ends = data.lengths - (2 if split == "valid" else 1)
+    lengths = np.minimum(ends, max_len)
+    for users in length_buckets(lengths, batch_size, None):
+        inputs = _gather_windows(data, users, ends[users], lengths[users])
+        cand = None if candidates is None else torch.from_numpy(candidates[users])
+        yield Batch(torch.from_numpy(users), torch.from_numpy(inputs), torch.from_numpy(lengths[users]),
+                    candidates=cand)

@@ -1,0 +1,197 @@
+"""The trainer: one run = data -> model -> epochs of training + validation/test -> one CSV row.
+
+Model selection is on validation NDCG@10 (sampled); the reported test metrics are those of the best
+validation epoch. Test is evaluated every epoch only so that learning curves can be drawn; it never
+influences selection.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import BenchboxError, Diverged, __version__
+from . import data as data_mod
+from .config import ConfigError, RunConfig
+from .evaluate import evaluate
+from .model import Recommender, bce_loss
+from .paths import PROJECT_ROOT
+from .pipeline import TrainLoader, eval_batches, eval_candidates
+from .readouts import READOUTS
+from .results import append_rows
+
+METRICS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA device is available")
+    return dev
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"cpu: {line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+    except Exception:
+        return "unknown"
+
+
+def environment(dev: torch.device) -> dict:
+    return {"device": device_name(dev), "torch_version": torch.__version__, "python_version": platform.python_version(),
+            "numpy_version": np.__version__, "benchbox_version": __version__, "git_commit": git_commit(),
+            "threads": torch.get_num_threads(), "hostname": platform.node()}
+
+
+def peak_memory_mb(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+@dataclass
+class RunResult:
+    row: dict
+    curves: list[dict] = field(default_factory=list)
+
+
+def default_epochs(readout: str) -> int:
+    return getattr(READOUTS.get(readout), "DEFAULT_EPOCHS", 10)
+
+
+def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progress=None, log=print) -> RunResult:
+    """Train and evaluate one configuration. Raises BenchboxError on bad input (nothing written) and
+    Diverged (after writing a ``diverged`` row) when the loss stops being finite."""
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev = resolve_device(cfg.device)
+    amp = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+    data = data_mod.load(cfg.dataset, cfg.data_dir, download=cfg.download, max_len=cfg.max_len)
+    max_len = cfg.max_len or data.max_len
+    epochs = cfg.epochs or default_epochs(cfg.readout)
+    if cfg.train_neg >= data.n_items:
+        raise ConfigError(f"train_neg={cfg.train_neg} is impossible with {data.n_items} items")
+    valid_cand = eval_candidates(data, "valid", cfg.eval_neg, cfg.eval_seed)
+    test_cand = eval_candidates(data, "test", cfg.eval_neg, cfg.eval_seed)
+
+    torch.manual_seed(cfg.seed)
+    model = Recommender(data.n_items, cfg.mixer, cfg.mixer_opts, cfg.d_model, cfg.n_layers, max_len, cfg.dropout,
+                        cfg.ffn_mult, cfg.readout, cfg.readout_opts).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loader = TrainLoader(data, max_len, cfg.batch_size, cfg.train_neg, cfg.seed)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    row = {"run_id": run_id, "status": "running", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "sweep_id": cfg.sweep_id, "dataset": data.name, "data_source": data.source, "data_sha256": data.sha256,
+           "n_users": data.n_users, "n_items": data.n_items, "mixer": cfg.mixer, "readout": cfg.readout,
+           "mixer_opts": _json(cfg.mixer_opts), "readout_opts": _json(cfg.readout_opts), "seed": cfg.seed,
+           "epochs": epochs, "max_len": max_len, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
+           "batch_size": cfg.batch_size, "lr": cfg.lr, "dtype": cfg.dtype,
+           "params": sum(p.numel() for p in model.parameters()), "config": cfg.to_json()}
+    row.update(environment(dev))
+    curves, best, best_epoch = [], None, 0
+    train_s = eval_s = 0.0
+    t_loss = float("nan")
+    try:
+        for epoch in range(1, epochs + 1):
+            model.train()
+            t0 = time.perf_counter()
+            t_loss, n_tok = _train_epoch(model, opt, loader, dev, amp, progress, epoch, epochs)
+            dt = time.perf_counter() - t0
+            train_s += dt
+            t0 = time.perf_counter()
+            val = evaluate(model, eval_batches(data, "valid", max_len, 256, valid_cand), data.n_items,
+                           cfg.eval_full, dev, amp)
+            test = evaluate(model, eval_batches(data, "test", max_len, 256, test_cand), data.n_items,
+                            cfg.eval_full, dev, amp)
+            eval_s += time.perf_counter() - t0
+            point = {"run_id": run_id, "epoch": epoch, "train_loss": t_loss, "epoch_seconds": round(dt, 3),
+                     "tokens_per_s": round(n_tok / dt, 1)}
+            point.update({f"val_{k}": v for k, v in val.items()})
+            point.update({f"test_{k}": v for k, v in test.items()})
+            curves.append(point)
+            if results_dir:
+                append_rows(Path(results_dir) / "curves.csv", [point])
+            log(f"epoch {epoch}/{epochs}  loss {t_loss:.4f}  val ndcg@10 {val['ndcg@10']:.4f}  "
+                f"test ndcg@10 {test['ndcg@10']:.4f}  {dt:.1f}s ({n_tok / dt:,.0f} tok/s)")
+            if best is None or val["ndcg@10"] > best[0]["ndcg@10"]:
+                best, best_epoch = (val, test), epoch
+            elif cfg.patience and epoch - best_epoch >= cfg.patience:
+                break
+        row["status"] = "ok"
+    except Diverged as e:
+        row.update(status="diverged", error=str(e))
+    except KeyboardInterrupt:
+        raise
+    row.update(best_epoch=best_epoch, epochs_run=len(curves), final_train_loss=t_loss,
+               train_seconds=round(train_s, 2), eval_seconds=round(eval_s, 2),
+               sec_per_epoch=round(train_s / max(len(curves), 1), 2), peak_mem_mb=round(peak_memory_mb(dev), 1))
+    if best is not None:
+        row.update({f"val_{k}": v for k, v in best[0].items()})
+        row.update({f"test_{k}": v for k, v in best[1].items()})
+    if results_dir:
+        append_rows(Path(results_dir) / "runs.csv", [row])
+    if row["status"] == "diverged":
+        raise Diverged(f"run {run_id} diverged: {row['error']} (row stored with status 'diverged')")
+    return RunResult(row, curves)
+
+
+def _json(d: dict) -> str:
+    import json
+    return json.dumps(d, sort_keys=True)
+
+
+def _train_epoch(model, opt, loader, dev, amp, progress, epoch, epochs):
+    total, n_tok, n_batches = 0.0, 0, len(loader)
+    task = progress.add_task(f"epoch {epoch}/{epochs}", total=n_batches, loss=float("nan"), tps=0.0) \
+        if progress is not None else None
+    t0 = time.perf_counter()
+    for step, batch in enumerate(loader):
+        batch = batch.to(dev)
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            logits = model.train_logits(batch.inputs, batch.lengths, batch.targets, batch.negatives)
+        loss = bce_loss(logits.float(), batch.targets)
+        if not torch.isfinite(loss):
+            raise Diverged(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step + 1}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tok = batch.n_tokens
+        total += loss.item() * tok
+        n_tok += tok
+        if task is not None:
+            progress.update(task, advance=1, loss=total / n_tok, tps=n_tok / (time.perf_counter() - t0))
+    if task is not None:
+        progress.remove_task(task)
+    return total / max(n_tok, 1), n_tok

@@ -1,0 +1,375 @@
+"""Mamba (selective state-space) mixer, after Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling
+with Selective State Spaces".
+
+Block: in_proj (d_model -> 2 * d_inner, split into x and the gate z), causal depthwise conv1d over x
+(width d_conv) + SiLU, input-dependent delta (rank dt_rank, softplus with a bias), B and C (d_state
+each), the selective scan with A = -exp(A_log) and the D skip, the SiLU(z) gate, out_proj.
+
+Scans (all in (batch, length, channels) layout, computed in fp32 or fp64, never in half precision):
+- ``selective_scan_reference``: the plain sequential recurrence, one step per position.
+- ``selective_scan_chunked``: the fast path in pure PyTorch. The sequence is cut into chunks; inside a
+  chunk the recurrence h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t is solved in closed form with a
+  cumulative sum of the log-decays (see ``_ChunkedScan``), and the state is carried from chunk to
+  chunk. Chunk ends are chosen so that the log-decay range inside a chunk stays below a bound
+  (``MAX_LOG_RANGE``) that keeps every exponential finite and normal, so long steps only make chunks
+  shorter (down to one step), never produce inf/NaN. A custom autograd function recomputes the states
+  in the backward pass from the per-chunk start states, so memory stays O(batch * d_inner * d_state
+  * chunk_size) instead of O(... * length).
+- On CUDA with the optional ``mamba-ssm`` package, backend ``mamba_ssm`` runs its fused
+  ``selective_scan_fn`` (and ``causal_conv1d_fn`` when ``causal-conv1d`` is importable).
+
+Streaming carries the last d_conv - 1 conv inputs and the SSM state (batch, d_inner, d_state): O(1)
+work and memory per new click. Right padding needs nothing: everything is causal.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Mixer
+
+# ---------------------------------------------------------------------------------------------
+# optional CUDA kernels
+
+_MAMBA_SSM_OPS: object = None  # None: not probed yet; False: unusable here; else (scan_fn, conv_fn)
+
+
+def mamba_ssm_ops():
+    """``(selective_scan_fn, causal_conv1d_fn or None)`` when mamba-ssm is usable here, else None.
+
+    mamba-ssm imports its CUDA extension unconditionally, so it can fail in many ways (no GPU, no
+    build, ABI mismatch): any exception means "not available". Only probed when CUDA is available.
+    """
+    global _MAMBA_SSM_OPS
+    if _MAMBA_SSM_OPS is None:
+        _MAMBA_SSM_OPS = False
+        if torch.cuda.is_available():
+            try:
+                from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # type: ignore
+            except Exception:
+                selective_scan_fn = None
+            if selective_scan_fn is not None:
+                try:
+                    from causal_conv1d import causal_conv1d_fn  # type: ignore
+                except Exception:
+                    causal_conv1d_fn = None
+                _MAMBA_SSM_OPS = (selective_scan_fn, causal_conv1d_fn)
+    return _MAMBA_SSM_OPS or None
+
+
+# ---------------------------------------------------------------------------------------------
+# scans
+
+#: largest |A| * (sum of dt) allowed inside one chunk of the chunked scan, per compute dtype.
+#: exp(-40) ~ 4e-18 is far from fp32 underflow and exp(40) * |grad| far from overflow; the relative
+#: rounding error of the closed form grows like MAX_LOG_RANGE * eps (~2e-6 in fp32 at worst).
+MAX_LOG_RANGE = {torch.float32: 40.0, torch.float64: 200.0}
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _prepare_delta(delta, delta_bias, delta_softplus, dtype):
+    delta = delta.to(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _finish(y, u, D, z, dtype_out):
+    if D is not None:
+        y = y + u * D.to(y.dtype)
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(dtype_out)
+
+
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             initial_state=None, return_last_state=False):
+    """Plain sequential selective scan (the reference).
+
+    u, delta, z: (batch, L, d_inner); A: (d_inner, d_state); B, C: (batch, L, d_state); D,
+    delta_bias: (d_inner,); initial_state: (batch, d_inner, d_state) or None (zeros).
+    h_t = exp(dt_t A) * h_{t-1} + dt_t B_t u_t,  y_t = C_t . h_t + D u_t,  y_t *= silu(z_t),
+    with dt = softplus(delta + delta_bias) when delta_softplus. Returns y (dtype of u)
+    [, last state (batch, d_inner, d_state) in the compute dtype].
+    """
+    dtype_in = u.dtype
+    ct = _compute_dtype(u, delta, A, B, C, initial_state)
+    uc, Ac, Bc, Cc = u.to(ct), A.to(ct), B.to(ct), C.to(ct)
+    dt = _prepare_delta(delta, delta_bias, delta_softplus, ct)
+    bsz, length, d_inner = u.shape
+    h = (torch.zeros(bsz, d_inner, A.shape[1], dtype=ct, device=u.device) if initial_state is None
+         else initial_state.to(ct))
+    ys = []
+    for t in range(length):
+        decay = torch.exp(dt[:, t, :, None] * Ac)                             # (b, d, n)
+        h = decay * h + (dt[:, t] * uc[:, t])[:, :, None] * Bc[:, t, None, :]
+        ys.append((h @ Cc[:, t, :, None]).squeeze(-1))                       # (b, d)
+    y = torch.stack(ys, 1) if ys else uc.new_zeros(bsz, 0, d_inner)
+    y = _finish(y, uc, D, z, dtype_in)
+    return (y, h) if return_last_state else y
+
+
+def _chunk_bounds(dt: torch.Tensor, A: torch.Tensor, chunk_size: int, max_range: float) -> list[int]:
+    """Chunk ends [0, e1, ..., L]: at most chunk_size steps, and sum over the chunk of
+    max_{b,d}(|dt| * max_n |A|) <= max_range unless the chunk is a single step."""
+    length = dt.shape[1]
+    if length <= 1:
+        return [0, length]
+    cost = (dt.detach().abs() * A.detach().abs().amax(1)).amax(dim=(0, 2)).tolist()  # one host sync
+    bounds, start, acc = [0], 0, 0.0
+    for t, c in enumerate(cost):
+        if t > start and (t - start >= chunk_size or acc + c > max_range):
+            bounds.append(t)
+            start, acc = t, 0.0
+        acc += c
+    bounds.append(length)
+    return bounds
+
+
+def _chunk_states(u, dt, A, B, h0):
+    """States of one chunk, shape (b, T, d, n), via a cumulative sum of the log-decays.
+
+    With r_t = sum_{k<=t} dt_k (so r_t - r_k is the decay time from k to t) and R = r_T:
+        h_t = exp(A r_t) h0 + sum_{k<=t} exp(A (r_t - r_k)) b_k
+            = (exp(A R) h0 + sum_{k<=t} b_k winv_k) / winv_t,   winv_t = exp(A (R - r_t)) in (0, 1],
+    where b_k = dt_k u_k B_k. |A (R - r_t)| <= MAX_LOG_RANGE keeps winv normal; nothing in the
+    cumulative sum exceeds sum |b_k|. Also returns winv and b (reused by the backward pass).
+    """
+    r = dt.cumsum(1)                                                        # (b, T, d)
+    R = r[:, -1:]
+    winv = ((R - r).unsqueeze(-1) * A).exp_()                               # (b, T, d, n)
+    b = (dt * u).unsqueeze(-1) * B.unsqueeze(2)                             # (b, T, d, n)
+    s = b * winv
+    s[:, 0] += torch.exp(R[:, 0, :, None] * A) * h0
+    return s.cumsum_(1).div_(winv), winv, b
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """y_t = C_t . h_t (no D skip, no gate) and the last state, for dt already positive."""
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C, h0, chunk_size: int, max_range: float):
+        with torch.autocast(u.device.type, enabled=False):
+            bsz, length, d_inner = u.shape
+            h = h0 if h0 is not None else u.new_zeros(bsz, d_inner, A.shape[1])
+            y = u.new_empty(bsz, length, d_inner)
+            bounds = _chunk_bounds(dt, A, chunk_size, max_range)
+            starts = []
+            for s, e in zip(bounds[:-1], bounds[1:]):
+                starts.append(h)
+                hs = _chunk_states(u[:, s:e], dt[:, s:e], A, B[:, s:e], h)[0]
+                y[:, s:e] = (hs @ C[:, s:e, :, None]).squeeze(-1)
+                h = hs[:, -1].clone()
+            ctx.bounds = bounds
+            ctx.has_h0 = h0 is not None
+            ctx.save_for_backward(u, dt, A, B, C, torch.stack(starts, 1) if starts else h.unsqueeze(1))
+            return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh_last):
+        u, dt, A, B, C, starts = ctx.saved_tensors
+        bounds = ctx.bounds
+        with torch.autocast(u.device.type, enabled=False):
+            du, ddt = torch.zeros_like(u), torch.zeros_like(dt)
+            dB, dC, dA = torch.zeros_like(B), torch.zeros_like(C), torch.zeros_like(A)
+            # carry = dL/dh_{s-1} through h_s = a_s h_{s-1} + b_s, i.e. the gradient leaving a chunk
+            carry = dh_last if dh_last is not None else u.new_zeros(starts.shape[0], *A.shape)
+            dy = dy.to(u.dtype)
+            for i in reversed(range(len(bounds) - 1)):
+                s, e = bounds[i], bounds[i + 1]
+                uc, dtc, Bc, Cc, dyc = u[:, s:e], dt[:, s:e], B[:, s:e], C[:, s:e], dy[:, s:e]
+                hs, winv, b = _chunk_states(uc, dtc, A, Bc, starts[:, i])
+                # G_t = dL/dh_t = sum_{k>=t} exp(A (r_k - r_t)) c_k, c_k = C_k dy_k (+ carry at the end)
+                c = dyc.unsqueeze(-1) * Cc.unsqueeze(2)
+                c[:, -1] += carry
+                # a true reverse cumsum: terms grow from the end, so no "total - prefix" cancellation
+                G = c.div_(winv).flip(1).cumsum_(1).flip(1).mul_(winv)
+                carry = torch.exp(dtc[:, 0, :, None] * A) * G[:, 0]
+                q = (G @ Bc.unsqueeze(-1)).squeeze(-1)                             # (b, T, d)
+                du[:, s:e] = dtc * q
+                ddt[:, s:e] = uc * q
+                dB[:, s:e] = ((dtc * uc).unsqueeze(2) @ G).squeeze(2)
+                dC[:, s:e] = (dyc.unsqueeze(2) @ hs).squeeze(2)
+                p = hs.sub_(b).mul_(G)                          # G_t * a_t h_{t-1} = dL/d(log a_t)
+                dA += (p * dtc.unsqueeze(-1)).sum((0, 1))
+                ddt[:, s:e] += p.mul_(A).sum(-1)
+        return du, ddt, dA, dB, dC, (carry if ctx.has_h0 else None), None, None
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           initial_state=None, return_last_state=False, chunk_size: int = 64):
+    """Fast selective scan; same arguments and results as ``selective_scan_reference``."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    dtype_in = u.dtype
+    ct = _compute_dtype(u, delta, A, B, C, initial_state)
+    uc = u.to(ct)
+    dt = _prepare_delta(delta, delta_bias, delta_softplus, ct)
+    h0 = None if initial_state is None else initial_state.to(ct)
+    if u.shape[1] == 0:
+        y = uc.new_zeros(u.shape)
+        h = h0 if h0 is not None else uc.new_zeros(u.shape[0], u.shape[2], A.shape[1])
+    else:
+        y, h = _ChunkedScan.apply(uc.contiguous(), dt.contiguous(), A.to(ct), B.to(ct).contiguous(),
+                                  C.to(ct).contiguous(), h0, chunk_size, MAX_LOG_RANGE[ct])
+    y = _finish(y, uc, D, z, dtype_in)
+    return (y, h) if return_last_state else y
+
+
+# ---------------------------------------------------------------------------------------------
+# the mixer
+
+
+class MambaMixer(Mixer):
+    BACKENDS = ("mamba_ssm", "torch")
+    SCANS = ("chunked", "sequential")
+
+    def __init__(self, d_model: int, max_len: int = 512, *, d_state: int = 16, d_conv: int = 4,
+                 expand: int = 2, dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, scan: str = "chunked", chunk_size: int = 64,
+                 backend: str = "auto"):
+        super().__init__(d_model, max_len)
+        if not isinstance(d_state, int) or d_state < 1:
+            raise ValueError(f"d_state must be an int >= 1, got {d_state!r}")
+        if not isinstance(d_conv, int) or d_conv < 1:
+            raise ValueError(f"d_conv must be an int >= 1, got {d_conv!r}")
+        if not isinstance(expand, (int, float)) or isinstance(expand, bool) or int(expand * d_model) < 1:
+            raise ValueError(f"expand must be a number with expand * d_model >= 1, got {expand!r}")
+        if isinstance(dt_rank, str) and dt_rank != "auto":
+            try:
+                dt_rank = int(dt_rank)
+            except ValueError:
+                raise ValueError(f"dt_rank must be 'auto' or an int >= 1, got {dt_rank!r}") from None
+        if dt_rank == "auto":
+            dt_rank = math.ceil(d_model / 16)
+        if not isinstance(dt_rank, int) or isinstance(dt_rank, bool) or dt_rank < 1:
+            raise ValueError(f"dt_rank must be 'auto' or an int >= 1, got {dt_rank!r}")
+        if not (0 < dt_min <= dt_max):
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        if dt_init_floor < 0:
+            raise ValueError(f"dt_init_floor must be >= 0, got {dt_init_floor}")
+        if scan not in self.SCANS:
+            raise ValueError(f"unknown scan {scan!r} for mamba ({', '.join(self.SCANS)})")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        if backend not in ("auto",) + self.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r} for mamba ({', '.join(self.BACKENDS)})")
+        if backend == "mamba_ssm" and mamba_ssm_ops() is None:
+            raise ValueError("backend 'mamba_ssm' needs CUDA and an importable mamba-ssm package "
+                             "(pip install mamba-ssm); use backend='torch' or 'auto'")
+        self.d_state, self.d_conv, self.expand, self.dt_rank = d_state, d_conv, expand, dt_rank
+        self.d_inner = d_inner = int(expand * d_model)
+        self.scan, self.chunk_size, self.requested_backend = scan, chunk_size, backend
+
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        # dt_proj: weight keeps the variance of dt_rank inputs; bias = softplus^-1(dt) with dt
+        # log-uniform in [dt_min, dt_max], floored at dt_init_floor.
+        std = dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))     # inverse softplus
+        # S4D-real: A = -(1, 2, ..., d_state) for every channel; D skip = 1
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+
+    # ---- backends ---------------------------------------------------------------------------
+    @classmethod
+    def available_backends(cls, device="cpu"):
+        if torch.device(device).type == "cuda" and mamba_ssm_ops() is not None:
+            return ["mamba_ssm", "torch"]
+        return ["torch"]
+
+    def backend_for(self, x: torch.Tensor) -> str:
+        ok = x.is_cuda and x.dtype != torch.float64 and mamba_ssm_ops() is not None
+        if self.requested_backend == "auto":
+            return "mamba_ssm" if ok else "torch"
+        if self.requested_backend == "mamba_ssm" and not ok:
+            raise ValueError("backend 'mamba_ssm' runs only on CUDA tensors in fp32/bf16/fp16 "
+                             f"(got {x.device.type}, {x.dtype})")
+        return self.requested_backend
+
+    # ---- pieces -----------------------------------------------------------------------------
+    def _scan_fn(self, streaming_step: bool = False):
+        if self.scan == "sequential" or streaming_step:
+            return selective_scan_reference
+        return lambda *a, **k: selective_scan_chunked(*a, chunk_size=self.chunk_size, **k)
+
+    def _conv(self, x, prefix=None):
+        """Causal depthwise conv over (b, L, d_inner), optionally continuing after ``prefix``
+        (b, d_conv - 1, d_inner). Returns the conv output and the new prefix."""
+        length, k = x.shape[1], self.d_conv
+        if prefix is None:
+            y = self.conv1d(x.transpose(1, 2))[..., :length]
+            new_prefix = None
+        else:
+            xp = torch.cat([prefix.to(x.dtype), x], 1)
+            y = F.conv1d(xp.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
+            new_prefix = xp[:, xp.shape[1] - (k - 1):]
+        return y.transpose(1, 2), new_prefix
+
+    def _ssm_inputs(self, xc):
+        dt, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt, self.dt_proj.weight), B, C
+
+    def _forward_torch(self, x, state=None):
+        xi, z = self.in_proj(x).chunk(2, dim=-1)
+        xc, prefix = self._conv(xi, None if state is None else state["conv"])
+        xc = F.silu(xc)
+        dt, B, C = self._ssm_inputs(xc)
+        A = -torch.exp(self.A_log)
+        scan = self._scan_fn(streaming_step=state is not None and x.shape[1] == 1)
+        y, h = scan(xc, dt, A, B, C, self.D, z, delta_bias=self.dt_proj.bias, delta_softplus=True,
+                    initial_state=None if state is None else state["ssm"], return_last_state=True)
+        return self.out_proj(y), ({"conv": prefix, "ssm": h} if state is not None else None)
+
+    def _forward_mamba_ssm(self, x):
+        selective_scan_fn, causal_conv1d_fn = mamba_ssm_ops()
+        xi, z = self.in_proj(x).chunk(2, dim=-1)
+        xi_t = xi.transpose(1, 2).contiguous()                                  # (b, d_inner, L)
+        if causal_conv1d_fn is not None:
+            xc_t = causal_conv1d_fn(x=xi_t, weight=self.conv1d.weight.squeeze(1), bias=self.conv1d.bias,
+                                    activation="silu")
+        else:
+            xc_t = F.silu(self.conv1d(xi_t)[..., : x.shape[1]])
+        dt, B, C = self._ssm_inputs(xc_t.transpose(1, 2))
+        dtype = xc_t.dtype
+        y = selective_scan_fn(xc_t, dt.transpose(1, 2).to(dtype).contiguous(), -torch.exp(self.A_log.float()),
+                              B.transpose(1, 2).to(dtype).contiguous(), C.transpose(1, 2).to(dtype).contiguous(),
+                              self.D.float(), z=z.transpose(1, 2).to(dtype).contiguous(),
+                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        return self.out_proj(y.transpose(1, 2))
+
+    # ---- Mixer interface --------------------------------------------------------------------
+    def forward(self, x, lengths=None):
+        if self.backend_for(x) == "mamba_ssm":
+            return self._forward_mamba_ssm(x)
+        return self._forward_torch(x)[0]
+
+    def init_state(self, batch_size, device=None, dtype=None):
+        dtype = dtype or self.in_proj.weight.dtype
+        ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return {"conv": torch.zeros(batch_size, self.d_conv - 1, self.d_inner, device=device, dtype=dtype),
+                "ssm": torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=ssm_dtype)}
+
+    def step(self, x, state):
+        """Torch path on every device (the fused kernel cannot start from a state)."""
+        return self._forward_torch(x, state)
+
+    def extra_repr(self):
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
+                f"dt_rank={self.dt_rank}, scan={self.scan}, chunk_size={self.chunk_size}, "
+                f"backend={self.requested_backend}")
