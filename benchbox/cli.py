@@ -14,8 +14,7 @@ from rich.table import Table
 
 from . import BenchboxError, Diverged
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(width=None if sys.stdout.isatty() else 160)  # logs (CI) get whole tables
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,17 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except Diverged as e:
-        err_console.print(f"benchbox: diverged: {e}", markup=False, highlight=False)
-        return 3
-    except (BenchboxError, ValueError) as e:
-        err_console.print(f"benchbox: error: {e}", markup=False, highlight=False, soft_wrap=True)
-        return 2
-    except FileNotFoundError as e:
-        err_console.print(f"benchbox: error: {e}", markup=False, highlight=False, soft_wrap=True)
-        return 2
+        return _fail(f"diverged: {e}", 3)
+    except (BenchboxError, ValueError, OSError) as e:
+        return _fail(f"error: {e}", 2)
     except KeyboardInterrupt:
-        err_console.print("benchbox: interrupted")
-        return 130
+        return _fail("interrupted", 130)
+
+
+def _fail(msg: str, code: int) -> int:
+    """One line on stderr (never wrapped, never a traceback)."""
+    sys.stderr.write("benchbox: " + " ".join(str(msg).split()) + "\n")
+    return code
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def synthetic(seed: int = 0, n_users: int = 2000, n_items: int = 500, min_len: i
     """
     rng = np.random.default_rng(seed)
     n_topics = 10
-    topic_of = rng.integers(0, n_topics, n_items)
+    topic_of = rng.permutation(np.arange(n_items) % n_topics)  # every topic non-empty
     by_topic = [np.flatnonzero(topic_of == t) for t in range(n_topics)]
     successors = rng.integers(0, n_items, (n_items, 3))
     seqs = []

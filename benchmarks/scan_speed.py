@@ -56,7 +56,7 @@ def main(argv=None):
     p.add_argument("--expand", type=int, default=2)
     p.add_argument("--d-state", type=int, default=16)
     p.add_argument("--lengths", type=int, nargs="+", default=[50, 200, 1000])
-    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")

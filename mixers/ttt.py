@@ -1,0 +1,598 @@
+"""TTT-Linear and TTT-MLP: the test-time-training layer of Sun et al. 2024 ("Learning to (Learn at
+Test Time): RNNs with Expressive Hidden States"), following the official PyTorch code
+(github.com/test-time-training/ttt-lm-pytorch, ``ttt.py``: ``TTTBase``/``TTTLinear``/``TTTMLP``).
+Our own implementation; the maths is the official layer's.
+
+Per head h (``head_dim`` D = d_model / num_heads) and token t:
+
+* ``Q, K, V`` projections (no bias) of the layer input; RoPE on Q and K with position
+  ``t mod mini_batch_size`` (the official interleaved-pair convention, base ``rope_theta``).
+* inner model ``f(x; W)``: ``x W1 + b1`` (TTT-Linear) or ``gelu_tanh(x W1 + b1) W2 + b2`` with
+  hidden size 4 D (TTT-MLP).
+* self-supervised loss ``l_t(W) = 1/2 || LN_h(f(K_t; W)) - (V_t - K_t) ||^2`` where ``LN_h`` is the
+  learnable per-head LayerNorm (official ``ttt_norm``, eps 1e-6).
+* learning rate ``eta_t = ttt_base_lr * sigmoid(x_t . w_lr[h] + b_lr[h]) / D`` and token factor
+  ``tok_i = max(0, 1/i + learnable_token_idx[i-1])`` for the i-th token (1-based) of its mini-batch.
+* one gradient step per mini-batch: with ``W0`` the weights at the start of the mini-batch and
+  ``g_j = grad l_j(W0)``, token i of the mini-batch is read out with
+  ``W_i = W0 - tok_i * sum_{j<=i} eta_j g_j`` (the dual form's causal lower-triangular sum) and the
+  next mini-batch starts from ``W_last`` (i = last token of the mini-batch).
+* ``z_t = Q_t + LN_h(f(Q_t; W_i))``; then ``post_norm`` (LayerNorm over d_model, eps 1e-6), the
+  optional gate ``gelu_tanh(x W_g) * z`` and the output projection ``W_o``.
+
+``mini_batch_size`` may be any integer >= 1 and the length need not be a multiple of it: the last
+mini-batch is then shorter (its tokens keep tok_i = 1/i + offset_i, like the official "remainder").
+
+Options (keyword, with defaults; official ``TTTConfig`` default in brackets where it has one):
+``num_heads=2`` (official: num_attention_heads), ``mini_batch_size=16`` [16], ``ttt_base_lr=1.0`` [1.0],
+``use_gate=False`` [False], ``use_rope=True`` [RoPE always on], ``rope_theta=10000.0`` [10000.0],
+``share_qk=False`` [False] (one Q/K projection followed by two causal depthwise convolutions, the
+official Mamba-backbone variant), ``pre_conv=False`` [False], ``conv_kernel=4`` [4],
+``initializer_range=0.02`` [0.02] (std of the normal init of every projection, of the lr gate and of
+the inner weights W1/W2; biases and ``learnable_token_idx`` start at 0, norms at 1/0, convolutions
+keep PyTorch's default init as officially), ``scan_chunk=16`` (performance only: tokens per
+materialised inner-weight state in the fast path), ``backend="auto"``.
+
+``pre_conv`` lives in the official ``Block`` rather than in the layer; here it is inside the mixer as
+``h = RMSNorm_seq(u + conv(RMSNorm_conv(u)))`` (the official residual conv followed by the block's
+``seq_norm``), and the TTT layer then runs on ``h``. The official residual stream would carry
+``u + conv(...)``; a mixer cannot change its caller's residual, which is the one deviation.
+
+Backends (same parameters, same maths):
+- ``torch``: the fast path. Everything that does not depend on the inner weights (projections,
+  RoPE, lr, Q.K kernels, masks, output norms) is computed for the whole sequence at once; the
+  sequential scan materialises W only once per chunk of ~``scan_chunk`` tokens (whole mini-batches)
+  and handles the mini-batches inside a chunk in dual form (W-free kernels), so mini_batch_size 1
+  costs small matrix-vector products instead of D x D weight updates per token.
+- ``reference``: plain loops, mini-batch by mini-batch and token by token, each inner gradient taken
+  with ``torch.autograd.grad`` (``ttt_reference``); for tests.
+Streaming keeps W at the last mini-batch boundary plus the running sum ``sum_j eta_j g_j`` of the
+partial mini-batch (and the convolution tails), so a new click costs O(1) in the history length.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Mixer
+
+LN_EPS = 1e-6
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+# --------------------------------------------------------------------------------------------------
+# small maths helpers shared by the fast path and streaming
+# --------------------------------------------------------------------------------------------------
+def gelu_tanh(z: torch.Tensor) -> torch.Tensor:
+    return F.gelu(z, approximate="tanh")
+
+
+def gelu_tanh_grad(z: torch.Tensor) -> torch.Tensor:
+    """d/dz of the tanh-approximated GELU (what the official ``gelu_bwd`` computes)."""
+    z2 = z * z
+    t = torch.tanh(_GELU_C * z * (1.0 + 0.044715 * z2))
+    return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * (_GELU_C * (1.0 + 3 * 0.044715 * z2))
+
+
+def ln_l2_grad(z: torch.Tensor, gamma: torch.Tensor, gt: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
+    """Gradient w.r.t. z of 1/2 ||gamma * LN(z) + beta - target||^2 (the official ``ln_fused_l2_bwd``).
+
+    ``gt`` is the precomputed ``gamma * (target - beta)``, so ``dL/dLN(z) * gamma = gamma^2 LN(z) - gt``.
+    """
+    mu = z.mean(-1, keepdim=True)
+    xc = z - mu
+    rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
+    xh = xc * rstd
+    gx = (gamma * gamma) * xh - gt
+    return rstd * (gx - gx.mean(-1, keepdim=True) - xh * (gx * xh).mean(-1, keepdim=True))
+
+
+def ttt_layer_norm(z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
+    return torch.addcmul(beta, F.layer_norm(z, z.shape[-1:], eps=eps), gamma)
+
+
+def rope_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float):
+    """The official RoPE, literally: permute_qk, rotate_half with cat(freqs, freqs), undo_permute_qk.
+
+    q, k: (B, L, H, D); positions: (L,) already taken modulo mini_batch_size.
+    """
+    d = q.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=q.device) / d))
+    freqs = positions.to(torch.float64)[:, None] * inv[None, :]
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos().to(q.dtype)[:, None, :], emb.sin().to(q.dtype)[:, None, :]
+
+    def one(x):
+        shp = x.shape
+        x = x.reshape(*shp[:-1], d // 2, 2).transpose(-1, -2).reshape(shp)  # permute_qk
+        rot = torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1)  # rotate_half
+        x = x * cos + rot * sin
+        return x.reshape(*shp[:-1], 2, d // 2).transpose(-1, -2).reshape(shp)  # undo_permute_qk
+
+    return one(q), one(k)
+
+
+def _rope_factors(positions: torch.Tensor, d: int, theta: float, device) -> torch.Tensor:
+    """exp(i * pos * theta^(-2j/d)) as a complex (L, 1, d/2) tensor (computed in float64)."""
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
+    ang = positions.to(device=device, dtype=torch.float64)[:, None] * inv[None, :]
+    return torch.polar(torch.ones_like(ang), ang)[:, None, :]
+
+
+def rope_fast(q: torch.Tensor, k: torch.Tensor, rot: torch.Tensor):
+    """RoPE on interleaved pairs (x_2j, x_2j+1) -- identical to ``rope_reference`` -- as one complex product."""
+    ctype = torch.complex128 if q.dtype == torch.float64 else torch.complex64
+    rot = rot.to(ctype)
+
+    def one(x):
+        shp = x.shape
+        xc = torch.view_as_complex(x.reshape(*shp[:-1], shp[-1] // 2, 2).contiguous())
+        return torch.view_as_real(xc * rot).reshape(shp)
+
+    return one(q), one(k)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def _causal_depthwise(conv: nn.Conv1d, x: torch.Tensor, tail: torch.Tensor | None):
+    """Causal depthwise conv of x (B, L, C) continuing after ``tail`` (B, k-1, C) (zeros if None).
+
+    Returns (y (B, L, C), new tail)."""
+    k = conv.kernel_size[0]
+    b, L, c = x.shape
+    if tail is None:
+        tail = x.new_zeros(b, k - 1, c)
+    full = torch.cat([tail.to(x.dtype), x], 1)
+    y = F.conv1d(full.transpose(1, 2), conv.weight, conv.bias, groups=c).transpose(1, 2)
+    return y, full[:, full.shape[1] - (k - 1):]
+
+
+# --------------------------------------------------------------------------------------------------
+# the plain reference
+# --------------------------------------------------------------------------------------------------
+def _inner_apply(kind: str, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """f(x; W) for one token per (batch, head): x (B, H, D) -> (B, H, D)."""
+    z = torch.einsum("bhi,bhij->bhj", x, p["W1"]) + p["b1"][:, :, 0]
+    if kind == "linear":
+        return z
+    return torch.einsum("bhi,bhij->bhj", gelu_tanh(z), p["W2"]) + p["b2"][:, :, 0]
+
+
+def _plain_ln(z, gamma, beta, eps=LN_EPS):
+    mu = z.mean(-1, keepdim=True)
+    var = ((z - mu) ** 2).mean(-1, keepdim=True)
+    return gamma * (z - mu) / torch.sqrt(var + eps) + beta
+
+
+def ttt_reference(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma, beta,
+                  mini_batch_size: int):
+    """Plain TTT scan. q, k, v: (B, L, H, D) (RoPE applied); lr: (B, L, H); tok: (mini_batch_size,)
+    token factors (clamped); params: inner weights with a leading (B, H) (W1 (B,H,D,F), b1 (B,H,1,F)...);
+    gamma/beta: (H, D). Returns (z (B, L, H, D), params after the last mini-batch)."""
+    outer_grad = torch.is_grad_enabled()
+    names = list(params)
+    B, L, H, D = q.shape
+    outs = []
+    with torch.enable_grad():
+        p = {n: (t if t.requires_grad else t.detach().requires_grad_(True)) for n, t in params.items()}
+        for start in range(0, L, mini_batch_size):
+            stop = min(start + mini_batch_size, L)
+            grads = []  # eta_j * grad l_j(W0), token by token
+            for t in range(start, stop):
+                target = v[:, t] - k[:, t]
+                loss = 0.5 * ((_plain_ln(_inner_apply(kind, k[:, t], p), gamma, beta) - target) ** 2).sum()
+                g = torch.autograd.grad(loss, [p[n] for n in names], create_graph=True)
+                e = lr[:, t].reshape(B, H, *([1] * (p[names[0]].dim() - 2)))
+                grads.append({n: e * gi for n, gi in zip(names, g)})
+            run = {n: torch.zeros_like(p[n]) for n in names}
+            for i, t in enumerate(range(start, stop)):
+                run = {n: run[n] + grads[i][n] for n in names}
+                w_i = {n: p[n] - tok[i] * run[n] for n in names}
+                outs.append(q[:, t] + _plain_ln(_inner_apply(kind, q[:, t], w_i), gamma, beta))
+            p = w_i  # the last token's weights start the next mini-batch
+        z = torch.stack(outs, 1)
+    if not outer_grad:
+        z, p = z.detach(), {n: t.detach() for n, t in p.items()}
+    return z, p
+
+
+# --------------------------------------------------------------------------------------------------
+# the fast path
+# --------------------------------------------------------------------------------------------------
+def _to_chunks(t: torch.Tensor, n_chunks: int, S: int) -> torch.Tensor:
+    """(B, L, H, D) -> (n_chunks, B*H, S, D), zero-padded at the end."""
+    B, L, H, D = t.shape
+    if n_chunks * S != L:
+        t = F.pad(t, (0, 0, 0, 0, 0, n_chunks * S - L))
+    return t.reshape(B, n_chunks, S, H, D).permute(1, 0, 3, 2, 4).reshape(n_chunks, B * H, S, D)
+
+
+def _from_chunks(t: torch.Tensor, B: int, H: int, L: int) -> torch.Tensor:
+    n, _, S, D = t.shape
+    return t.reshape(n, B, H, S, D).permute(1, 0, 3, 2, 4).reshape(B, n * S, H, D)[:, :L]
+
+
+def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma, beta,
+             mini_batch_size: int, mb_per_chunk: int, need_state: bool = False):
+    """Same contract as ``ttt_reference``. With ``need_state`` L must be a multiple of mini_batch_size
+    (the state after a shorter last mini-batch is never needed by ``forward``)."""
+    B, L, H, D = q.shape
+    K = mini_batch_size
+    n_mb = -(-L // K)
+    if need_state:
+        if L % K:
+            raise ValueError("need_state requires whole mini-batches")
+        g = min(mb_per_chunk, n_mb)
+        if n_mb % g:  # whole chunks first, then the rest as one smaller chunk (no padding allowed here)
+            cut = (n_mb - n_mb % g) * K
+            z1, p1 = ttt_fast(kind, q[:, :cut], k[:, :cut], v[:, :cut], lr[:, :cut], tok, params, gamma, beta,
+                              K, g, True)
+            z2, p2 = ttt_fast(kind, q[:, cut:], k[:, cut:], v[:, cut:], lr[:, cut:], tok, p1, gamma, beta,
+                              K, n_mb % g, True)
+            return torch.cat([z1, z2], 1), p2
+    else:
+        g = min(mb_per_chunk, n_mb)
+    S = g * K
+    nc = -(-L // S)
+    BH = B * H
+    dev, dt = q.device, q.dtype
+
+    kc, qc, vc = (_to_chunks(t, nc, S) for t in (k, q, v))
+    lrc = _to_chunks(lr.unsqueeze(-1), nc, S)  # (nc, BH, S, 1)
+    kq = torch.cat([kc, qc], 2)  # (nc, BH, 2S, D): one bmm gives both the K side and the Q side
+    gam = gamma.to(dt).repeat(B, 1).unsqueeze(1)  # (BH, 1, D)
+    bet = beta.to(dt).repeat(B, 1).unsqueeze(1)
+    gt = gam * (vc - kc - bet)  # gamma * (target - beta)
+
+    # W-independent coefficients. Tm[t, s]: tok of t for s <= t in t's mini-batch, tok_last for s in an
+    # earlier mini-batch of the chunk, 0 otherwise; the update of W at the chunk end uses tok_last * lr.
+    pos = torch.arange(S, device=dev)
+    mb, inmb = pos // K, pos % K
+    same = (mb[:, None] == mb[None, :]) & (pos[None, :] <= pos[:, None])
+    cross = mb[None, :] < mb[:, None]
+    tokd = tok.to(dt)
+    tok_last = tokd[K - 1]
+    Tm = torch.where(same, tokd[inmb][:, None], torch.zeros((), dtype=dt, device=dev))
+    if g > 1:
+        Tm = Tm + cross.to(dt) * tok_last
+    lrT = lrc.transpose(-1, -2)  # (nc, BH, 1, S)
+    coef = Tm * lrT  # (nc, BH, S, S)
+    e = tok_last * lrc  # (nc, BH, S, 1)
+    flat = lambda t: t.reshape(nc * BH, *t.shape[2:])  # noqa: E731
+    P = (torch.bmm(flat(qc), flat(kc).transpose(1, 2)).view(nc, BH, S, S) + 1.0) * coef
+    if g > 1:
+        M = (torch.bmm(flat(kc), flat(kc).transpose(1, 2)).view(nc, BH, S, S) + 1.0) * (cross.to(dt) * e.transpose(-1, -2))
+
+    p = {n: t.reshape(BH, *t.shape[2:]) for n, t in params.items()}
+    zs = []
+    if kind == "linear":
+        W, b = p["W1"], p["b1"]
+        for c in range(nc):
+            Z = torch.baddbmm(b, kq[c], W)
+            Zk, Zq = Z[:, :S], Z[:, S:]
+            if g == 1:
+                G = ln_l2_grad(Zk, gam, gt[c])
+            else:
+                Gs = []
+                for m in range(g):
+                    r = slice(m * K, (m + 1) * K)
+                    z = Zk[:, r]
+                    if m:
+                        z = z - torch.bmm(M[c, :, r, : m * K], torch.cat(Gs, 1))
+                    Gs.append(ln_l2_grad(z, gam, gt[c][:, r]))
+                G = torch.cat(Gs, 1)
+            zs.append(Zq - torch.bmm(P[c], G))
+            if c < nc - 1 or need_state:
+                eG = e[c] * G
+                W = torch.baddbmm(W, kc[c].transpose(1, 2), eG, alpha=-1.0)
+                b = b - eG.sum(1, keepdim=True)
+        new = {"W1": W, "b1": b}
+    else:
+        W1, b1, W2, b2 = p["W1"], p["b1"], p["W2"], p["b2"]
+        for c in range(nc):
+            Z1 = torch.baddbmm(b1, kq[c], W1)
+            Z1k, Z1q = Z1[:, :S], Z1[:, S:]
+            if g == 1:
+                X2 = gelu_tanh(Z1k)
+                G2 = ln_l2_grad(torch.baddbmm(b2, X2, W2), gam, gt[c])
+                G1 = torch.bmm(G2, W2.transpose(1, 2)) * gelu_tanh_grad(Z1k)
+            else:
+                X2s, G1s, G2s = [], [], []
+                for m in range(g):
+                    r = slice(m * K, (m + 1) * K)
+                    z1 = Z1k[:, r]
+                    if m:
+                        G1e, G2e, X2e = torch.cat(G1s, 1), torch.cat(G2s, 1), torch.cat(X2s, 1)
+                        ee = e[c, :, : m * K].transpose(1, 2)  # (BH, 1, E): tok_last * lr of earlier tokens
+                        z1 = z1 - torch.bmm(M[c, :, r, : m * K], G1e)
+                    x2 = gelu_tanh(z1)
+                    z2 = torch.baddbmm(b2, x2, W2)
+                    if m:
+                        z2 = z2 - torch.bmm((torch.bmm(x2, X2e.transpose(1, 2)) + 1.0) * ee, G2e)
+                    g2 = ln_l2_grad(z2, gam, gt[c][:, r])
+                    gx = torch.bmm(g2, W2.transpose(1, 2))
+                    if m:  # g2 @ W2_m^T with W2_m = W2 - sum_s ee_s X2_s^T G2_s
+                        gx = gx - torch.bmm(torch.bmm(g2, G2e.transpose(1, 2)) * ee, X2e)
+                    X2s.append(x2)
+                    G2s.append(g2)
+                    G1s.append(gx * gelu_tanh_grad(z1))
+                X2, G1, G2 = torch.cat(X2s, 1), torch.cat(G1s, 1), torch.cat(G2s, 1)
+            X2q = gelu_tanh(Z1q - torch.bmm(P[c], G1))
+            A2 = (torch.bmm(X2q, X2.transpose(1, 2)) + 1.0) * coef[c]
+            zs.append(torch.baddbmm(b2, X2q, W2) - torch.bmm(A2, G2))
+            if c < nc - 1 or need_state:
+                eG1, eG2 = e[c] * G1, e[c] * G2
+                W1 = torch.baddbmm(W1, kc[c].transpose(1, 2), eG1, alpha=-1.0)
+                b1 = b1 - eG1.sum(1, keepdim=True)
+                W2 = torch.baddbmm(W2, X2.transpose(1, 2), eG2, alpha=-1.0)
+                b2 = b2 - eG2.sum(1, keepdim=True)
+        new = {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
+
+    Zq = torch.stack(zs)  # (nc, BH, S, D)
+    out = qc + ttt_layer_norm(Zq, gam, bet)
+    out = _from_chunks(out, B, H, L)
+    new = {n: t.reshape(B, H, *t.shape[1:]) for n, t in new.items()} if need_state else params
+    return out, new
+
+
+def ttt_partial(kind: str, q, k, v, lr, tok_i, params, acc, gamma, beta):
+    """Tokens of ONE mini-batch, continuing a partial mini-batch (primal form, used by streaming).
+
+    q, k, v: (B, n, H, D); lr: (B, n, H); tok_i: (n,) token factors of these positions; params: W0 at
+    the mini-batch start; acc: sum_j eta_j grad l_j(W0) over the mini-batch's earlier tokens.
+    Returns (z (B, n, H, D), acc including these tokens)."""
+    B, n, H, D = q.shape
+    BH = B * H
+    hd = lambda t: t.transpose(1, 2).reshape(BH, n, -1)  # noqa: E731
+    qh, kh, vh, lrh = hd(q), hd(k), hd(v), hd(lr.unsqueeze(-1))  # lrh: (BH, n, 1)
+    gam = gamma.to(q.dtype).repeat(B, 1).unsqueeze(1)
+    bet = beta.to(q.dtype).repeat(B, 1).unsqueeze(1)
+    gt = gam * (vh - kh - bet)
+    p = {nm: t.reshape(BH, *t.shape[2:]) for nm, t in params.items()}
+    a = {nm: t.reshape(BH, *t.shape[2:]) for nm, t in acc.items()}
+    tk = tok_i.to(q.dtype).view(1, n, 1)
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    lr_row = lrh.transpose(1, 2)  # (BH, 1, n)
+    coef = torch.where(causal, lr_row, torch.zeros((), dtype=q.dtype, device=q.device))
+
+    def read(x, W, b, aW, ab, Xk, Gk):
+        # x W_i + b_i with W_i = W0 - tok_i (acc + sum_{j<=i} lr_j Xk_j^T Gk_j)
+        corr = torch.baddbmm(ab, x, aW) + torch.bmm((torch.bmm(x, Xk.transpose(1, 2)) + 1.0) * coef, Gk)
+        return torch.baddbmm(b, x, W) - tk * corr
+
+    if kind == "linear":
+        G = ln_l2_grad(torch.baddbmm(p["b1"], kh, p["W1"]), gam, gt)
+        zq = read(qh, p["W1"], p["b1"], a["W1"], a["b1"], kh, G)
+        eG = lrh * G
+        new = {"W1": torch.baddbmm(a["W1"], kh.transpose(1, 2), eG), "b1": a["b1"] + eG.sum(1, keepdim=True)}
+    else:
+        Z1 = torch.baddbmm(p["b1"], kh, p["W1"])
+        X2 = gelu_tanh(Z1)
+        G2 = ln_l2_grad(torch.baddbmm(p["b2"], X2, p["W2"]), gam, gt)
+        G1 = torch.bmm(G2, p["W2"].transpose(1, 2)) * gelu_tanh_grad(Z1)
+        x2q = gelu_tanh(read(qh, p["W1"], p["b1"], a["W1"], a["b1"], kh, G1))
+        zq = read(x2q, p["W2"], p["b2"], a["W2"], a["b2"], X2, G2)
+        eG1, eG2 = lrh * G1, lrh * G2
+        new = {"W1": torch.baddbmm(a["W1"], kh.transpose(1, 2), eG1), "b1": a["b1"] + eG1.sum(1, keepdim=True),
+               "W2": torch.baddbmm(a["W2"], X2.transpose(1, 2), eG2), "b2": a["b2"] + eG2.sum(1, keepdim=True)}
+    z = qh + ttt_layer_norm(zq, gam, bet)
+    z = z.reshape(B, H, n, D).transpose(1, 2)
+    return z, {nm: t.reshape(B, H, *t.shape[1:]) for nm, t in new.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# the mixers
+# --------------------------------------------------------------------------------------------------
+class _TTTBase(Mixer):
+    BACKENDS = ("torch", "reference")
+    KIND = "linear"
+
+    def __init__(self, d_model: int, max_len: int = 512, *, num_heads: int = 2, mini_batch_size: int = 16,
+                 ttt_base_lr: float = 1.0, use_gate: bool = False, use_rope: bool = True,
+                 rope_theta: float = 10000.0, share_qk: bool = False, pre_conv: bool = False,
+                 conv_kernel: int = 4, initializer_range: float = 0.02, scan_chunk: int = 16,
+                 backend: str = "auto"):
+        super().__init__(d_model, max_len)
+        name = type(self).__name__
+
+        def check(ok, msg):
+            if not ok:
+                raise ValueError(f"{name}: {msg}")
+
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        check(is_int(num_heads) and num_heads >= 1, f"num_heads must be an integer >= 1, got {num_heads!r}")
+        check(d_model % num_heads == 0, f"num_heads={num_heads} must divide d_model={d_model}")
+        check(is_int(mini_batch_size) and mini_batch_size >= 1,
+              f"mini_batch_size must be an integer >= 1, got {mini_batch_size!r}")
+        check(math.isfinite(ttt_base_lr) and ttt_base_lr >= 0, f"ttt_base_lr must be finite and >= 0, got {ttt_base_lr!r}")
+        check(math.isfinite(rope_theta) and rope_theta > 0, f"rope_theta must be > 0, got {rope_theta!r}")
+        check(not use_rope or (d_model // num_heads) % 2 == 0,
+              f"use_rope needs an even head_dim, got d_model/num_heads = {d_model // num_heads}")
+        check(is_int(conv_kernel) and conv_kernel >= 1, f"conv_kernel must be an integer >= 1, got {conv_kernel!r}")
+        check(math.isfinite(initializer_range) and initializer_range >= 0,
+              f"initializer_range must be finite and >= 0, got {initializer_range!r}")
+        check(is_int(scan_chunk) and scan_chunk >= 1, f"scan_chunk must be an integer >= 1, got {scan_chunk!r}")
+        check(backend in ("auto",) + self.BACKENDS, f"unknown backend {backend!r} ({', '.join(self.BACKENDS)})")
+        for flag, val in (("use_gate", use_gate), ("use_rope", use_rope), ("share_qk", share_qk),
+                          ("pre_conv", pre_conv)):
+            check(isinstance(val, bool), f"{flag} must be a bool, got {val!r}")
+
+        C, H = d_model, num_heads
+        D = C // H
+        self.num_heads, self.head_dim, self.mini_batch_size = H, D, mini_batch_size
+        self.ttt_base_lr, self.use_gate, self.use_rope, self.rope_theta = float(ttt_base_lr), use_gate, use_rope, float(rope_theta)
+        self.share_qk, self.use_pre_conv, self.conv_kernel = share_qk, pre_conv, conv_kernel
+        self.initializer_range, self.scan_chunk = float(initializer_range), scan_chunk
+        self.backend = self.auto_backend() if backend == "auto" else backend
+        std = self.initializer_range
+
+        def linear():
+            lin = nn.Linear(C, C, bias=False)
+            nn.init.normal_(lin.weight, 0.0, std)
+            return lin
+
+        def dwconv():
+            return nn.Conv1d(C, C, conv_kernel, groups=C, bias=True)  # PyTorch default init, as officially
+
+        self.q_proj = linear()
+        if share_qk:
+            self.conv_q, self.conv_k = dwconv(), dwconv()
+        else:
+            self.k_proj = linear()
+        self.v_proj = linear()
+        self.o_proj = linear()
+        if use_gate:
+            self.g_proj = linear()
+        if pre_conv:
+            self.pre_conv_norm, self.pre_conv, self.seq_norm = RMSNorm(C), dwconv(), RMSNorm(C)
+        self.learnable_ttt_lr_weight = nn.Parameter(torch.randn(H, 1, C) * std)
+        self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(H, 1))
+        self.learnable_token_idx = nn.Parameter(torch.zeros(mini_batch_size))
+        self.ttt_norm_weight = nn.Parameter(torch.ones(H, D))
+        self.ttt_norm_bias = nn.Parameter(torch.zeros(H, D))
+        self.post_norm = nn.LayerNorm(C, eps=1e-6)
+        self._init_inner(H, D, std)
+
+    def _init_inner(self, H, D, std):
+        self.W1 = nn.Parameter(torch.randn(H, D, D) * std)
+        self.b1 = nn.Parameter(torch.zeros(H, 1, D))
+
+    def extra_repr(self):
+        return (f"d_model={self.d_model}, num_heads={self.num_heads}, mini_batch_size={self.mini_batch_size}, "
+                f"use_gate={self.use_gate}, use_rope={self.use_rope}, share_qk={self.share_qk}, "
+                f"pre_conv={self.use_pre_conv}, backend={self.backend!r}")
+
+    @classmethod
+    def available_backends(cls, device="cpu"):
+        return ["torch", "reference"]
+
+    # ---- pieces -------------------------------------------------------------------------------
+    def _inner_params(self, B: int, dtype) -> dict[str, torch.Tensor]:
+        names = ("W1", "b1") if self.KIND == "linear" else ("W1", "b1", "W2", "b2")
+        return {n: getattr(self, n).to(dtype).unsqueeze(0).expand(B, *getattr(self, n).shape) for n in names}
+
+    def _token_factors(self) -> torch.Tensor:
+        off = self.learnable_token_idx
+        base = 1.0 / torch.arange(1, self.mini_batch_size + 1, dtype=off.dtype, device=off.device)
+        return torch.clamp_min(base + off, 0.0)
+
+    def _prepare(self, x: torch.Tensor, pos0: int, tails: dict | None, reference: bool):
+        """Layer input h, RoPE'd q/k, v (B, L, H, D), eta (B, L, H) and the new conv tails."""
+        B, L, C = x.shape
+        H, D = self.num_heads, self.head_dim
+        tails = dict(tails or {})
+        h = x
+        if self.use_pre_conv:
+            y, tails["pre"] = _causal_depthwise(self.pre_conv, self.pre_conv_norm(x), tails.get("pre"))
+            h = self.seq_norm(x + y)
+        lr_w = self.learnable_ttt_lr_weight.reshape(H, C)
+        if self.share_qk:
+            w = torch.cat([self.q_proj.weight, self.v_proj.weight, lr_w])
+            proj = F.linear(h, w)
+            xq, v = proj[..., :C], proj[..., C:2 * C]
+            q, tails["q"] = _causal_depthwise(self.conv_q, xq, tails.get("q"))
+            k, tails["k"] = _causal_depthwise(self.conv_k, xq, tails.get("k"))
+        else:
+            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, lr_w])
+            proj = F.linear(h, w)
+            q, k, v = proj[..., :C], proj[..., C:2 * C], proj[..., 2 * C:3 * C]
+        lr_logit = proj[..., -H:] + self.learnable_ttt_lr_bias.reshape(H)
+        eta = torch.sigmoid(lr_logit) * (self.ttt_base_lr / D)
+        q, k, v = (t.reshape(B, L, H, D) for t in (q, k, v))
+        if self.use_rope:
+            positions = (torch.arange(L, device=x.device) + pos0) % self.mini_batch_size
+            if reference:
+                q, k = rope_reference(q, k, positions, self.rope_theta)
+            else:
+                q, k = rope_fast(q, k, _rope_factors(positions, D, self.rope_theta, x.device))
+        return h, q, k, v, eta, tails
+
+    def _finish(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        B, L = z.shape[:2]
+        out = self.post_norm(z.reshape(B, L, self.d_model))
+        if self.use_gate:
+            out = gelu_tanh(self.g_proj(h)) * out
+        return self.o_proj(out)
+
+    def _scan(self, q, k, v, eta, tok, params, need_state=False):
+        args = (self.KIND, q, k, v, eta, tok, params, self.ttt_norm_weight.to(q.dtype),
+                self.ttt_norm_bias.to(q.dtype), self.mini_batch_size)
+        if self.backend == "reference":
+            return ttt_reference(*args)
+        return ttt_fast(*args, max(1, self.scan_chunk // self.mini_batch_size), need_state=need_state)
+
+    # ---- Mixer API -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, L, d_model), right-padded; causal, so ``lengths`` is not needed."""
+        if x.shape[1] == 0:
+            return self.o_proj(x)
+        h, q, k, v, eta, _ = self._prepare(x, 0, None, self.backend == "reference")
+        z, _ = self._scan(q, k, v, eta, self._token_factors(), self._inner_params(x.shape[0], x.dtype))
+        return self._finish(h, z)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> dict[str, Any]:
+        dtype = dtype or self.W1.dtype
+        params = {n: t.to(device=device).clone() for n, t in self._inner_params(batch_size, dtype).items()}
+        return {"pos": 0, "params": params, "acc": {n: torch.zeros_like(t) for n, t in params.items()},
+                "tails": {}, "batch_size": batch_size}
+
+    def step(self, x: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        B, n, _ = x.shape
+        if B != state["batch_size"]:
+            raise ValueError(f"state was made for batch size {state['batch_size']}, got {B}")
+        if n == 0:
+            return self.o_proj(x), state
+        K = self.mini_batch_size
+        pos = state["pos"]
+        h, q, k, v, eta, tails = self._prepare(x, pos, state["tails"], self.backend == "reference")
+        tok = self._token_factors()
+        params, acc = state["params"], state["acc"]
+        zs, i = [], 0
+        while i < n:
+            p = (pos + i) % K
+            if p == 0 and n - i >= K:  # whole mini-batches: the full scan from the boundary state
+                m = (n - i) // K * K
+                z, params = self._scan(q[:, i:i + m], k[:, i:i + m], v[:, i:i + m], eta[:, i:i + m], tok,
+                                       params, need_state=True)
+            else:  # (part of) one mini-batch, continuing from the running gradient sum
+                m = min(n - i, K - p)
+                sl = slice(i, i + m)
+                z, acc = ttt_partial(self.KIND, q[:, sl], k[:, sl], v[:, sl], eta[:, sl], tok[p:p + m], params,
+                                     acc, self.ttt_norm_weight, self.ttt_norm_bias)
+                if p + m == K:  # the mini-batch is complete: take its step, clear the sum
+                    params = {nm: params[nm] - tok[K - 1].to(acc[nm].dtype) * acc[nm] for nm in params}
+                    acc = {nm: torch.zeros_like(t) for nm, t in acc.items()}
+            zs.append(z)
+            i += m
+        out = self._finish(h, torch.cat(zs, 1))
+        return out, {"pos": pos + n, "params": params, "acc": acc, "tails": tails, "batch_size": B}
+
+
+class TTTLinear(_TTTBase):
+    """TTT-Linear: inner model f(x) = x W1 + b1 per head (see the module docstring for the options)."""
+    KIND = "linear"
+
+
+class TTTMLP(_TTTBase):
+    """TTT-MLP: inner model f(x) = gelu_tanh(x W1 + b1) W2 + b2 per head, hidden 4 * head_dim."""
+    KIND = "mlp"
+
+    def _init_inner(self, H, D, std):
+        self.W1 = nn.Parameter(torch.randn(H, D, 4 * D) * std)
+        self.b1 = nn.Parameter(torch.zeros(H, 1, 4 * D))
+        self.W2 = nn.Parameter(torch.randn(H, 4 * D, D) * std)
+        self.b2 = nn.Parameter(torch.zeros(H, 1, D))
