@@ -25,10 +25,10 @@ class LastReadout(nn.Module):
         super().__init__()
 
     def train_scores(self, h, lengths, cand, hist):
-        return (h.unsqueeze(-2) * cand).sum(-1)
+        return (cand @ h.unsqueeze(-1)).squeeze(-1)  # (B,L,C,D) @ (B,L,D,1): one batched matmul
 
     def scores(self, h, lengths, cand, hist):
-        return (last_position(h, lengths).unsqueeze(1) * cand).sum(-1)
+        return (cand @ last_position(h, lengths).unsqueeze(-1)).squeeze(-1)
 
     def scores_all(self, h, lengths, table, hist):
         return last_position(h, lengths) @ table.T

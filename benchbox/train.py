@@ -106,7 +106,7 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
     torch.manual_seed(cfg.seed)
     model = Recommender(data.n_items, cfg.mixer, cfg.mixer_opts, cfg.d_model, cfg.n_layers, max_len, cfg.dropout,
                         cfg.ffn_mult, cfg.readout, cfg.readout_opts).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     loader = TrainLoader(data, max_len, cfg.batch_size, cfg.train_neg, cfg.seed)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

@@ -227,9 +227,9 @@ class _ChunkedScan(torch.autograd.Function):
                 G[:, -1] += carry
                 G = _cumsum_(G.div_(winv), reverse=True).mul_(winv)
                 carry = torch.exp(dtc[:, 0].unsqueeze(-1) * A) * G[:, 0]
-                dC[:, s:e] = torch.mul(hs, dyc.unsqueeze(-1), out=tmp).sum(2)
+                dC[:, s:e] = (dyc.unsqueeze(2) @ hs).squeeze(2)                    # sums over d: matmul
                 dtu = dtc * uc
-                dB[:, s:e] = torch.mul(G, dtu.unsqueeze(-1), out=tmp).sum(2)
+                dB[:, s:e] = (dtu.unsqueeze(2) @ G).squeeze(2)
                 q = torch.mul(G, Bc.unsqueeze(2), out=tmp).sum(-1)                 # (b, T, d)
                 du[:, s:e] = dtc * q
                 ddt_c = uc * q

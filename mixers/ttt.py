@@ -275,38 +275,42 @@ def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma
     if g > 1:
         M = (torch.bmm(flat(kc), flat(kc).transpose(1, 2)).view(nc, BH, S, S) + 1.0) * (cross.to(dt) * e.transpose(-1, -2))
 
+    # per-chunk views via unbind (one backward node) rather than indexing (one full-size zero tensor per index)
+    kq_, kc_, gt_, P_, e_ = kq.unbind(0), kc.unbind(0), gt.unbind(0), P.unbind(0), e.unbind(0)
+    coef_ = coef.unbind(0) if kind == "mlp" else None
+    M_ = M.unbind(0) if g > 1 else None
     p = {n: t.reshape(BH, *t.shape[2:]) for n, t in params.items()}
     zs = []
     if kind == "linear":
         W, b = p["W1"], p["b1"]
         for c in range(nc):
-            Z = torch.baddbmm(b, kq[c], W)
+            Z = torch.baddbmm(b, kq_[c], W)
             Zk, Zq = Z[:, :S], Z[:, S:]
             if g == 1:
-                G = ln_l2_grad(Zk, gam, gt[c])
+                G = ln_l2_grad(Zk, gam, gt_[c])
             else:
                 Gs = []
                 for m in range(g):
                     r = slice(m * K, (m + 1) * K)
                     z = Zk[:, r]
                     if m:
-                        z = z - torch.bmm(M[c, :, r, : m * K], torch.cat(Gs, 1))
-                    Gs.append(ln_l2_grad(z, gam, gt[c][:, r]))
+                        z = z - torch.bmm(M_[c][:, r, : m * K], torch.cat(Gs, 1))
+                    Gs.append(ln_l2_grad(z, gam, gt_[c][:, r]))
                 G = torch.cat(Gs, 1)
-            zs.append(Zq - torch.bmm(P[c], G))
+            zs.append(Zq - torch.bmm(P_[c], G))
             if c < nc - 1 or need_state:
-                eG = e[c] * G
-                W = torch.baddbmm(W, kc[c].transpose(1, 2), eG, alpha=-1.0)
+                eG = e_[c] * G
+                W = torch.baddbmm(W, kc_[c].transpose(1, 2), eG, alpha=-1.0)
                 b = b - eG.sum(1, keepdim=True)
         new = {"W1": W, "b1": b}
     else:
         W1, b1, W2, b2 = p["W1"], p["b1"], p["W2"], p["b2"]
         for c in range(nc):
-            Z1 = torch.baddbmm(b1, kq[c], W1)
+            Z1 = torch.baddbmm(b1, kq_[c], W1)
             Z1k, Z1q = Z1[:, :S], Z1[:, S:]
             if g == 1:
                 X2 = gelu_tanh(Z1k)
-                G2 = ln_l2_grad(torch.baddbmm(b2, X2, W2), gam, gt[c])
+                G2 = ln_l2_grad(torch.baddbmm(b2, X2, W2), gam, gt_[c])
                 G1 = torch.bmm(G2, W2.transpose(1, 2)) * gelu_tanh_grad(Z1k)
             else:
                 X2s, G1s, G2s = [], [], []
@@ -315,13 +319,13 @@ def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma
                     z1 = Z1k[:, r]
                     if m:
                         G1e, G2e, X2e = torch.cat(G1s, 1), torch.cat(G2s, 1), torch.cat(X2s, 1)
-                        ee = e[c, :, : m * K].transpose(1, 2)  # (BH, 1, E): tok_last * lr of earlier tokens
-                        z1 = z1 - torch.bmm(M[c, :, r, : m * K], G1e)
+                        ee = e_[c][:, : m * K].transpose(1, 2)  # (BH, 1, E): tok_last * lr of earlier tokens
+                        z1 = z1 - torch.bmm(M_[c][:, r, : m * K], G1e)
                     x2 = gelu_tanh(z1)
                     z2 = torch.baddbmm(b2, x2, W2)
                     if m:
                         z2 = z2 - torch.bmm((torch.bmm(x2, X2e.transpose(1, 2)) + 1.0) * ee, G2e)
-                    g2 = ln_l2_grad(z2, gam, gt[c][:, r])
+                    g2 = ln_l2_grad(z2, gam, gt_[c][:, r])
                     gx = torch.bmm(g2, W2.transpose(1, 2))
                     if m:  # g2 @ W2_m^T with W2_m = W2 - sum_s ee_s X2_s^T G2_s
                         gx = gx - torch.bmm(torch.bmm(g2, G2e.transpose(1, 2)) * ee, X2e)
@@ -329,12 +333,12 @@ def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma
                     G2s.append(g2)
                     G1s.append(gx * gelu_tanh_grad(z1))
                 X2, G1, G2 = torch.cat(X2s, 1), torch.cat(G1s, 1), torch.cat(G2s, 1)
-            X2q = gelu_tanh(Z1q - torch.bmm(P[c], G1))
-            A2 = (torch.bmm(X2q, X2.transpose(1, 2)) + 1.0) * coef[c]
+            X2q = gelu_tanh(Z1q - torch.bmm(P_[c], G1))
+            A2 = (torch.bmm(X2q, X2.transpose(1, 2)) + 1.0) * coef_[c]
             zs.append(torch.baddbmm(b2, X2q, W2) - torch.bmm(A2, G2))
             if c < nc - 1 or need_state:
-                eG1, eG2 = e[c] * G1, e[c] * G2
-                W1 = torch.baddbmm(W1, kc[c].transpose(1, 2), eG1, alpha=-1.0)
+                eG1, eG2 = e_[c] * G1, e_[c] * G2
+                W1 = torch.baddbmm(W1, kc_[c].transpose(1, 2), eG1, alpha=-1.0)
                 b1 = b1 - eG1.sum(1, keepdim=True)
                 W2 = torch.baddbmm(W2, X2.transpose(1, 2), eG2, alpha=-1.0)
                 b2 = b2 - eG2.sum(1, keepdim=True)
