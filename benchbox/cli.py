@@ -5,6 +5,7 @@ Every user mistake becomes one line on stderr and exit code 2 (no traceback); a 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -165,12 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("mixers", help="list registered mixers, their options and backends")
     m.set_defaults(func=cmd_mixers)
 
-    for mod in ("bench", "sweep", "table", "plot", "report"):
-        try:
-            module = __import__(f"benchbox.{mod}", fromlist=["register"])
-        except ImportError:
-            continue
-        module.register(sub)
+    import importlib
+    for mod in ("bench", "sweep", "table", "plots", "report"):  # each module adds its own subcommand
+        importlib.import_module(f"benchbox.{mod}").register(sub) if importlib.util.find_spec(f"benchbox.{mod}") else None
     return p
 
 

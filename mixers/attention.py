@@ -42,7 +42,7 @@ def attention_math(q, k, v, causal_offset: int = 0, dropout_p: float = 0.0, trai
 class AttentionMixer(Mixer):
     BACKENDS = ("sdpa", "flash_attn", "math")
 
-    def __init__(self, d_model: int, max_len: int = 512, *, num_heads: int = 2, dropout: float = 0.1,
+    def __init__(self, d_model: int, max_len: int = 512, *, num_heads: int = 2, dropout: float = 0.0,
                  positions: bool = True, backend: str = "auto"):
         super().__init__(d_model, max_len)
         if num_heads < 1 or d_model % num_heads:

@@ -1,0 +1,216 @@
+"""``benchbox sweep``: a grid of runs, resumable, in parallel local processes or on a Ray cluster.
+
+Each point is an ordinary run (one row of results/runs.csv) tagged with the sweep id. A point is done
+when a row with its exact config and status ``ok`` or ``diverged`` exists; rerunning the sweep runs only
+the other points. Rows are written atomically at the end of a run, so killing the sweep at any moment
+(even ``kill -9``) loses at most the runs in flight and never leaves a broken or duplicate row.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import time
+import tomllib
+from dataclasses import fields, replace
+from pathlib import Path
+
+from . import BenchboxError, Diverged
+from .config import ConfigError, RunConfig
+from .results import append_rows, read_rows
+
+FINISHED = ("ok", "diverged")
+RUN_FIELDS = {f.name for f in fields(RunConfig)}
+
+
+def parse_grid_value(v: str):
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def parse_grid(pairs: list[str]) -> dict[str, list]:
+    grid = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise ConfigError(f"--grid {p!r} must look like key=v1,v2,...")
+        k, vs = p.split("=", 1)
+        grid[k.strip()] = [parse_grid_value(v.strip()) for v in vs.split(",") if v.strip()]
+        if not grid[k.strip()]:
+            raise ConfigError(f"--grid {k} has no values")
+    return grid
+
+
+def load_sweep_file(path: str) -> tuple[dict, dict, list[int]]:
+    """TOML: run options at top level (mixer, dataset, epochs, ...), ``seeds = [..]``, ``[grid]`` of lists,
+    optional ``[mixer_opts]`` fixed for every point."""
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"sweep file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: malformed TOML: {e}") from None
+    grid = d.pop("grid", {})
+    seeds = d.pop("seeds", [0])
+    for k, v in grid.items():
+        if not isinstance(v, list) or not v:
+            raise ConfigError(f"{path}: grid.{k} must be a non-empty list")
+    return d, grid, list(seeds)
+
+
+def expand(base: RunConfig, grid: dict[str, list], seeds: list[int], sweep_id: str) -> list[RunConfig]:
+    """Every combination; a key that is a run option (lr, d_model, ...) sets it, any other key is a mixer
+    option (validated against the mixer, so a typo fails before anything runs)."""
+    import mixers
+    points = []
+    keys = list(grid)
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        for seed in seeds:
+            run_kw, mopts = {}, dict(base.mixer_opts)
+            for k, v in zip(keys, combo):
+                if k in RUN_FIELDS and k not in ("mixer_opts", "readout_opts"):
+                    run_kw[k] = v
+                else:
+                    mopts[k] = v
+            cfg = replace(base, mixer_opts=mopts, seed=seed, sweep_id=sweep_id, **run_kw)
+            mixers.get_class(cfg.mixer)
+            cfg.mixer_opts = {k: mixers.coerce_option(cfg.mixer, k, v) for k, v in cfg.mixer_opts.items()}
+            points.append(cfg.validate())
+    return points
+
+
+def sweep_id_for(base: RunConfig, grid: dict, seeds: list[int]) -> str:
+    spec = json.dumps({"base": json.loads(replace(base, sweep_id="").to_json()), "grid": grid, "seeds": seeds},
+                      sort_keys=True)
+    return "sw-" + hashlib.sha256(spec.encode()).hexdigest()[:10]
+
+
+def pending(points: list[RunConfig], results_dir: str) -> list[RunConfig]:
+    done = {r.get("config") for r in read_rows(Path(results_dir) / "runs.csv") if r.get("status") in FINISHED}
+    return [p for p in points if p.to_json() not in done]
+
+
+def run_point(cfg_json: str, results_dir: str, threads: int = 0, data_dir: str | None = None) -> tuple[str, str]:
+    """Run one point; never raises: returns (status, message). Crashes are stored as ``failed`` rows."""
+    from .train import environment, resolve_device, run
+    cfg = RunConfig.from_dict(json.loads(cfg_json))
+    cfg.data_dir = data_dir  # not part of the config's identity (the data checksum is)
+    if threads:
+        cfg.threads = threads
+    try:
+        res = run(cfg, results_dir, progress=None, log=lambda *a, **k: None)
+        return "ok", f"test ndcg@10 {res.row.get('test_ndcg@10', float('nan')):.4f}"
+    except Diverged as e:
+        return "diverged", str(e)
+    except Exception as e:  # noqa: BLE001 - a crashing point must not stop the sweep
+        msg = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+        row = {"run_id": time.strftime("%Y%m%d-%H%M%S") + "-failed", "status": "failed", "error": msg,
+               "sweep_id": cfg.sweep_id, "dataset": cfg.dataset, "mixer": cfg.mixer, "readout": cfg.readout,
+               "mixer_opts": json.dumps(cfg.mixer_opts, sort_keys=True), "seed": cfg.seed, "config": cfg.to_json()}
+        try:
+            row.update(environment(resolve_device(cfg.device)))
+        except Exception:
+            pass
+        append_rows(Path(results_dir) / "runs.csv", [row])
+        return "failed", msg
+
+
+def _threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def run_sweep(points: list[RunConfig], results_dir: str, workers: int = 1, executor: str = "local",
+              address: str | None = None, log=print) -> dict[str, int]:
+    todo = pending(points, results_dir)
+    log(f"sweep {points[0].sweep_id if points else '-'}: {len(points)} points, {len(points) - len(todo)} already "
+        f"finished, {len(todo)} to run ({executor}, {workers} worker(s))")
+    counts = {"ok": 0, "diverged": 0, "failed": 0}
+    if not todo:
+        return counts
+    jobs = [p.to_json() for p in todo]
+    data_dir = points[0].data_dir and os.path.abspath(points[0].data_dir)
+    if executor == "ray":
+        try:
+            import ray  # optional extra
+        except ImportError:
+            raise BenchboxError("--executor ray needs Ray: pip install 'benchbox[ray]'") from None
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        remote = ray.remote(num_cpus=_threads_per_worker(workers))(run_point)
+        refs = {remote.remote(j, os.path.abspath(results_dir), _threads_per_worker(workers), data_dir): j for j in jobs}
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            for r in ready:
+                status, msg = ray.get(r)
+                counts[status] += 1
+                log(f"[{sum(counts.values())}/{len(jobs)}] {status}: {_describe(refs.pop(r))} {msg}")
+        return counts
+    if executor != "local":
+        raise ConfigError(f"unknown executor {executor!r} (local, ray)")
+    if workers <= 1:
+        for j in jobs:
+            status, msg = run_point(j, results_dir, 0, data_dir)
+            counts[status] += 1
+            log(f"[{sum(counts.values())}/{len(jobs)}] {status}: {_describe(j)} {msg}")
+        return counts
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        futs = {ex.submit(run_point, j, results_dir, _threads_per_worker(workers), data_dir): j for j in jobs}
+        for f in cf.as_completed(futs):
+            status, msg = f.result()
+            counts[status] += 1
+            log(f"[{sum(counts.values())}/{len(jobs)}] {status}: {_describe(futs[f])} {msg}")
+    return counts
+
+
+def _describe(cfg_json: str) -> str:
+    d = json.loads(cfg_json)
+    return f"{d['mixer']} {d['dataset']} seed={d['seed']} {d['mixer_opts']}"
+
+
+# --------------------------------------------------------------------------------------------
+def register(sub):
+    from .cli import add_run_options
+    p = sub.add_parser("sweep", help="run a grid of runs (resumable, parallel, optional Ray)")
+    add_run_options(p)
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2,...", help="a swept option (repeatable)")
+    p.add_argument("--file", help="sweep file in TOML (run options, seeds = [...], [grid])")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--name", default=None, help="sweep id (default: a hash of the sweep definition)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--executor", default="local", choices=["local", "ray"])
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--dry-run", action="store_true", help="list the points and what is already done")
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(a) -> int:
+    from .cli import config_from_args, console
+    base = config_from_args(a, seed=0)
+    grid, seeds = parse_grid(a.grid), [int(s) for s in a.seeds.split(",")]
+    if a.file:
+        fbase, fgrid, fseeds = load_sweep_file(a.file)
+        mopts = {**base.mixer_opts, **fbase.pop("mixer_opts", {})}
+        base = RunConfig.from_dict({**json.loads(base.to_json()), "data_dir": base.data_dir, **fbase,
+                                    "mixer_opts": mopts}).validate()
+        grid = {**fgrid, **grid}
+        seeds = fseeds if a.seeds == "0" else seeds
+    if not grid:
+        raise ConfigError("a sweep needs at least one --grid key=v1,v2 (or a [grid] in --file)")
+    if a.workers < 1:
+        raise ConfigError("--workers must be >= 1")
+    sid = a.name or sweep_id_for(base, grid, seeds)
+    points = expand(base, grid, seeds, sid)
+    if a.dry_run:
+        todo = {p.to_json() for p in pending(points, a.results_dir)}
+        for p in points:
+            console.print(f"{'todo' if p.to_json() in todo else 'done'}  {_describe(p.to_json())}")
+        return 0
+    counts = run_sweep(points, a.results_dir, a.workers, a.executor, a.address, log=console.print)
+    console.print(f"sweep {sid} finished: {counts['ok']} ok, {counts['diverged']} diverged, {counts['failed']} failed")
+    return 0
