@@ -100,6 +100,13 @@ def cmd_run(a) -> int:
 def _check_mixer(cfg) -> None:
     """Fail fast on an unknown mixer or option, before any data is read."""
     import mixers
+    from .readouts import READOUTS
+    if cfg.readout not in READOUTS:
+        raise BenchboxError(f"unknown readout {cfg.readout!r}; registered: {', '.join(READOUTS)}")
+    if cfg.mixer == "none":
+        if cfg.mixer_opts:
+            raise BenchboxError("mixer 'none' takes no options")
+        return
     mixers.get_class(cfg.mixer)
     for k, v in cfg.mixer_opts.items():
         mixers.coerce_option(cfg.mixer, k, v)

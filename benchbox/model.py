@@ -45,31 +45,35 @@ class Recommender(nn.Module):
         super().__init__()
         self.n_items, self.d_model = n_items, d_model
         self.item_emb = nn.Embedding(n_items + 1, d_model, padding_idx=0)
-        nn.init.normal_(self.item_emb.weight, std=1.0)  # nn.Embedding's default, as in SASRec.pytorch
+        # small init times sqrt(d) in the forward (SASRec): Adam's steps are absolute, so small stored
+        # embeddings move fast; with std-1 storage ML-1M stayed at the popularity baseline for 18 epochs
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        self.emb_scale = d_model ** 0.5
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
         self.emb_drop = nn.Dropout(dropout)
+        # mixer "none": no sequence mixing at all (the DIN / ComiRec rows read raw item embeddings)
         self.blocks = nn.ModuleList(
             Block(mixers.build(mixer, d_model, max_len, **(mixer_opts or {})), d_model, dropout, ffn_mult)
-            for _ in range(n_layers))
+            for _ in range(0 if mixer == "none" else n_layers))
         self.norm = nn.RMSNorm(d_model, eps=1e-6)
         self.target_mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, d_model))
-        self.readout = build_readout(readout, d_model, **(readout_opts or {}))
+        self.readout = build_readout(readout, d_model, max_len=max_len, **(readout_opts or {}))
 
     # ---- features -------------------------------------------------------------------------
     def encode(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, L) item ids -> (B, L, D) sequence features H (causal: H[t] sees items 0..t)."""
-        x = self.emb_drop(self.item_emb(inputs))
+        x = self.emb_drop(self.item_emb(inputs) * self.emb_scale)
         for block in self.blocks:
             x = block(x, lengths)
         return self.norm(x)
 
     def item_features(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.target_mlp(self.item_emb(ids))
+        return self.target_mlp(self.item_emb(ids) * self.emb_scale)
 
     def item_table(self) -> torch.Tensor:
         """F_t of every item id (row 0 is padding)."""
-        return self.target_mlp(self.item_emb.weight)
+        return self.target_mlp(self.item_emb.weight * self.emb_scale)
 
     def _candidate_features(self, ids: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         if table is not None:
@@ -84,17 +88,17 @@ class Recommender(nn.Module):
         """(B, L, 1 + n_neg) logits at every position, positive first."""
         h = self.encode(inputs, lengths)
         cand = self._candidate_features(torch.cat([targets[..., None], negatives], dim=-1))
-        return self.readout.train_scores(h, lengths, cand, self.item_emb(inputs))
+        return self.readout.train_scores(h, lengths, cand)
 
     def score_candidates(self, inputs, lengths, candidates, table=None) -> torch.Tensor:
         h = self.encode(inputs, lengths)
-        return self.readout.scores(h, lengths, self._candidate_features(candidates, table), self.item_emb(inputs))
+        return self.readout.scores(h, lengths, self._candidate_features(candidates, table))
 
     def score_all(self, inputs, lengths, table=None) -> torch.Tensor:
         """(B, n_items + 1) scores of every item (column 0 is padding)."""
         table = self.item_table() if table is None else table
         h = self.encode(inputs, lengths)
-        return self.readout.scores_all(h, lengths, table, self.item_emb(inputs))
+        return self.readout.scores_all(h, lengths, table)
 
     # ---- streaming (serving): one new click updates the carried state ----------------------
     def init_stream(self, batch_size: int, device=None, dtype=None):
@@ -102,7 +106,7 @@ class Recommender(nn.Module):
 
     def stream(self, items: torch.Tensor, state):
         """items (B, t) new clicks -> (B, t, D) features H for them, and the new state."""
-        x = self.item_emb(items)
+        x = self.item_emb(items) * self.emb_scale
         new = []
         for block, s in zip(self.blocks, state):
             x, s = block.step(x, s)

@@ -3,10 +3,11 @@
 A row of the study's Table 1 is a (mixer, readout) pair. Every readout takes
 - ``h``: (B, L, D) the mixer sequence features (right-padded), ``lengths``: (B,),
 - candidate features F_t: (B, L, C, D) at every position for training, (B, C, D) for evaluation,
-- ``hist``: (B, L, D) the raw item embeddings of the history (some readouts attend over them),
 and returns logits of the same leading shape. A new readout is a class here and one ``READOUTS`` line.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -24,25 +25,184 @@ class LastReadout(nn.Module):
     def __init__(self, d_model: int):
         super().__init__()
 
-    def train_scores(self, h, lengths, cand, hist):
+    def train_scores(self, h, lengths, cand):
         return (cand @ h.unsqueeze(-1)).squeeze(-1)  # (B,L,C,D) @ (B,L,D,1): one batched matmul
 
-    def scores(self, h, lengths, cand, hist):
+    def scores(self, h, lengths, cand):
         return (cand @ last_position(h, lengths).unsqueeze(-1)).squeeze(-1)
 
-    def scores_all(self, h, lengths, table, hist):
+    def scores_all(self, h, lengths, table):
         return last_position(h, lengths) @ table.T
+
+
+def _scores_all_chunked(readout, h, lengths, table, chunk=1024):
+    """Full ranking for target-dependent readouts: score every item in chunks of the catalogue."""
+    out = []
+    for i in range(0, table.shape[0], chunk):
+        cand = table[i:i + chunk].unsqueeze(0).expand(h.shape[0], -1, -1)
+        out.append(readout.scores(h, lengths, cand))
+    return torch.cat(out, 1)
+
+
+def _causal_mask(t: int, s: int, device) -> torch.Tensor:
+    """(T, S): True where history position s is visible from target position t (s <= t)."""
+    return torch.arange(s, device=device)[None, :] <= torch.arange(t, device=device)[:, None]
+
+
+class DINReadout(nn.Module):
+    """DIN (Zhou et al. 2018): target attention. For a candidate c and each history item s, an
+    activation unit MLP on [e_s, e_c, e_s - e_c, e_s * e_c] gives an UNNORMALISED weight (no softmax),
+    padding and future positions masked; the interest is the weighted sum of the history features.
+    Choice: the click score stays the shared dot product (W_o interest) . F_t of every benchbox model
+    (the original feeds [profile, interest, target] to an MLP); the first activation layer is applied in
+    its algebraically equal split form (P e_s + Q e_c + R (e_s * e_c)) so that the concatenation is
+    never materialised."""
+
+    def __init__(self, d_model: int, hidden: int = 36):
+        super().__init__()
+        self.p = nn.Linear(d_model, hidden)
+        self.q = nn.Linear(d_model, hidden, bias=False)
+        self.r = nn.Parameter(torch.randn(hidden, d_model) * d_model ** -0.5)
+        self.act = nn.PReLU(hidden)
+        self.w = nn.Linear(hidden, 1)
+        self.out = nn.Linear(d_model, d_model)
+
+    def _pool(self, h, lengths, cand, causal: bool):
+        # h: (B,S,D) history features; cand: (B,T,C,D) candidates at T target positions
+        ps = self.p(h)  # (B,S,H)
+        qc = self.q(cand)  # (B,T,C,H)
+        z = ps[:, None, None] + qc[:, :, :, None] + torch.einsum("bsd,hd,btcd->btcsh", h, self.r, cand)
+        w = self.w(self.act(z.flatten(0, -2)).view_as(z)).squeeze(-1)  # (B,T,C,S)
+        b, s = h.shape[0], h.shape[1]
+        valid = torch.arange(s, device=h.device)[None, :] < lengths[:, None]  # (B,S)
+        mask = valid[:, None, None, :]
+        if causal:
+            mask = mask & _causal_mask(cand.shape[1], s, h.device)[None, :, None, :]
+        w = w.masked_fill(~mask, 0.0)
+        return self.out(torch.einsum("btcs,bsd->btcd", w, h))
+
+    def train_scores(self, h, lengths, cand):
+        return (self._pool(h, lengths, cand, causal=True) * cand).sum(-1)
+
+    def scores(self, h, lengths, cand):
+        return (self._pool(h, lengths, cand.unsqueeze(1), causal=False).squeeze(1) * cand).sum(-1)
+
+    def scores_all(self, h, lengths, table):
+        return _scores_all_chunked(self, h, lengths, table, chunk=256)
+
+
+class ComiRecSAReadout(nn.Module):
+    """ComiRec-SA (Cen et al. 2020): K interests by self-attentive pooling (positions added),
+    A = softmax_s(W2 tanh(W1 h_s)), over the visible history. Training scores every candidate with the
+    interest most aligned with the target; evaluation scores a candidate with its best interest."""
+    DEFAULT_EPOCHS = 50
+
+    def __init__(self, d_model: int, num_interests: int = 4, hidden: int = 0, max_len: int = 512):
+        super().__init__()
+        self.k = num_interests
+        self.pos = nn.Parameter(torch.zeros(max_len, d_model))
+        nn.init.normal_(self.pos, std=0.02)
+        self.w1 = nn.Linear(d_model, hidden or 4 * d_model, bias=False)
+        self.w2 = nn.Linear(hidden or 4 * d_model, num_interests, bias=False)
+
+    def interests(self, h, lengths, causal: bool):
+        b, s, d = h.shape
+        a = self.w2(torch.tanh(self.w1(h + self.pos[:s])))  # (B,S,K)
+        valid = torch.arange(s, device=h.device)[None, :] < lengths[:, None]
+        if causal:  # one set of interests per target position t, from history 0..t
+            mask = valid[:, None, :] & _causal_mask(s, s, h.device)[None]  # (B,T,S)
+            logits = a[:, None].masked_fill(~mask[..., None], float("-inf"))  # (B,T,S,K)
+            att = torch.softmax(logits, dim=2).nan_to_num(0.0)
+            return torch.einsum("btsk,bsd->btkd", att, h)  # (B,T,K,D)
+        att = torch.softmax(a.masked_fill(~valid[..., None], float("-inf")), dim=1)
+        return torch.einsum("bsk,bsd->bkd", att, h)  # (B,K,D)
+
+    def train_scores(self, h, lengths, cand):
+        return _pick_interest(self.interests(h, lengths, causal=True), cand)
+
+    def scores(self, h, lengths, cand):
+        return (cand @ self.interests(h, lengths, causal=False).transpose(1, 2)).amax(-1)
+
+    def scores_all(self, h, lengths, table):
+        return torch.einsum("bkd,nd->bnk", self.interests(h, lengths, causal=False), table).amax(-1)
+
+
+def _pick_interest(v, cand):
+    """v: (B,T,K,D) interests, cand: (B,T,C,D) with the target first. The interest most aligned with the
+    target (hard argmax, as ComiRec) scores every candidate."""
+    sim = (v * cand[:, :, :1]).sum(-1)  # (B,T,K)
+    k = sim.argmax(-1)  # (B,T)
+    chosen = v.gather(2, k[..., None, None].expand(-1, -1, 1, v.shape[-1])).squeeze(2)  # (B,T,D)
+    return (cand @ chosen.unsqueeze(-1)).squeeze(-1)
+
+
+def _squash(z, eps=1e-9):
+    n2 = (z * z).sum(-1, keepdim=True)
+    return z * (n2 / (1 + n2) / torch.sqrt(n2 + eps))
+
+
+class ComiRecDRReadout(nn.Module):
+    """ComiRec-DR: K interest capsules by dynamic routing (shared bilinear map u_hat = W h_s per capsule,
+    routing logits start at zero, softmax over capsules, squash, 3 iterations, logits updated with
+    u_hat . v without gradient through the intermediate iterations). Interest selection as ComiRec-SA."""
+    DEFAULT_EPOCHS = 50
+
+    def __init__(self, d_model: int, num_interests: int = 4, iterations: int = 3):
+        super().__init__()
+        self.k, self.iters = num_interests, iterations
+        self.w = nn.Parameter(torch.randn(num_interests, d_model, d_model) * d_model ** -0.5)
+
+    def interests(self, h, lengths, causal: bool):
+        b, s, d = h.shape
+        u = torch.einsum("bsd,ked->bske", h, self.w)  # (B,S,K,D)
+        valid = torch.arange(s, device=h.device)[None, :] < lengths[:, None]
+        t = s if causal else 1
+        mask = valid[:, None, :] & (_causal_mask(s, s, h.device)[None] if causal else valid[:, None, :])  # (B,T,S)
+        logits = torch.zeros(b, t, s, self.k, device=h.device, dtype=h.dtype)
+        for it in range(self.iters):
+            c = torch.softmax(logits, dim=-1) * mask[..., None]  # over capsules; invisible items weigh 0
+            uu = u if it == self.iters - 1 else u.detach()
+            v = _squash(torch.einsum("btsk,bskd->btkd", c, uu))  # (B,T,K,D)
+            if it < self.iters - 1:
+                logits = logits + torch.einsum("bskd,btkd->btsk", u.detach(), v.detach())
+        return v if causal else v[:, 0]
+
+    def train_scores(self, h, lengths, cand):
+        return _pick_interest(self.interests(h, lengths, causal=True), cand)
+
+    def scores(self, h, lengths, cand):
+        return (cand @ self.interests(h, lengths, causal=False).transpose(1, 2)).amax(-1)
+
+    def scores_all(self, h, lengths, table):
+        return torch.einsum("bkd,nd->bnk", self.interests(h, lengths, causal=False), table).amax(-1)
 
 
 READOUTS: dict[str, type[nn.Module]] = {
     "last": LastReadout,
+    "din": DINReadout,
+    "comirec_sa": ComiRecSAReadout,
+    "comirec_dr": ComiRecDRReadout,
 }
 
 
-def build_readout(name: str, d_model: int, **opts) -> nn.Module:
+def build_readout(name: str, d_model: int, max_len: int = 512, **opts) -> nn.Module:
     if name not in READOUTS:
         raise BenchboxError(f"unknown readout {name!r}; registered: {', '.join(READOUTS)}")
+    cls = READOUTS[name]
+    if "max_len" in inspect.signature(cls.__init__).parameters:
+        opts["max_len"] = max_len
+    opts = {k: _coerce(v) for k, v in opts.items()}
     try:
-        return READOUTS[name](d_model, **opts)
+        return cls(d_model, **opts)
     except TypeError as e:
         raise BenchboxError(f"readout {name!r}: {e}") from None
+
+
+def _coerce(v):
+    if isinstance(v, str):
+        for conv in (int, float):
+            try:
+                return conv(v)
+            except ValueError:
+                pass
+    return v

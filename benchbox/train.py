@@ -131,10 +131,8 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
             dt = time.perf_counter() - t0
             train_s += dt
             t0 = time.perf_counter()
-            val = evaluate(model, eval_batches(data, "valid", max_len, 256, valid_cand), data.n_items,
-                           cfg.eval_full, dev, amp)
-            test = evaluate(model, eval_batches(data, "test", max_len, 256, test_cand), data.n_items,
-                            cfg.eval_full, dev, amp)
+            val = evaluate(model, eval_batches(data, "valid", max_len, 256, valid_cand), data.n_items, False, dev, amp)
+            test = evaluate(model, eval_batches(data, "test", max_len, 256, test_cand), data.n_items, False, dev, amp)
             eval_s += time.perf_counter() - t0
             point = {"run_id": run_id, "epoch": epoch, "train_loss": t_loss, "epoch_seconds": round(dt, 3),
                      "tokens_per_s": round(n_tok / dt, 1)}
@@ -147,9 +145,18 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
                 f"test ndcg@10 {test['ndcg@10']:.4f}  {dt:.1f}s ({n_tok / dt:,.0f} tok/s)")
             if best is None or val["ndcg@10"] > best[0]["ndcg@10"]:
                 best, best_epoch = (val, test), epoch
+                if cfg.eval_full:  # full ranking is costly: done once, on the selected epoch's weights
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             elif cfg.patience and epoch - best_epoch >= cfg.patience:
                 break
         row["status"] = "ok"
+        if cfg.eval_full and best is not None:
+            t0 = time.perf_counter()
+            model.load_state_dict(best_state)
+            for split, cand, res in (("valid", valid_cand, best[0]), ("test", test_cand, best[1])):
+                full = evaluate(model, eval_batches(data, split, max_len, 128, cand), data.n_items, True, dev, amp)
+                res.update({k: v for k, v in full.items() if k.startswith("full_")})
+            eval_s += time.perf_counter() - t0
     except Diverged as e:
         row.update(status="diverged", error=str(e))
     except KeyboardInterrupt:

@@ -33,7 +33,7 @@ def attention_math(q, k, v, causal_offset: int = 0, dropout_p: float = 0.0, trai
     tq, tk = q.shape[-2], k.shape[-2]
     allowed = torch.arange(tk, device=q.device)[None, :] <= (torch.arange(tq, device=q.device)[:, None] + causal_offset)
     scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
     if dropout_p > 0 and training:
         probs = F.dropout(probs, dropout_p)
     return probs @ v

@@ -1,0 +1,197 @@
+"""``benchbox table``: the study's Table 1, run with N seeds, resumable, with the study's values beside ours.
+
+A row of Table 1 is a (mixer, readout) pair. The runs are ordinary rows of results/runs.csv tagged with
+sweep id ``table1``; rerunning resumes (finished points are skipped), so partial results can be
+committed as they come.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+from . import BenchboxError
+from .config import RunConfig
+from .results import read_rows
+from .sweep import run_sweep
+
+METRICS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10")
+TABLE_ID = "table1"
+
+# model -> (mixer, readout); TTT4Rec is the study's model, the last two rows are benchbox extras
+MODELS = {
+    "DIN": ("none", "din"),
+    "GRU4Rec": ("gru", "last"),
+    "SASRec": ("attention", "last"),
+    "ComiSA": ("none", "comirec_sa"),
+    "ComiDR": ("none", "comirec_dr"),
+    "TTT4Rec": ("ttt_linear", "last"),
+    "TTT-MLP": ("ttt_mlp", "last"),
+    "Mamba": ("mamba", "last"),
+}
+
+# the study's Table 1 (its data): NDCG@5, NDCG@10, HR@5, HR@10
+STUDY = {
+    "beauty": {"DIN": (.2466, .2684, .3546, .4223), "GRU4Rec": (.2390, .2692, .3645, .4571),
+               "SASRec": (.2512, .2849, .3854, .4893), "ComiSA": (.2594, .2783, .3842, .4813),
+               "ComiDR": (.2582, .2925, .3833, .4902), "TTT4Rec": (.2571, .2890, .3866, .4848)},
+    "electronics": {"DIN": (.3286, .3664, .4434, .5603), "GRU4Rec": (.3450, .3844, .4666, .5882),
+                    "SASRec": (.3420, .3821, .4641, .5881), "ComiSA": (.3065, .3301, .4221, .5418),
+                    "ComiDR": (.3228, .3623, .4414, .5637), "TTT4Rec": (.3486, .3892, .4712, .5968)},
+    "ml-1m": {"DIN": (.4703, .5081, .6318, .7485), "GRU4Rec": (.5209, .5566, .6762, .7863),
+              "SASRec": (.5217, .5574, .6790, .7919), "ComiSA": (.4040, .4450, .5417, .6982),
+              "ComiDR": (.4072, .4549, .5550, .7022), "TTT4Rec": (.5239, .5577, .6834, .7877)},
+}
+
+
+def table_points(base: RunConfig, datasets, models, seeds) -> list[RunConfig]:
+    pts = []
+    for ds in datasets:
+        for name in models:
+            if name not in MODELS:
+                raise BenchboxError(f"unknown Table 1 model {name!r}; known: {', '.join(MODELS)}")
+            mixer, readout = MODELS[name]
+            for seed in seeds:
+                pts.append(replace(base, dataset=ds, mixer=mixer, readout=readout, seed=seed, sweep_id=TABLE_ID,
+                                   eval_full=base.eval_full and readout != "din").validate())
+    return pts
+
+
+def paired_t_test(a: list[float], b: list[float]) -> float:
+    """Two-sided p-value of the paired t-test (same seeds). NaN with fewer than 2 pairs."""
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    if n < 2:
+        return float("nan")
+    sd = statistics.stdev(d)
+    if sd == 0:
+        return 0.0 if statistics.mean(d) != 0 else 1.0
+    t = statistics.mean(d) / (sd / math.sqrt(n))
+    try:
+        from scipy import stats
+        return float(2 * stats.t.sf(abs(t), n - 1))
+    except ImportError:  # normal approximation
+        return math.erfc(abs(t) / math.sqrt(2))
+
+
+def collect(rows, datasets, models) -> dict:
+    """{dataset: {model: {seed: row}}} from finished table rows (the latest row per seed)."""
+    out: dict = {}
+    inv = {v: k for k, v in MODELS.items()}
+    for r in rows:
+        if r.get("sweep_id") != TABLE_ID or r.get("status") != "ok" or r.get("dataset") not in datasets:
+            continue
+        name = inv.get((r["mixer"], r.get("readout", "last")))
+        if name in models:
+            out.setdefault(r["dataset"], {}).setdefault(name, {})[r["seed"]] = r
+    return out
+
+
+def build_tables(rows, datasets, models, prefix="test_") -> tuple[list[dict], list[str]]:
+    data = collect(rows, datasets, models)
+    csv_rows, md = [], []
+    for ds in datasets:
+        got = data.get(ds, {})
+        if not got:
+            continue
+        note = " (a small 2018 sample, NOT the study's 2014 Electronics: the study's values are not comparable)" \
+            if ds == "electronics" else ""
+        kind = "full ranking (all items, history masked)" if "full" in prefix else "1 positive + 99 sampled negatives"
+        md += [f"### {ds}{note}", "", f"Test metrics, {kind}; mean ± sd over seeds; study value and difference in "
+               "brackets; **bold** = best mean in the column; p = paired t-test of TTT4Rec against the row across seeds.", ""]
+        md += ["| model | seeds | " + " | ".join(m.upper() for m in METRICS) + " | p (NDCG@10 vs TTT4Rec) | wall s/run |",
+               "|---|---|" + "---|" * len(METRICS) + "---|---|"]
+        means = {n: {m: statistics.mean(float(r[prefix + m]) for r in got[n].values()) for m in METRICS}
+                 for n in got if all(r.get(prefix + "ndcg@10") not in ("", None) for r in got[n].values())}
+        best = {m: max((means[n][m] for n in means), default=None) for m in METRICS}
+        ttt = got.get("TTT4Rec", {})
+        for name in models:
+            if name not in means:
+                continue
+            rs = got[name]
+            cells = []
+            rec = {"dataset": ds, "model": name, "mixer": MODELS[name][0], "readout": MODELS[name][1],
+                   "metric_kind": "full" if "full" in prefix else "sampled", "seeds": len(rs),
+                   "wall_seconds_mean": statistics.mean(float(r["train_seconds"]) + float(r["eval_seconds"])
+                                                        for r in rs.values())}
+            for i, m in enumerate(METRICS):
+                vals = [float(r[prefix + m]) for r in rs.values()]
+                mu, sd = statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+                study = STUDY.get(ds, {}).get(name)
+                cell = f"{mu:.4f} ± {sd:.4f}"
+                if means[name][m] == best[m]:
+                    cell = f"**{cell}**"
+                if study and "full" not in prefix:
+                    cell += f" ({study[i]:.4f}, {mu - study[i]:+.4f})"
+                    rec[f"study_{m}"] = study[i]
+                    rec[f"diff_{m}"] = mu - study[i]
+                cells.append(cell)
+                rec[f"{m}_mean"], rec[f"{m}_sd"] = mu, sd
+            common = sorted(set(ttt) & set(rs))
+            p = paired_t_test([float(ttt[s][prefix + "ndcg@10"]) for s in common],
+                              [float(rs[s][prefix + "ndcg@10"]) for s in common]) if name != "TTT4Rec" else float("nan")
+            rec["p_ndcg@10_vs_ttt4rec"] = p
+            md.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + f" | {'-' if p != p else f'{p:.3g}'} | "
+                      f"{rec['wall_seconds_mean']:.0f} |")
+            csv_rows.append(rec)
+        md.append("")
+    return csv_rows, md
+
+
+def write_table(results_dir, datasets, models) -> tuple[Path, Path]:
+    from .results import _write_atomic
+    import csv
+    import io
+    rows = read_rows(Path(results_dir) / "runs.csv")
+    sampled, md = build_tables(rows, datasets, models, "test_")
+    full, md_full = build_tables(rows, datasets, models, "test_full_")
+    text = ["# Table 1 (benchbox)", "", "Models of the TTT4Rec study's Table 1 (plus TTT-MLP and Mamba), trained with "
+            "benchbox's one protocol; generated from results/runs.csv by `benchbox table`.", "",
+            "## Sampled metrics", ""] + md
+    if md_full:
+        text += ["## Full-ranking metrics (secondary; sampled metrics can rank models differently: Krichene & "
+                 "Rendle, KDD 2020). DIN is absent: scoring every item with target attention is O(items x history).",
+                 ""] + md_full
+    out_md = Path(results_dir) / "table1.md"
+    out_csv = Path(results_dir) / "table1.csv"
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_md, "\n".join(text) + "\n")
+    allrows = sampled + full
+    header = []
+    for r in allrows:
+        header += [k for k in r if k not in header]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=header or ["dataset"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(allrows)
+    _write_atomic(out_csv, buf.getvalue())
+    return out_md, out_csv
+
+
+def register(sub):
+    from .cli import add_run_options
+    p = sub.add_parser("table", help="run the study's Table 1 (every model, N seeds, resumable) and write it")
+    add_run_options(p, with_mixer=False)
+    p.add_argument("--datasets", default="ml-1m,beauty,electronics")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--no-run", action="store_true", help="only rebuild table1.md/csv from the results")
+    p.set_defaults(func=cmd_table, eval="full")
+
+
+def cmd_table(a) -> int:
+    from .cli import config_from_args, console
+    a.mixer, a.dataset, a.opt = "gru", "synthetic", None
+    base = config_from_args(a, seed=0)
+    datasets = [d.strip() for d in a.datasets.split(",") if d.strip()]
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    points = table_points(base, datasets, models, list(range(a.seeds)))
+    if not a.no_run:
+        run_sweep(points, a.results_dir, a.workers, log=console.print)
+    md, csv_path = write_table(a.results_dir, datasets, models)
+    console.print(Path(md).read_text())
+    console.print(f"wrote {md} and {csv_path}")
+    return 0

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from benchbox.model import Recommender
+from benchbox.readouts import READOUTS, build_readout
+
+D = 8
+
+
+@pytest.mark.parametrize("name", list(READOUTS))
+def test_per_position_training_matches_evaluation_and_is_causal(name):
+    torch.manual_seed(0)
+    r = build_readout(name, D, max_len=16).double()
+    b, L, C = 2, 7, 5
+    h = torch.randn(b, L, D, dtype=torch.float64)
+    lengths = torch.tensor([L, L])
+    cand = torch.randn(b, L, C, D, dtype=torch.float64)
+    train = r.train_scores(h, lengths, cand)
+    assert train.shape == (b, L, C)
+    # position t only sees history 0..t
+    h2 = h.clone()
+    h2[:, 4:] += 1.0
+    torch.testing.assert_close(r.train_scores(h2, lengths, cand)[:, :4], train[:, :4])
+    # the last position of training = evaluation over the whole history (same candidates)
+    if name.startswith("comirec"):
+        v_all = r.interests(h, lengths, causal=True)[:, -1]
+        torch.testing.assert_close(v_all, r.interests(h, lengths, causal=False))
+    else:
+        torch.testing.assert_close(train[:, -1], r.scores(h, lengths, cand[:, -1]))
+
+
+@pytest.mark.parametrize("name", list(READOUTS))
+def test_readout_padding_and_full_ranking(name):
+    torch.manual_seed(0)
+    m = Recommender(30, "none" if name != "last" else "gru", d_model=D, n_layers=1, max_len=16, dropout=0.0,
+                    readout=name).double().eval()
+    x = torch.randint(1, 31, (2, 9))
+    lengths = torch.tensor([9, 4])
+    x[1, 4:] = 0
+    cand = torch.randint(1, 31, (2, 6))
+    s = m.score_candidates(x, lengths, cand)
+    torch.testing.assert_close(s[1:], m.score_candidates(x[1:, :4], lengths[1:], cand[1:]))
+    torch.testing.assert_close(m.score_all(x, lengths).gather(1, cand), s)
+
+
+def test_comirec_defaults_to_50_epochs():
+    from benchbox.train import default_epochs
+    assert default_epochs("comirec_sa") == default_epochs("comirec_dr") == 50
+    assert default_epochs("last") == default_epochs("din") == 10
