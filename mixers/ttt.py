@@ -37,13 +37,18 @@ materialised inner-weight state in the fast path), ``backend="auto"``.
 ``h = RMSNorm_seq(u + conv(RMSNorm_conv(u)))`` (the official residual conv followed by the block's
 ``seq_norm``), and the TTT layer then runs on ``h``. The official residual stream would carry
 ``u + conv(...)``; a mixer cannot change its caller's residual, which is the one deviation.
+Numerical details that differ below float32 resolution: RoPE angles are computed in float64 (the
+official code uses float32 cos/sin) and the GELU derivative uses exact sqrt(2/pi) (official: 0.79788456).
+With those two aligned, outputs equal a transcription of the official layer to ~1e-14 in float64.
 
 Backends (same parameters, same maths):
 - ``torch``: the fast path. Everything that does not depend on the inner weights (projections,
   RoPE, lr, Q.K kernels, masks, output norms) is computed for the whole sequence at once; the
   sequential scan materialises W only once per chunk of ~``scan_chunk`` tokens (whole mini-batches)
   and handles the mini-batches inside a chunk in dual form (W-free kernels), so mini_batch_size 1
-  costs small matrix-vector products instead of D x D weight updates per token.
+  costs small matrix-vector products instead of D x D weight updates per token. TTT-Linear's scan
+  is plain autograd; TTT-MLP's chunk is a ``torch.autograd.Function`` (``_MLPChunk``) with a
+  hand-written backward (fused GELU/LayerNorm derivatives, weight gradients batched per chunk).
 - ``reference``: plain loops, mini-batch by mini-batch and token by token, each inner gradient taken
   with ``torch.autograd.grad`` (``ttt_reference``); for tests.
 Streaming keeps W at the last mini-batch boundary plus the running sum ``sum_j eta_j g_j`` of the
@@ -224,6 +229,251 @@ def _from_chunks(t: torch.Tensor, B: int, H: int, L: int) -> torch.Tensor:
     return t.reshape(n, B, H, S, D).permute(1, 0, 3, 2, 4).reshape(B, n * S, H, D)[:, :L]
 
 
+# --------------------------------------------------------------------------------------------------
+# hand-written forward/backward of one chunk of the TTT-MLP scan (no autograd inside)
+# --------------------------------------------------------------------------------------------------
+_GELU_A = 0.044715
+
+
+def _gelu_t(z):
+    """tanh(c (z + a z^3)), the shared part of the tanh-GELU and its derivatives."""
+    return torch.tanh((z * z * (_GELU_A * _GELU_C) + _GELU_C).mul_(z))
+
+
+def _gelu_from_t(z, t):
+    return (t + 1.0).mul_(z).mul_(0.5)
+
+
+def _gelu_p(z, t):
+    """gelu'(z) = 0.5 (1 + t) + 0.5 z (1 - t^2) c (1 + 3 a z^2)."""
+    up = (z * z).mul_(3 * _GELU_A * _GELU_C).add_(_GELU_C)
+    return (1.0 - t * t).mul_(up).mul_(z).add_(t).add_(1.0).mul_(0.5)
+
+
+def _gelu_pp(z, t):
+    """gelu''(z) = (1 - t^2) (u' + 3 a c z^2 - z t u'^2), u' = c (1 + 3 a z^2)."""
+    zz = z * z
+    up = zz * (3 * _GELU_A * _GELU_C) + _GELU_C
+    inner = (up * up).mul_(t).mul_(z).neg_().add_(up).add_(zz.mul_(3 * _GELU_A * _GELU_C))
+    return (1.0 - t * t).mul_(inner)
+
+
+def _lnl2_fwd(z, gam2, gt, eps=LN_EPS):
+    """``ln_l2_grad`` that also returns what its backward needs (xh, rstd, gxl)."""
+    xc = z - z.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True).add_(eps))
+    xh = xc.mul_(rstd)
+    gxl = (gam2 * xh).sub_(gt)
+    G = gxl - gxl.mean(-1, keepdim=True) - xh * (gxl * xh).mean(-1, keepdim=True)
+    return G.mul_(rstd), xh, rstd, gxl
+
+
+def _lnl2_bwd(a, G, xh, rstd, gxl, gam2):
+    """VJP of G = ln_l2_grad(z) (with gam2 = gamma^2, gt = gamma (target - beta)): returns dz, dgt, dgam2 rows."""
+    ap = a * rstd
+    A2 = (ap * xh).mean(-1, keepdim=True)
+    m2 = (gxl * xh).mean(-1, keepdim=True)
+    dgxl = ap - ap.mean(-1, keepdim=True) - xh * A2
+    dxh = gam2 * dgxl - ap * m2 - gxl * A2
+    aG = (a * G).mean(-1, keepdim=True)
+    dz = dxh - dxh.mean(-1, keepdim=True) - xh * ((dxh * xh).mean(-1, keepdim=True) + aG)
+    return dz.mul_(rstd), dgxl.neg(), xh * dgxl
+
+
+def _acc_bmm_(out, a, b, alpha=1.0):
+    """out += alpha * a @ b in place; strided outputs (row slices) go through a temporary, since an in-place
+    baddbmm_ into a non-contiguous tensor falls back to one small matmul per batch entry."""
+    if out.is_contiguous():
+        return out.baddbmm_(a, b, alpha=alpha)
+    return out.add_(torch.bmm(a, b), alpha=alpha)
+
+
+class _MLPChunk(torch.autograd.Function):
+    """One chunk (g mini-batches of K tokens, S = g K) of the TTT-MLP scan, per (batch, head) row.
+
+    Inputs: kq (BH, 2S, D) keys then queries; W1 (BH, D, F), b1 (BH, 1, F), W2 (BH, F, D), b2 (BH, 1, D)
+    at the chunk start; gt = gamma (target - beta) (BH, S, D); gam2 = gamma^2 (BH, 1, D); P, coef
+    (BH, S, S): Q-side dual coefficients (P already times Q.K + 1); M (BH, S, S): K-side coefficients
+    for earlier mini-batches of the chunk (None when g == 1); eT (BH, 1, S): tok_last * lr.
+    Returns the pre-norm Q-side output (BH, S, D) and, when ``upd``, the weights after the chunk."""
+
+    @staticmethod
+    def forward(ctx, kq, W1, b1, W2, b2, gt, gam2, P, coef, M, eT, K, g, upd):
+        S = kq.shape[1] // 2
+        Z1 = torch.baddbmm(b1, kq, W1)
+        z1, Z1q = Z1[:, :S], Z1[:, S:]
+        W2t = W2.transpose(1, 2)
+        if g == 1:
+            t1 = _gelu_t(z1)
+            X2 = _gelu_from_t(z1, t1)
+            G2, xh, rstd, gxl = _lnl2_fwd(torch.baddbmm(b2, X2, W2), gam2, gt)
+            gx = torch.bmm(G2, W2t)
+            G1 = gx * _gelu_p(z1, t1)
+        else:
+            BH, F, D = W1.shape[0], W1.shape[2], W2.shape[2]
+            t1, X2, gx, G1 = (torch.empty_like(z1) for _ in range(4))
+            G2, xh, gxl = (torch.empty_like(gt) for _ in range(3))
+            rstd = gt.new_empty(BH, S, 1)
+            for m in range(g):
+                R, E = slice(m * K, (m + 1) * K), m * K
+                z1R = z1[:, R]
+                if m:
+                    _acc_bmm_(z1R, M[:, R, :E], G1[:, :E], alpha=-1.0)
+                t = _gelu_t(z1R)
+                t1[:, R] = t
+                x2 = _gelu_from_t(z1R, t)
+                X2[:, R] = x2
+                z2 = torch.baddbmm(b2, x2, W2)
+                ee = eT[:, :, :E]
+                if m:
+                    Y = torch.bmm(x2, X2[:, :E].transpose(1, 2)).add_(1.0).mul_(ee)
+                    _acc_bmm_(z2, Y, G2[:, :E], alpha=-1.0)
+                g2, xh[:, R], rstd[:, R], gxl[:, R] = _lnl2_fwd(z2, gam2, gt[:, R])
+                G2[:, R] = g2
+                gxR = torch.bmm(g2, W2t)
+                if m:
+                    U = torch.bmm(g2, G2[:, :E].transpose(1, 2)).mul_(ee)
+                    _acc_bmm_(gxR, U, X2[:, :E], alpha=-1.0)
+                gx[:, R] = gxR
+                G1[:, R] = gxR * _gelu_p(z1R, t)
+        _acc_bmm_(Z1q, P, G1, alpha=-1.0)
+        tq = _gelu_t(Z1q)
+        X2q = _gelu_from_t(Z1q, tq)
+        Y2 = torch.bmm(X2q, X2.transpose(1, 2)).add_(1.0)
+        Zq = torch.baddbmm(b2, X2q, W2).baddbmm_(Y2 * coef, G2, alpha=-1.0)
+        ctx.K, ctx.g, ctx.upd = K, g, upd
+        ctx.save_for_backward(kq, W1, W2, gam2, P, coef, M, eT, z1, t1, X2, G1, G2, gx, xh, rstd, gxl,
+                              Z1q, tq, X2q, Y2)
+        if not upd:
+            return Zq
+        e = eT.transpose(1, 2)
+        eG1, eG2 = e * G1, e * G2
+        W1n = torch.baddbmm(W1, kq[:, :S].transpose(1, 2), eG1, alpha=-1.0)
+        W2n = torch.baddbmm(W2, X2.transpose(1, 2), eG2, alpha=-1.0)
+        return Zq, W1n, b1 - eG1.sum(1, keepdim=True), W2n, b2 - eG2.sum(1, keepdim=True)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dZq, dW1n=None, db1n=None, dW2n=None, db2n=None):
+        (kq, W1, W2, gam2, P, coef, M, eT, z1, t1, X2, G1, G2, gx, xh, rstd, gxl,
+         Z1q, tq, X2q, Y2) = ctx.saved_tensors
+        K, g = ctx.K, ctx.g
+        S = kq.shape[1] // 2
+        kc = kq[:, :S]
+        e = eT.transpose(1, 2)
+        W2t = W2.transpose(1, 2)
+        if dZq is None:
+            dZq = torch.zeros_like(G2)
+        # ---- weight updates at the chunk end
+        if ctx.upd and any(t is not None for t in (dW1n, db1n, dW2n, db2n)):
+            dW1n = torch.zeros_like(W1) if dW1n is None else dW1n
+            dW2n = torch.zeros_like(W2) if dW2n is None else dW2n
+            db1n = W1.new_zeros(W1.shape[0], 1, W1.shape[2]) if db1n is None else db1n
+            db2n = W2.new_zeros(W2.shape[0], 1, W2.shape[2]) if db2n is None else db2n
+            dEG1 = torch.bmm(kc, dW1n).add_(db1n).neg_()  # d(e G1)
+            dEG2 = torch.bmm(X2, dW2n).add_(db2n).neg_()
+            dG1 = dEG1 * e
+            dG2 = dEG2 * e
+            de = (G1 * dEG1).sum(-1, keepdim=True) + (G2 * dEG2).sum(-1, keepdim=True)
+            dK = torch.bmm(e * G1, dW1n.transpose(1, 2)).neg_()
+            dX2 = torch.bmm(e * G2, dW2n.transpose(1, 2)).neg_()
+            dW1, db1, dW2, db2 = dW1n.clone(), db1n.clone(), dW2n.clone(), db2n.clone()
+        else:
+            dG1, dX2 = torch.zeros_like(G1), torch.zeros_like(X2)
+            dG2 = torch.zeros_like(G2)
+            de = G2.new_zeros(G2.shape[0], S, 1)
+            dK = None
+            dW1 = dW2 = db1 = db2 = None
+        # ---- Zq = X2q W2 + b2 - (Y2 * coef) G2
+        dX2q = torch.bmm(dZq, W2t)
+        dW2q = torch.bmm(X2q.transpose(1, 2), dZq)
+        dW2 = dW2q if dW2 is None else dW2.add_(dW2q)
+        db2q = dZq.sum(1, keepdim=True)
+        db2 = db2q if db2 is None else db2.add_(db2q)
+        dA2 = torch.bmm(dZq, G2.transpose(1, 2)).neg_()
+        _acc_bmm_(dG2, (Y2 * coef).transpose(1, 2), dZq, alpha=-1.0)
+        dcoef = dA2 * Y2
+        dT = dA2.mul_(coef)
+        _acc_bmm_(dX2q, dT, X2)
+        _acc_bmm_(dX2, dT.transpose(1, 2), X2q)
+        # ---- X2q = gelu(Z1q), Z1q = Q W1 + b1 - P G1
+        dZ1 = z1.new_empty(z1.shape[0], 2 * S, z1.shape[2])
+        dZ1q = dZ1[:, S:]
+        torch.mul(dX2q, _gelu_p(Z1q, tq), out=dZ1q)
+        dP = torch.bmm(dZ1q, G1.transpose(1, 2)).neg_()
+        _acc_bmm_(dG1, P.transpose(1, 2), dZ1q, alpha=-1.0)
+        # ---- the K side, mini-batch by mini-batch in reverse
+        dz1 = dZ1[:, :S]
+        dgt = torch.empty_like(G2)
+        dgam2 = torch.zeros_like(gam2)
+        if g == 1:
+            gp = _gelu_p(z1, t1)
+            dgx = dG1 * gp
+            torch.mul(dG1, gx, out=dz1).mul_(_gelu_pp(z1, t1))
+            _acc_bmm_(dG2, dgx, W2)
+            dz2, dgt, dgam2r = _lnl2_bwd(dG2, G2, xh, rstd, gxl, gam2)
+            dgam2 = dgam2r.sum(1, keepdim=True)
+            _acc_bmm_(dX2, dz2, W2t)
+            dz1.addcmul_(dX2, gp)
+            dGX, dZ2 = dgx, dz2
+            dM = None
+        else:
+            dGX, dZ2 = torch.empty_like(G1), torch.empty_like(G2)
+            dM = torch.zeros_like(M)
+            for m in reversed(range(g)):
+                R, E = slice(m * K, (m + 1) * K), m * K
+                z1R, tR = z1[:, R], t1[:, R]
+                gp = _gelu_p(z1R, tR)
+                dG1R = dG1[:, R]
+                dgx = dG1R * gp
+                dGX[:, R] = dgx
+                torch.mul(dG1R, gx[:, R], out=dz1[:, R]).mul_(_gelu_pp(z1R, tR))
+                dG2R = dG2[:, R]
+                _acc_bmm_(dG2R, dgx, W2)
+                g2, x2 = G2[:, R], X2[:, R]
+                if m:
+                    ee = eT[:, :, :E]
+                    G2E, X2E, G1E = G2[:, :E], X2[:, :E], G1[:, :E]
+                    U = torch.bmm(g2, G2E.transpose(1, 2))
+                    dUe = torch.bmm(dgx, X2E.transpose(1, 2)).neg_()
+                    _acc_bmm_(dX2[:, :E], (U * ee).transpose(1, 2), dgx, alpha=-1.0)
+                    deE = (dUe * U).sum(1, keepdim=True)
+                    dU = dUe.mul_(ee)
+                    _acc_bmm_(dG2R, dU, G2E)
+                    _acc_bmm_(dG2[:, :E], dU.transpose(1, 2), g2)
+                dz2, dgt[:, R], dgam2r = _lnl2_bwd(dG2R, g2, xh[:, R], rstd[:, R], gxl[:, R], gam2)
+                dgam2.add_(dgam2r.sum(1, keepdim=True))
+                dZ2[:, R] = dz2
+                dX2R = dX2[:, R]
+                _acc_bmm_(dX2R, dz2, W2t)
+                if m:
+                    Y = torch.bmm(x2, X2E.transpose(1, 2)).add_(1.0)
+                    dYe = torch.bmm(dz2, G2E.transpose(1, 2)).neg_()
+                    _acc_bmm_(dG2[:, :E], (Y * ee).transpose(1, 2), dz2, alpha=-1.0)
+                    deE.add_((dYe * Y).sum(1, keepdim=True))
+                    dY = dYe.mul_(ee)
+                    _acc_bmm_(dX2R, dY, X2E)
+                    _acc_bmm_(dX2[:, :E], dY.transpose(1, 2), x2)
+                    de[:, :E].add_(deE.transpose(1, 2))
+                dz1R = dz1[:, R]
+                dz1R.addcmul_(dX2R, gp)
+                if m:
+                    dM[:, R, :E] = torch.bmm(dz1R, G1E.transpose(1, 2)).neg_()
+                    _acc_bmm_(dG1[:, :E], M[:, R, :E].transpose(1, 2), dz1R, alpha=-1.0)
+        # ---- W2 through the K side (batched over the chunk), then Z1 = [K; Q] W1 + b1
+        dW2k = torch.bmm(dGX.transpose(1, 2), G2).baddbmm_(X2.transpose(1, 2), dZ2)
+        dW2 = dW2.add_(dW2k)
+        db2 = db2.add_(dZ2.sum(1, keepdim=True))
+        dW1z = torch.bmm(kq.transpose(1, 2), dZ1)
+        dW1 = dW1z if dW1 is None else dW1.add_(dW1z)
+        db1z = dZ1.sum(1, keepdim=True)
+        db1 = db1z if db1 is None else db1.add_(db1z)
+        dkq = torch.bmm(dZ1, W1.transpose(1, 2))
+        if dK is not None:
+            dkq[:, :S].add_(dK)
+        return (dkq, dW1, db1, dW2, db2, dgt, dgam2, dP, dcoef, dM, de.transpose(1, 2), None, None, None)
+
+
 def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma, beta,
              mini_batch_size: int, mb_per_chunk: int, need_state: bool = False):
     """Same contract as ``ttt_reference``. With ``need_state`` L must be a multiple of mini_batch_size
@@ -284,18 +534,15 @@ def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma
     if kind == "linear":
         W, b = p["W1"], p["b1"]
         for c in range(nc):
-            Z = torch.baddbmm(b, kq_[c], W)
-            Zk, Zq = Z[:, :S], Z[:, S:]
+            Zk, Zq = torch.baddbmm(b, kq_[c], W).split(S, 1)
             if g == 1:
                 G = ln_l2_grad(Zk, gam, gt_[c])
-            else:
+            else:  # mini-batches of the chunk one after the other, in dual form (split: one backward node)
                 Gs = []
-                for m in range(g):
-                    r = slice(m * K, (m + 1) * K)
-                    z = Zk[:, r]
+                for m, (z, gtm, Mm) in enumerate(zip(Zk.split(K, 1), gt_[c].split(K, 1), M_[c].split(K, 1))):
                     if m:
-                        z = z - torch.bmm(M_[c][:, r, : m * K], torch.cat(Gs, 1))
-                    Gs.append(ln_l2_grad(z, gam, gt_[c][:, r]))
+                        z = z - torch.bmm(Mm[:, :, : m * K], torch.cat(Gs, 1))
+                    Gs.append(ln_l2_grad(z, gam, gtm))
                 G = torch.cat(Gs, 1)
             zs.append(Zq - torch.bmm(P_[c], G))
             if c < nc - 1 or need_state:
@@ -305,43 +552,17 @@ def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma
         new = {"W1": W, "b1": b}
     else:
         W1, b1, W2, b2 = p["W1"], p["b1"], p["W2"], p["b2"]
+        gam2 = gam * gam
+        eT_ = e.transpose(-1, -2).unbind(0)
         for c in range(nc):
-            Z1 = torch.baddbmm(b1, kq_[c], W1)
-            Z1k, Z1q = Z1[:, :S], Z1[:, S:]
-            if g == 1:
-                X2 = gelu_tanh(Z1k)
-                G2 = ln_l2_grad(torch.baddbmm(b2, X2, W2), gam, gt_[c])
-                G1 = torch.bmm(G2, W2.transpose(1, 2)) * gelu_tanh_grad(Z1k)
+            upd = c < nc - 1 or need_state
+            res = _MLPChunk.apply(kq_[c], W1, b1, W2, b2, gt_[c], gam2, P_[c], coef_[c],
+                                  M_[c] if g > 1 else None, eT_[c], K, g, upd)
+            if upd:
+                zq, W1, b1, W2, b2 = res
             else:
-                X2s, G1s, G2s = [], [], []
-                for m in range(g):
-                    r = slice(m * K, (m + 1) * K)
-                    z1 = Z1k[:, r]
-                    if m:
-                        G1e, G2e, X2e = torch.cat(G1s, 1), torch.cat(G2s, 1), torch.cat(X2s, 1)
-                        ee = e_[c][:, : m * K].transpose(1, 2)  # (BH, 1, E): tok_last * lr of earlier tokens
-                        z1 = z1 - torch.bmm(M_[c][:, r, : m * K], G1e)
-                    x2 = gelu_tanh(z1)
-                    z2 = torch.baddbmm(b2, x2, W2)
-                    if m:
-                        z2 = z2 - torch.bmm((torch.bmm(x2, X2e.transpose(1, 2)) + 1.0) * ee, G2e)
-                    g2 = ln_l2_grad(z2, gam, gt_[c][:, r])
-                    gx = torch.bmm(g2, W2.transpose(1, 2))
-                    if m:  # g2 @ W2_m^T with W2_m = W2 - sum_s ee_s X2_s^T G2_s
-                        gx = gx - torch.bmm(torch.bmm(g2, G2e.transpose(1, 2)) * ee, X2e)
-                    X2s.append(x2)
-                    G2s.append(g2)
-                    G1s.append(gx * gelu_tanh_grad(z1))
-                X2, G1, G2 = torch.cat(X2s, 1), torch.cat(G1s, 1), torch.cat(G2s, 1)
-            X2q = gelu_tanh(Z1q - torch.bmm(P_[c], G1))
-            A2 = (torch.bmm(X2q, X2.transpose(1, 2)) + 1.0) * coef_[c]
-            zs.append(torch.baddbmm(b2, X2q, W2) - torch.bmm(A2, G2))
-            if c < nc - 1 or need_state:
-                eG1, eG2 = e_[c] * G1, e_[c] * G2
-                W1 = torch.baddbmm(W1, kc_[c].transpose(1, 2), eG1, alpha=-1.0)
-                b1 = b1 - eG1.sum(1, keepdim=True)
-                W2 = torch.baddbmm(W2, X2.transpose(1, 2), eG2, alpha=-1.0)
-                b2 = b2 - eG2.sum(1, keepdim=True)
+                zq = res
+            zs.append(zq)
         new = {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
 
     Zq = torch.stack(zs)  # (nc, BH, S, D)
@@ -506,15 +727,13 @@ class _TTTBase(Mixer):
         lr_w = self.learnable_ttt_lr_weight.reshape(H, C)
         if self.share_qk:
             w = torch.cat([self.q_proj.weight, self.v_proj.weight, lr_w])
-            proj = F.linear(h, w)
-            xq, v = proj[..., :C], proj[..., C:2 * C]
+            xq, v, lr_logit = F.linear(h, w).split([C, C, H], -1)  # split: one backward node, no zero-fill
             q, tails["q"] = _causal_depthwise(self.conv_q, xq, tails.get("q"))
             k, tails["k"] = _causal_depthwise(self.conv_k, xq, tails.get("k"))
         else:
             w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, lr_w])
-            proj = F.linear(h, w)
-            q, k, v = proj[..., :C], proj[..., C:2 * C], proj[..., 2 * C:3 * C]
-        lr_logit = proj[..., -H:] + self.learnable_ttt_lr_bias.reshape(H)
+            q, k, v, lr_logit = F.linear(h, w).split([C, C, C, H], -1)
+        lr_logit = lr_logit + self.learnable_ttt_lr_bias.reshape(H)
         eta = torch.sigmoid(lr_logit) * (self.ttt_base_lr / D)
         q, k, v = (t.reshape(B, L, H, D) for t in (q, k, v))
         if self.use_rope:

@@ -1,0 +1,91 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from benchbox import results
+from benchbox.bench import growth_exponent, run_bench
+from benchbox.plots import plot_curves, plot_sweep, sweep_matrix
+from benchbox.report import write_report
+from benchbox.table import build_tables, paired_t_test, write_table
+
+
+def _row(rid, mbs, ir, ndcg, status="ok", sweep="sw-1", seed=0, **kw):
+    cfg = {"mixer": "ttt_linear", "mixer_opts": {"mini_batch_size": mbs, "initializer_range": ir}, "seed": seed}
+    return {"run_id": rid, "status": status, "sweep_id": sweep, "mixer": "ttt_linear", "dataset": "beauty",
+            "seed": seed, "config": json.dumps(cfg), "test_ndcg@5": ndcg if status == "ok" else "",
+            "mixer_opts": json.dumps(cfg["mixer_opts"]), **kw}
+
+
+def test_sweep_heatmap_from_csv_alone(tmp_path):
+    rows = [_row("a", 1, 0.01, 0.2), _row("b", 1, 0.01, 0.4, seed=1), _row("c", 16, 0.01, 0.1),
+            _row("d", 1, 0.1, None, status="diverged"), _row("e", 16, 0.1, 0.3)]
+    results.append_rows(tmp_path / "runs.csv", rows)
+    xs, ys, m, _ = sweep_matrix(results.read_rows(tmp_path / "runs.csv"), "sw-1", "mini_batch_size",
+                                "initializer_range", "test_ndcg@5")
+    assert xs == [1, 16] and ys == [0.01, 0.1]
+    assert m[0, 0] == pytest.approx(0.3) and m[0, 1] == pytest.approx(0.1) and np.isnan(m[1, 0])
+    png = plot_sweep(tmp_path)
+    assert png.exists() and png.stat().st_size > 5000
+
+
+def test_curves_plot_and_missing_run(tmp_path):
+    results.append_rows(tmp_path / "runs.csv", [{"run_id": "r1", "mixer": "gru", "readout": "last", "dataset": "x"}])
+    results.append_rows(tmp_path / "curves.csv", [{"run_id": "r1", "epoch": e, "test_ndcg@10": 0.1 * e} for e in (1, 2, 3)])
+    assert plot_curves(tmp_path, ["r1"], reference="r1", reference_epoch=1).exists()
+    from benchbox import BenchboxError
+    with pytest.raises(BenchboxError, match="no curve for run 'zz'"):
+        plot_curves(tmp_path, ["zz"])
+
+
+def test_paired_t_test_known_value():
+    # differences 0.5, 0.2, 0.9: mean 0.5333, sd 0.3512, t = 2.630, df 2 -> p = 0.119
+    assert paired_t_test([1, 2, 3], [0.5, 1.8, 2.1]) == pytest.approx(0.119, abs=2e-3)
+    assert math.isnan(paired_t_test([1], [2]))
+
+
+def test_table_means_study_values_and_best(tmp_path):
+    rows = []
+    for seed, (t, g) in enumerate([(0.30, 0.25), (0.32, 0.26), (0.31, 0.24)]):
+        for mixer, v in (("ttt_linear", t), ("gru", g)):
+            rows.append({"run_id": f"{mixer}{seed}", "status": "ok", "sweep_id": "table1", "dataset": "beauty",
+                         "mixer": mixer, "readout": "last", "seed": seed, "train_seconds": 10, "eval_seconds": 1,
+                         **{f"test_{m}": v for m in ("ndcg@5", "ndcg@10", "hr@5", "hr@10")}})
+    results.append_rows(tmp_path / "runs.csv", rows)
+    csv_rows, md = build_tables(results.read_rows(tmp_path / "runs.csv"), ["beauty"], ["GRU4Rec", "TTT4Rec"])
+    by = {r["model"]: r for r in csv_rows}
+    assert by["TTT4Rec"]["ndcg@5_mean"] == pytest.approx(0.31) and by["GRU4Rec"]["study_ndcg@5"] == 0.2390
+    assert by["GRU4Rec"]["diff_ndcg@5"] == pytest.approx(0.25 - 0.2390)
+    assert by["GRU4Rec"]["p_ndcg@10_vs_ttt4rec"] < 0.05
+    text = "\n".join(md)
+    assert "**0.3100 ± 0.0100** (0.2571, +0.0529)" in text
+    md_path, csv_path = write_table(tmp_path, ["beauty"], ["GRU4Rec", "TTT4Rec"])
+    assert "Table 1" in md_path.read_text() and len(results.read_rows(csv_path)) == 2
+
+
+def test_growth_exponent():
+    L = [50, 200, 1000]
+    assert growth_exponent(L, [l ** 2 * 3 for l in L]) == pytest.approx(2.0)
+    assert growth_exponent(L, [l * 0.1 for l in L]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_bench_rows(tmp_path, isolate):
+    rows = run_bench(["gru", "attention"], [8, 16], [2], d_model=8, n_layers=1, repeats=2, warmup=1, n_items=50,
+                     out=tmp_path / "eff.csv", isolate=isolate)
+    assert len(rows) == 2 * 2 * 3
+    assert all(r["status"] == "ok" and r["median_s"] > 0 for r in rows)
+    assert {r["mode"] for r in rows} == {"train", "encode", "stream"}
+    if isolate:
+        assert all(r["peak_mem_mb"] > 0 for r in rows)
+    assert len(results.read_rows(tmp_path / "eff.csv")) == 12
+
+
+def test_report_from_csvs(tmp_path):
+    results.append_rows(tmp_path / "runs.csv", [_row("a", 1, 0.01, 0.2, sweep=""), _row("b", 1, 0.01, 0.3)])
+    for r in results.read_rows(tmp_path / "runs.csv"):
+        pass
+    path = write_report(tmp_path)
+    text = path.read_text()
+    assert "## Sweeps" in text and "sw-1" in text and "## Efficiency" in text

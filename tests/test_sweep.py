@@ -1,0 +1,112 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from benchbox import cli, results
+from benchbox.config import RunConfig
+from benchbox.sweep import expand, parse_grid, pending
+from conftest import ROOT
+
+TINY = ["--epochs", "1", "--d-model", "8", "--n-layers", "1", "--batch-size", "512"]
+
+
+def test_grid_expansion_splits_run_and_mixer_options():
+    base = RunConfig(mixer="attention")
+    pts = expand(base, parse_grid(["num_heads=1,2", "lr=0.001,0.01"]), [0, 1], "sw-x")
+    assert len(pts) == 8
+    assert {p.mixer_opts["num_heads"] for p in pts} == {1, 2} and {p.lr for p in pts} == {0.001, 0.01}
+    assert all(p.sweep_id == "sw-x" for p in pts)
+    with pytest.raises(Exception, match="unknown option 'heads'"):
+        expand(base, parse_grid(["heads=1"]), [0], "sw-x")
+
+
+def test_sweep_file_and_resume(tmp_path, capsys):
+    f = tmp_path / "s.toml"
+    f.write_text('mixer = "gru"\nepochs = 1\nd_model = 8\nn_layers = 1\nseeds = [0]\n[grid]\nnum_layers = [1, 2]\n')
+    args = ["sweep", "--file", str(f), "--results-dir", str(tmp_path), "--name", "sw-file"]
+    assert cli.main(args) == 0
+    rows = results.read_rows(tmp_path / "runs.csv")
+    assert len(rows) == 2 and {r["sweep_id"] for r in rows} == {"sw-file"}
+    assert cli.main(args) == 0
+    assert "2 already finished, 0 to run" in capsys.readouterr().out
+    assert len(results.read_rows(tmp_path / "runs.csv")) == 2
+
+
+def test_failed_and_diverged_points_do_not_stop_the_sweep(tmp_path, monkeypatch):
+    import benchbox.train as train
+    from benchbox import Diverged
+    from benchbox.sweep import run_sweep
+    calls = []
+
+    def fake_run(cfg, results_dir, progress=None, log=None):
+        calls.append(cfg.mixer_opts["num_layers"])
+        if cfg.mixer_opts["num_layers"] == 1:
+            results.append_rows(os.path.join(results_dir, "runs.csv"),
+                                [{"run_id": "d", "status": "diverged", "config": cfg.to_json()}])
+            raise Diverged("non-finite loss")
+        raise RuntimeError("boom\nsecond line")
+    monkeypatch.setattr(train, "run", fake_run)
+    pts = expand(RunConfig(mixer="gru"), {"num_layers": [1, 2]}, [0], "sw-f")
+    counts = run_sweep(pts, str(tmp_path), log=lambda *a: None)
+    assert counts == {"ok": 0, "diverged": 1, "failed": 1}
+    rows = {r["status"]: r for r in results.read_rows(tmp_path / "runs.csv")}
+    assert rows["failed"]["error"] == "RuntimeError: boom second line"
+    # diverged is a finished point; failed is tried again
+    assert [json.loads(p.to_json())["mixer_opts"] for p in pending(pts, str(tmp_path))] == [{"num_layers": 2}]
+
+
+def test_kill_9_loses_only_runs_in_flight(tmp_path):
+    """Kill the sweep at random moments; rerun; every point ends with exactly one finished row."""
+    cmd = [sys.executable, "-m", "benchbox.cli", "sweep", "--mixer", "gru", "--grid", "num_layers=1,2,3",
+           "--grid", "lr=0.001,0.002", "--results-dir", str(tmp_path), "--name", "sw-kill"] + TINY
+    runs = tmp_path / "runs.csv"
+    for kill_after in (1, 3):
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and (not runs.exists() or len(results.read_rows(runs)) < kill_after):
+            time.sleep(0.05)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    finished_before = {r["config"] for r in results.read_rows(runs) if r["status"] == "ok"}
+    assert len(finished_before) >= 3
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"{len(finished_before)} already finished, {6 - len(finished_before)} to run" in out.stdout
+    rows = results.read_rows(runs)
+    configs = [r["config"] for r in rows if r["status"] == "ok"]
+    assert len(configs) == 6 and len(set(configs)) == 6  # no duplicate, no broken row, nothing redone
+
+
+def test_interrupted_write_leaves_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "runs.csv"
+    results.append_rows(path, [{"run_id": "a"}])
+    before = path.read_bytes()
+
+    def boom(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        results.append_rows(path, [{"run_id": "b"}])
+    assert path.read_bytes() == before and not list(tmp_path.glob(".tmp*"))
+
+
+def test_ray_executor(tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'benchbox[ray]')")
+    from benchbox.sweep import run_sweep
+    pts = expand(RunConfig(mixer="gru", epochs=1, d_model=8, n_layers=1), {"num_layers": [1, 2]}, [0], "sw-ray")
+    counts = run_sweep(pts, str(tmp_path), workers=2, executor="ray")
+    ray.shutdown()
+    assert counts["ok"] == 2 and len(results.read_rows(tmp_path / "runs.csv")) == 2
+
+
+def test_local_workers(tmp_path):
+    from benchbox.sweep import run_sweep
+    pts = expand(RunConfig(mixer="gru", epochs=1, d_model=8, n_layers=1, batch_size=512), {"num_layers": [1, 2]},
+                 [0], "sw-par")
+    assert run_sweep(pts, str(tmp_path), workers=2, log=lambda *a: None)["ok"] == 2
+    assert len(results.read_rows(tmp_path / "runs.csv")) == 2

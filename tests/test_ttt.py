@@ -1,0 +1,272 @@
+"""TTT-Linear / TTT-MLP: fast dual form vs the plain reference, streaming, padding, options, init."""
+import math
+
+import pytest
+import torch
+
+import mixers
+from mixers.ttt import (TTTLinear, TTTMLP, _gelu_p, _gelu_pp, _gelu_t, _lnl2_bwd, _lnl2_fwd, gelu_tanh,
+                        ln_l2_grad, rope_fast, rope_reference, _rope_factors)
+
+D = 8  # d_model; 2 heads of 4
+KINDS = {"ttt_linear": TTTLinear, "ttt_mlp": TTTMLP}
+CONFIGS = {
+    "plain": dict(use_rope=False),
+    "defaults": dict(),
+    "all_on": dict(use_gate=True, pre_conv=True, share_qk=True, ttt_base_lr=0.7),
+}
+
+
+def _perturb(m, scale=0.3):
+    """Move every parameter off its init (norm weights off 1, token offsets off 0...) deterministically."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return m
+
+
+def _pair(cls, **kw):
+    torch.manual_seed(0)
+    fast = _perturb(cls(D, backend="torch", **kw).double())
+    ref = cls(D, backend="reference", **kw).double()
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def _grads(m, x, gy):
+    x = x.clone().requires_grad_(True)
+    y = m(x)
+    gs = torch.autograd.grad((y * gy).sum(), [x] + list(m.parameters()))
+    return y.detach(), gs
+
+
+# ------------------------------------------------------------------------------------------------
+# fast dual form == plain reference (outputs and gradients), float64
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("mbs", [1, 2, 5, 10, 16])
+@pytest.mark.parametrize("name", list(KINDS))
+def test_fast_matches_reference(name, mbs, config):
+    fast, ref = _pair(KINDS[name], mini_batch_size=mbs, **CONFIGS[config])
+    lengths = sorted({2 * mbs, 2 * mbs + 3} if mbs > 1 else {6, 9})  # a multiple and a non-multiple
+    for L in lengths:
+        torch.manual_seed(L)
+        x = torch.randn(2, L, D, dtype=torch.float64)
+        gy = torch.randn(2, L, D, dtype=torch.float64)
+        yf, gf = _grads(fast, x, gy)
+        yr, gr = _grads(ref, x, gy)
+        torch.testing.assert_close(yf, yr, rtol=1e-5, atol=1e-5)
+        names = ["input"] + [n for n, _ in fast.named_parameters()]
+        for n, a, b in zip(names, gf, gr):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda s, n=n: f"grad of {n}: {s}")
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_scan_chunk_changes_nothing(name):
+    x = torch.randn(2, 23, D, dtype=torch.float64)
+    ys = []
+    for chunk in (1, 3, 8, 64):
+        torch.manual_seed(0)
+        m = _perturb(KINDS[name](D, mini_batch_size=2, scan_chunk=chunk).double())
+        ys.append(m(x))
+    for y in ys[1:]:
+        torch.testing.assert_close(y, ys[0], rtol=1e-10, atol=1e-10)
+
+
+# Outputs of the official ttt-lm-pytorch layer (TTTLinear / TTTMLP, plus its Block's pre_conv and
+# seq_norm where pre_conv is on) for the deterministic parameters of ``_det_fill`` and the input below,
+# float64. The official code computes RoPE in float32, hence the 1e-6 tolerance.
+OFFICIAL = [
+    ("ttt_linear", dict(mini_batch_size=3), 7,
+     [0.2690579243, -0.2293080653, 0.1820173249, -0.1287408767, 0.0712307366, -0.0113781471, -0.048848617,
+      0.1074689761], 3.7495554048, 30.9301218403),
+    ("ttt_mlp", dict(mini_batch_size=3, use_gate=True, share_qk=True), 7,
+     [0.1769352568, -0.2284238216, 0.2724005836, -0.3074193505, 0.3323285171, -0.3463089362, 0.3489008564,
+      -0.3400190415], 1.1503069291, 38.8161503728),
+    ("ttt_linear", dict(mini_batch_size=4, pre_conv=True, use_gate=True), 10,
+     [0.000133481, -0.0437842199, 0.0859950983, -0.1253779958, 0.1606377909, -0.1906149523, 0.2143236697,
+      -0.2309842731], -2.2782084595, 5.2219276444),
+    ("ttt_mlp", dict(mini_batch_size=4), 10,
+     [0.1796654046, -0.1591531985, 0.1334071799, -0.1032740163, 0.069744648, -0.0339217009, -0.003016774,
+      0.0398560411], 4.9673870257, 9.4502555175),
+]
+
+
+def _det_fill(module):
+    with torch.no_grad():
+        for i, (name, p) in enumerate(sorted(module.named_parameters())):
+            v = torch.sin(0.37 * (torch.arange(p.numel(), dtype=torch.float64) + 1) + i)
+            is_scale = name.endswith("norm.weight") or name in ("ttt_norm_weight", "pre_conv_norm.weight",
+                                                                 "seq_norm.weight")
+            p.copy_(((1 + 0.2 * v) if is_scale else 0.3 * v).view_as(p))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("case", range(len(OFFICIAL)))
+def test_matches_official_numbers(case, backend):
+    name, kw, L, last, total, sq = OFFICIAL[case]
+    m = KINDS[name](D, num_heads=2, backend=backend, **kw).double()
+    _det_fill(m)
+    x = torch.sin(0.11 * torch.arange(2 * L * D, dtype=torch.float64) + 0.5).view(2, L, D) * 1.5
+    y = m(x)
+    torch.testing.assert_close(y[1, -1], torch.tensor(last, dtype=torch.float64), rtol=0, atol=1e-6)
+    assert abs(y.sum().item() - total) < 1e-5 and abs((y ** 2).sum().item() - sq) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# streaming, padding
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("config", ["defaults", "all_on"])
+@pytest.mark.parametrize("mbs", [1, 3, 16])
+@pytest.mark.parametrize("name", list(KINDS))
+def test_streaming_equals_forward(name, mbs, config, backend):
+    torch.manual_seed(0)
+    m = _perturb(KINDS[name](D, mini_batch_size=mbs, backend=backend, **CONFIGS[config]).double()).eval()
+    L = 37
+    x = torch.randn(2, L, D, dtype=torch.float64)
+    y = m(x)
+    for cuts in ([1] * L, [4, 1, 7, 2, 9, 14], [L], [20, 17]):
+        state, outs, pos = m.init_state(2, dtype=torch.float64), [], 0
+        for c in cuts:
+            o, state = m.step(x[:, pos:pos + c], state)
+            outs.append(o)
+            pos += c
+        torch.testing.assert_close(torch.cat(outs, 1), y, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_streaming_state_does_not_grow(name):
+    m = KINDS[name](D, mini_batch_size=4, pre_conv=True, share_qk=True).double()
+    state = m.init_state(3, dtype=torch.float64)
+
+    def sizes(s):
+        out = [t.numel() for t in list(s["params"].values()) + list(s["acc"].values())]
+        return out + [t.numel() for t in s["tails"].values()]
+
+    x = torch.randn(3, 30, D, dtype=torch.float64)
+    seen = []
+    with torch.no_grad():
+        for t in range(30):
+            _, state = m.step(x[:, t:t + 1], state)
+            seen.append(sizes(state))
+    assert all(s == seen[0] for s in seen) and state["pos"] == 30
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_right_padding_keeps_real_positions(name):
+    torch.manual_seed(0)
+    m = _perturb(KINDS[name](D, mini_batch_size=5, use_gate=True, pre_conv=True).double())
+    lengths = torch.tensor([17, 9, 1])
+    x = torch.randn(3, 17, D, dtype=torch.float64)
+    x[1, 9:] = 100.0  # junk padding
+    x[2, 1:] = -50.0
+    y = m(x, lengths)
+    for i, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(y[i, :n], m(x[i:i + 1, :n])[0], rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------
+# building blocks
+# ------------------------------------------------------------------------------------------------
+def test_rope_fast_equals_official_form():
+    q, k = torch.randn(2, 2, 11, 3, 8, dtype=torch.float64).unbind(0)
+    pos = torch.arange(11) % 5
+    qr, kr = rope_reference(q, k, pos, 10000.0)
+    qf, kf = rope_fast(q, k, _rope_factors(pos, 8, 10000.0, "cpu"))
+    torch.testing.assert_close(qf, qr)
+    torch.testing.assert_close(kf, kr)
+    # position 0 is the identity, norms are kept
+    torch.testing.assert_close(qr[:, 0], q[:, 0])
+    torch.testing.assert_close(qr.norm(dim=-1), q.norm(dim=-1))
+
+
+def test_ln_l2_grad_is_the_gradient():
+    z = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    gamma, beta, target = torch.randn(3, 6, dtype=torch.float64).unbind(0)
+    loss = 0.5 * ((torch.nn.functional.layer_norm(z, (6,), eps=1e-6) * gamma + beta - target) ** 2).sum()
+    (g,) = torch.autograd.grad(loss, z)
+    gt = gamma * (target - beta)
+    torch.testing.assert_close(ln_l2_grad(z.detach(), gamma, gt), g)
+    # hand-written forward/backward pair used by the TTT-MLP chunk
+    G, xh, rstd, gxl = _lnl2_fwd(z.detach(), gamma * gamma, gt)
+    torch.testing.assert_close(G, g)
+    zz, gt2, g2 = z.detach().requires_grad_(True), gt.clone().requires_grad_(True), (gamma * gamma).requires_grad_(True)
+    a = torch.randn_like(G)
+    auto = torch.autograd.grad((ln_l2_grad_sq(zz, g2, gt2) * a).sum(), [zz, gt2, g2])
+    dz, dgt, dg2 = _lnl2_bwd(a, G, xh, rstd, gxl, gamma * gamma)
+    torch.testing.assert_close(dz, auto[0])
+    torch.testing.assert_close(dgt.sum((0, 1)), auto[1])
+    torch.testing.assert_close(dg2.sum((0, 1)), auto[2])
+
+
+def ln_l2_grad_sq(z, gam2, gt, eps=1e-6):
+    """ln_l2_grad written with gamma^2 as the input, for checking _lnl2_bwd's gamma^2 gradient."""
+    mu = z.mean(-1, keepdim=True)
+    xc = z - mu
+    rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
+    xh = xc * rstd
+    gx = gam2 * xh - gt
+    return rstd * (gx - gx.mean(-1, keepdim=True) - xh * (gx * xh).mean(-1, keepdim=True))
+
+
+def test_gelu_derivatives():
+    z = torch.linspace(-6, 6, 241, dtype=torch.float64, requires_grad=True)
+    (d1,) = torch.autograd.grad(gelu_tanh(z).sum(), z, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), z)
+    t = _gelu_t(z.detach())
+    torch.testing.assert_close(_gelu_p(z.detach(), t), d1.detach())
+    torch.testing.assert_close(_gelu_pp(z.detach(), t), d2)
+
+
+# ------------------------------------------------------------------------------------------------
+# options, init, robustness
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(KINDS))
+def test_initializer_range_sets_init_std(name):
+    for std in (0.02, 0.2):
+        torch.manual_seed(0)
+        m = mixers.build(name, 64, num_heads=2, initializer_range=std, use_gate=True)
+        for p in (m.q_proj.weight, m.k_proj.weight, m.v_proj.weight, m.o_proj.weight, m.g_proj.weight, m.W1,
+                  m.learnable_ttt_lr_weight) + ((m.W2,) if name == "ttt_mlp" else ()):
+            assert abs(p.std().item() / std - 1) < 0.15, (p.shape, p.std().item(), std)
+        assert m.b1.abs().max() == 0 and m.learnable_token_idx.abs().max() == 0
+    m = mixers.build(name, 16, initializer_range=0.0)
+    assert m.W1.abs().max() == 0 and m.q_proj.weight.abs().max() == 0
+
+
+def test_options_and_defaults():
+    opts = mixers.options("ttt_linear")
+    assert opts["num_heads"] == 2 and opts["mini_batch_size"] == 16 and opts["ttt_base_lr"] == 1.0
+    assert opts["use_gate"] is False and opts["pre_conv"] is False and opts["share_qk"] is False
+    assert opts["use_rope"] is True and opts["rope_theta"] == 10000.0 and opts["initializer_range"] == 0.02
+    assert opts["conv_kernel"] == 4 and opts["backend"] == "auto"
+    assert mixers.options("ttt_mlp") == opts
+    m = mixers.build("ttt_mlp", 16, mini_batch_size="7", use_gate="true", backend="reference")
+    assert m.mini_batch_size == 7 and m.use_gate and m.backend == "reference"
+    assert TTTLinear.available_backends() == ["torch", "reference"] and TTTLinear.auto_backend() == "torch"
+    assert mixers.build("ttt_linear", 16).backend == "torch"
+
+
+@pytest.mark.parametrize("bad", [dict(mini_batch_size=0), dict(mini_batch_size=-3), dict(num_heads=3),
+                                 dict(num_heads=0), dict(backend="cuda"), dict(ttt_base_lr=-1.0),
+                                 dict(conv_kernel=0), dict(initializer_range=-0.1), dict(scan_chunk=0),
+                                 dict(rope_theta=0.0), dict(num_heads=16)])
+def test_bad_options_raise(bad):
+    with pytest.raises(ValueError):
+        mixers.build("ttt_linear", 16, **bad)  # num_heads=16: head_dim 1, odd, with RoPE on
+
+
+@pytest.mark.parametrize("mbs", [1, 16])
+@pytest.mark.parametrize("name", list(KINDS))
+def test_no_nan_at_defaults(name, mbs):
+    torch.manual_seed(0)
+    m = mixers.build(name, 64, mini_batch_size=mbs)
+    x = (torch.randn(4, 50, 64) * 3).requires_grad_(True)
+    y = m(x)
+    y.square().mean().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    x0 = torch.zeros(2, 20, 64)  # a constant input: the inner LayerNorm sees (almost) zero variance
+    assert torch.isfinite(m(x0)).all()
