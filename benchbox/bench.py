@@ -14,6 +14,7 @@ after synchronisation. A point that runs out of memory is recorded as ``oom``, n
 from __future__ import annotations
 
 import math
+import queue
 import multiprocessing as mp
 import os
 import statistics
@@ -157,21 +158,31 @@ def _child(q, kwargs):
 
 
 def run_point_isolated(timeout_s: float, **kwargs) -> tuple[str, object]:
-    """CPU points run in a forked child so that its peak RSS is this point's alone (the parent runs no
-    torch ops, so forking is safe for OpenMP). A child killed by the OOM killer counts as ``oom``."""
-    ctx = mp.get_context("fork")
+    """CPU points run in a child process so that its peak RSS is this point's alone. The child comes
+    from a fork server that has imported torch but never ran an op: a plain fork of a process whose
+    OpenMP pool has run (a test session, a notebook) can deadlock in the child. A child killed by the
+    OOM killer counts as ``oom``."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "benchbox.bench"])
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(q, kwargs))
+    p = ctx.Process(target=_child, args=(q, kwargs), daemon=True)
     p.start()
-    p.join(timeout_s)
-    if p.is_alive():
-        p.kill()
+    result, deadline = None, time.monotonic() + timeout_s
+    while result is None and time.monotonic() < deadline:  # read before join: a child blocked on a
+        try:                                                # full pipe would never exit
+            result = q.get(timeout=1.0)
+        except queue.Empty:
+            if not p.is_alive() and q.empty():
+                break  # died without an answer (OOM killer, segfault)
+    if result is None:
+        if p.is_alive():
+            p.kill()
+            p.join()
+            return "timeout", f"point took over {timeout_s:.0f}s"
         p.join()
-        return "timeout", f"point took over {timeout_s:.0f}s"
-    try:
-        return q.get(timeout=5)
-    except Exception:
         return ("oom" if p.exitcode in (-9, 137) else "failed"), f"child exit code {p.exitcode}"
+    p.join(10)
+    return result
 
 
 def growth_exponent(lengths, values) -> float:

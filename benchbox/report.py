@@ -18,6 +18,17 @@ def _f(v, fmt=".4f"):
         return "-"
 
 
+def _mean(vals):
+    """Mean of the values that parse as numbers (rows of older CSVs may lack a column), else None."""
+    got = []
+    for v in vals:
+        try:
+            got.append(float(v))
+        except (TypeError, ValueError):
+            pass
+    return statistics.mean(got) if got else None
+
+
 def _mean_sd(vals):
     vals = [float(v) for v in vals if v not in ("", None)]
     if not vals:
@@ -48,7 +59,7 @@ def runs_section(rows) -> list[str]:
             rs2 = list(seeds.values())
             out.append(f"| {mixer} | {readout} | {len(rs2)} | "
                        + " | ".join(_mean_sd([r.get(f'test_{m}') for r in rs2]) for m in METRICS)
-                       + f" | {_f(statistics.mean(float(r['sec_per_epoch']) for r in rs2), '.1f')} | {rs2[-1].get('device', '')}"
+                       + f" | {_f(_mean([r.get('sec_per_epoch') for r in rs2]), '.1f')} | {rs2[-1].get('device', '')}"
                        f" | {rs2[-1].get('torch_version', '')} | {rs2[-1].get('git_commit', '')} |")
         out.append("")
     return out
