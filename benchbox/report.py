@@ -106,10 +106,18 @@ def efficiency_section(results_dir: Path) -> list[str]:
         if not p.exists():
             continue
         found = True
-        rows = read_rows(p)
-        latest = rows[-1]["bench_id"] if rows else None
-        rows = [r for r in rows if r.get("bench_id") == latest]
-        out += [f"### {name} (bench {latest}, {rows[0].get('device', '')}, {rows[0].get('dtype', '')})", "",
+        latest: dict = {}  # the newest measurement of each point, whichever bench call made it
+        for r in read_rows(p):
+            key = tuple(r.get(k) for k in ("device", "dtype", "mixer", "backend", "d_model", "n_layers",
+                                           "mixer_opts", "seq_len", "batch_size", "mode"))
+            latest.pop(key, None)
+            latest[key] = r
+        rows = sorted(latest.values(), key=lambda r: (r.get("device", ""), r.get("dtype", ""), r["mixer"],
+                                                      r["backend"], r["mode"], int(r["batch_size"] or 0),
+                                                      int(r["seq_len"] or 0)))
+        ids = sorted({r.get("bench_id", "") for r in rows})
+        out += [f"### {name} ({', '.join(sorted({r.get('device', '') + ' ' + r.get('dtype', '') for r in rows}))};"
+                f" newest row per point, from bench {', '.join(ids)})", "",
                 "| mixer | backend | L | B | mode | status | median ms | tokens (clicks)/s | peak MB |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             out.append(f"| {r['mixer']} | {r['backend']} | {r['seq_len']} | {r['batch_size']} | {r['mode']} | "
