@@ -147,14 +147,21 @@ class ComiRecDRReadout(nn.Module):
     u_hat . v without gradient through the intermediate iterations). Interest selection as ComiRec-SA."""
     DEFAULT_EPOCHS = 50
 
-    def __init__(self, d_model: int, num_interests: int = 4, iterations: int = 3):
+    def __init__(self, d_model: int, num_interests: int = 4, iterations: int = 3, bilinear: str = "position",
+                 max_len: int = 512):
         super().__init__()
-        self.k, self.iters = num_interests, iterations
-        self.w = nn.Parameter(torch.randn(num_interests, d_model, d_model) * d_model ** -0.5)
+        if bilinear not in ("position", "shared"):
+            raise ValueError(f"bilinear must be 'position' or 'shared', not {bilinear!r}")
+        self.k, self.iters, self.bilinear = num_interests, iterations, bilinear
+        # ComiRec-DR's own choice (bilinear_type 2): one map per history position and interest;
+        # "shared": one map per interest for every position
+        n = max_len if bilinear == "position" else 1
+        self.w = nn.Parameter(torch.randn(n, num_interests, d_model, d_model) * d_model ** -0.5)
 
     def interests(self, h, lengths, causal: bool):
         b, s, d = h.shape
-        u = torch.einsum("bsd,ked->bske", h, self.w)  # (B,S,K,D)
+        w = self.w[:s] if self.bilinear == "position" else self.w[0].expand(s, -1, -1, -1)
+        u = torch.einsum("bsd,sked->bske", h, w)  # (B,S,K,D)
         valid = torch.arange(s, device=h.device)[None, :] < lengths[:, None]
         t = s if causal else 1
         mask = valid[:, None, :] & (_causal_mask(s, s, h.device)[None] if causal else valid[:, None, :])  # (B,T,S)

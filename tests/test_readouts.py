@@ -7,10 +7,14 @@ from benchbox.readouts import READOUTS, build_readout
 D = 8
 
 
-@pytest.mark.parametrize("name", list(READOUTS))
-def test_per_position_training_matches_evaluation_and_is_causal(name):
+CASES = list(READOUTS) + ["comirec_dr:shared"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_per_position_training_matches_evaluation_and_is_causal(case):
     torch.manual_seed(0)
-    r = build_readout(name, D, max_len=16).double()
+    name, _, bilinear = case.partition(":")
+    r = build_readout(name, D, max_len=16, **({"bilinear": bilinear} if bilinear else {})).double()
     b, L, C = 2, 7, 5
     h = torch.randn(b, L, D, dtype=torch.float64)
     lengths = torch.tensor([L, L])
@@ -47,3 +51,11 @@ def test_comirec_defaults_to_50_epochs():
     from benchbox.train import default_epochs
     assert default_epochs("comirec_sa") == default_epochs("comirec_dr") == 50
     assert default_epochs("last") == default_epochs("din") == 10
+
+
+def test_comirec_dr_maps():
+    pos = build_readout("comirec_dr", D, max_len=16)
+    shared = build_readout("comirec_dr", D, max_len=16, bilinear="shared")
+    assert pos.w.shape == (16, 4, D, D) and shared.w.shape == (1, 4, D, D)
+    with pytest.raises(Exception, match="bilinear"):
+        build_readout("comirec_dr", D, bilinear="nope")
