@@ -78,8 +78,12 @@ def expand(base: RunConfig, grid: dict[str, list], seeds: list[int], sweep_id: s
                 else:
                     mopts[k] = v
             cfg = replace(base, mixer_opts=mopts, seed=seed, sweep_id=sweep_id, **run_kw)
-            mixers.get_class(cfg.mixer)
-            cfg.mixer_opts = {k: mixers.coerce_option(cfg.mixer, k, v) for k, v in cfg.mixer_opts.items()}
+            if cfg.mixer == "none":  # a readout straight on the item embeddings (DIN, ComiRec rows)
+                if cfg.mixer_opts:
+                    raise ConfigError(f"mixer 'none' takes no options, got {', '.join(cfg.mixer_opts)}")
+            else:
+                mixers.get_class(cfg.mixer)
+                cfg.mixer_opts = {k: mixers.coerce_option(cfg.mixer, k, v) for k, v in cfg.mixer_opts.items()}
             points.append(cfg.validate())
     return points
 

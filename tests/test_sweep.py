@@ -25,6 +25,14 @@ def test_grid_expansion_splits_run_and_mixer_options():
         expand(base, parse_grid(["heads=1"]), [0], "sw-x")
 
 
+def test_sweep_of_a_readout_without_mixer():
+    base = RunConfig(mixer="none", readout="comirec_dr", readout_opts={"bilinear": "shared"})
+    pts = expand(base, parse_grid(["lr=0.001,0.003"]), [0], "sw-r")
+    assert [p.lr for p in pts] == [0.001, 0.003] and all(p.readout_opts == {"bilinear": "shared"} for p in pts)
+    with pytest.raises(Exception, match="takes no options"):
+        expand(base, parse_grid(["num_heads=1"]), [0], "sw-r")
+
+
 def test_sweep_file_and_resume(tmp_path, capsys):
     f = tmp_path / "s.toml"
     f.write_text('mixer = "gru"\nepochs = 1\nd_model = 8\nn_layers = 1\nseeds = [0]\n[grid]\nnum_layers = [1, 2]\n')
