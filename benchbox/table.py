@@ -69,11 +69,8 @@ def paired_t_test(a: list[float], b: list[float]) -> float:
     if sd == 0:
         return 0.0 if statistics.mean(d) != 0 else 1.0
     t = statistics.mean(d) / (sd / math.sqrt(n))
-    try:
-        from scipy import stats
-        return float(2 * stats.t.sf(abs(t), n - 1))
-    except ImportError:  # normal approximation
-        return math.erfc(abs(t) / math.sqrt(2))
+    from scipy import stats
+    return float(2 * stats.t.sf(abs(t), n - 1))
 
 
 def collect(rows, datasets, models) -> dict:
