@@ -90,12 +90,30 @@ def sweeps_section(rows, figures_dir: Path) -> list[str]:
         if ok:
             best = max(ok, key=lambda r: float(r["test_ndcg@5"]))
             worst = min(ok, key=lambda r: float(r["test_ndcg@5"]))
-            out.append(f"- best test NDCG@5 {float(best['test_ndcg@5']):.4f} at {best.get('mixer_opts')} seed {best['seed']}")
-            out.append(f"- worst test NDCG@5 {float(worst['test_ndcg@5']):.4f} at {worst.get('mixer_opts')} seed {worst['seed']}")
+            varying = _swept_settings(rs)
+            for label, r in (("best", best), ("worst", worst)):
+                where = ", ".join(f"{k}={v}" for k, v in varying(r).items()) or r.get("mixer_opts")
+                out.append(f"- {label} test NDCG@5 {float(r['test_ndcg@5']):.4f} at {where} seed {r['seed']}")
         for fig in sorted(figures_dir.glob(f"sweep_{sid}_*.png")):
             out.append(f"\n![{fig.stem}](figures/{fig.name})")
         out.append("")
     return out
+
+
+def _swept_settings(rows):
+    """A function giving, for a row, the settings that vary across the sweep's rows (run options and
+    mixer options alike, from the stored config), seed excluded."""
+    def flat(r):
+        try:
+            c = json.loads(r.get("config") or "{}")
+        except json.JSONDecodeError:
+            c = {}
+        opts = {**c.pop("mixer_opts", {}), **c.pop("readout_opts", {})}
+        return {**{k: v for k, v in c.items() if not isinstance(v, (dict, list))}, **opts}
+    flats = [flat(r) for r in rows]
+    keys = sorted({k for f in flats for k in f if k not in ("seed", "run_id")
+                   and len({json.dumps(g.get(k)) for g in flats}) > 1})
+    return lambda r: {k: flat(r).get(k) for k in keys}
 
 
 def efficiency_section(results_dir: Path) -> list[str]:
