@@ -147,14 +147,14 @@ class ComiRecDRReadout(nn.Module):
     u_hat . v without gradient through the intermediate iterations). Interest selection as ComiRec-SA."""
     DEFAULT_EPOCHS = 50
 
-    def __init__(self, d_model: int, num_interests: int = 4, iterations: int = 3, bilinear: str = "position",
+    def __init__(self, d_model: int, num_interests: int = 4, iterations: int = 3, bilinear: str = "shared",
                  max_len: int = 512):
         super().__init__()
         if bilinear not in ("position", "shared"):
             raise ValueError(f"bilinear must be 'position' or 'shared', not {bilinear!r}")
         self.k, self.iters, self.bilinear = num_interests, iterations, bilinear
-        # ComiRec-DR's own choice (bilinear_type 2): one map per history position and interest;
-        # "shared": one map per interest for every position
+        # "shared" (default; the committed Table 1 rows use it): one map per interest for every position;
+        # "position": ComiRec-DR's own choice (its bilinear_type 2), one map per history position and interest
         n = max_len if bilinear == "position" else 1
         self.w = nn.Parameter(torch.randn(n, num_interests, d_model, d_model) * d_model ** -0.5)
 

@@ -7,7 +7,7 @@ from benchbox.readouts import READOUTS, build_readout
 D = 8
 
 
-CASES = list(READOUTS) + ["comirec_dr:shared"]
+CASES = list(READOUTS) + ["comirec_dr:position"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -54,8 +54,8 @@ def test_comirec_defaults_to_50_epochs():
 
 
 def test_comirec_dr_maps():
-    pos = build_readout("comirec_dr", D, max_len=16)
-    shared = build_readout("comirec_dr", D, max_len=16, bilinear="shared")
+    pos = build_readout("comirec_dr", D, max_len=16, bilinear="position")
+    shared = build_readout("comirec_dr", D, max_len=16)
     assert pos.w.shape == (16, 4, D, D) and shared.w.shape == (1, 4, D, D)
     with pytest.raises(Exception, match="bilinear"):
         build_readout("comirec_dr", D, bilinear="nope")
