@@ -67,12 +67,16 @@ def plot_sweep(results_dir="results", sweep_id=None, x="mini_batch_size", y="ini
     ax.set_yticks(range(len(ys)), [str(v) for v in ys])
     ax.set_xlabel(x)
     ax.set_ylabel(y)
+    diverged = {(_option(r, y), _option(r, x)) for r in sel if r.get("status") == "diverged"}
     finite = m[np.isfinite(m)]
     mid = (finite.min() + finite.max()) / 2 if finite.size else 0
     for i in range(len(ys)):
         for j in range(len(xs)):
-            txt = "div." if np.isnan(m[i, j]) else f"{m[i, j]:.4f}"
-            ax.text(j, i, txt, ha="center", va="center", fontsize=8, color="black" if m[i, j] > mid else "white")
+            if np.isnan(m[i, j]):  # a diverged point, or a cell the sweep has not run yet
+                txt = "div." if (ys[i], xs[j]) in diverged else "-"
+            else:
+                txt = f"{m[i, j]:.4f}"
+            ax.text(j, i, txt, ha="center", va="center", fontsize=8, color="gray" if np.isnan(m[i, j]) else "black" if m[i, j] > mid else "white")
     r0 = sel[0]
     ax.set_title(f"{metric} of {r0['mixer']} on {r0['dataset']} (sweep {sweep_id})", fontsize=9)
     fig.colorbar(im, ax=ax)
