@@ -70,7 +70,8 @@ def _cfg_wo_seed(cfg):
         d = json.loads(cfg or "{}")
     except json.JSONDecodeError:
         return cfg
-    d.pop("seed", None)
+    for k in ("seed", "threads"):  # neither changes which configuration a row measured
+        d.pop(k, None)
     return json.dumps(d, sort_keys=True)
 
 

@@ -95,8 +95,22 @@ def sweep_id_for(base: RunConfig, grid: dict, seeds: list[int]) -> str:
 
 
 def pending(points: list[RunConfig], results_dir: str) -> list[RunConfig]:
-    done = {r.get("config") for r in read_rows(Path(results_dir) / "runs.csv") if r.get("status") in FINISHED}
-    return [p for p in points if p.to_json() not in done]
+    done = {identity(r.get("config")) for r in read_rows(Path(results_dir) / "runs.csv") if r.get("status") in FINISHED}
+    return [p for p in points if identity(p.to_json()) not in done]
+
+
+# execution settings that do not change a run's result: a point run by a worker with 1 thread is the
+# same point as the one asked for with the torch default (checked: identical metrics, see README)
+NOT_IDENTITY = ("threads",)
+
+
+def identity(cfg_json: str | None) -> str:
+    """The part of a stored config that identifies a point for resuming."""
+    try:
+        d = json.loads(cfg_json or "{}")
+    except json.JSONDecodeError:
+        return ""
+    return json.dumps({k: v for k, v in d.items() if k not in NOT_IDENTITY}, sort_keys=True)
 
 
 def run_point(cfg_json: str, results_dir: str, threads: int = 0, data_dir: str | None = None) -> tuple[str, str]:

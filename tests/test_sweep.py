@@ -25,6 +25,16 @@ def test_grid_expansion_splits_run_and_mixer_options():
         expand(base, parse_grid(["heads=1"]), [0], "sw-x")
 
 
+def test_points_run_with_worker_threads_count_as_done(tmp_path):
+    """Workers run points with threads=1 (stored in the row's config); resuming must still see them."""
+    base = RunConfig(mixer="gru", dataset="synthetic")
+    pts = expand(base, parse_grid(["lr=0.001,0.003"]), [0], "sw-t")
+    ran = RunConfig.from_dict(json.loads(pts[0].to_json()))
+    ran.threads = 1
+    results.append_rows(tmp_path / "runs.csv", [{"run_id": "a", "status": "ok", "config": ran.to_json()}])
+    assert [p.lr for p in pending(pts, tmp_path)] == [0.003]
+
+
 def test_sweep_of_a_readout_without_mixer():
     base = RunConfig(mixer="none", readout="comirec_dr", readout_opts={"bilinear": "shared"})
     pts = expand(base, parse_grid(["lr=0.001,0.003"]), [0], "sw-r")
