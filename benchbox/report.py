@@ -6,6 +6,7 @@ import statistics
 import time
 from pathlib import Path
 
+from .sweep import identity
 from .results import read_rows
 
 METRICS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10")
@@ -18,19 +19,24 @@ def _f(v, fmt=".4f"):
         return "-"
 
 
-def _mean(vals):
-    """Mean of the values that parse as numbers (rows of older CSVs may lack a column), else None."""
+def _numbers(vals) -> list[float]:
+    """The values that parse as numbers (rows of older CSVs may lack a column)."""
     got = []
     for v in vals:
         try:
             got.append(float(v))
         except (TypeError, ValueError):
             pass
+    return got
+
+
+def _mean(vals):
+    got = _numbers(vals)
     return statistics.mean(got) if got else None
 
 
 def _mean_sd(vals):
-    vals = [float(v) for v in vals if v not in ("", None)]
+    vals = _numbers(vals)
     if not vals:
         return "-"
     if len(vals) == 1:
@@ -66,13 +72,7 @@ def runs_section(rows) -> list[str]:
 
 
 def _cfg_wo_seed(cfg):
-    try:
-        d = json.loads(cfg or "{}")
-    except json.JSONDecodeError:
-        return cfg
-    for k in ("seed", "threads"):  # neither changes which configuration a row measured
-        d.pop(k, None)
-    return json.dumps(d, sort_keys=True)
+    return identity(cfg, ignore=("seed",))
 
 
 def sweeps_section(rows, figures_dir: Path) -> list[str]:

@@ -104,13 +104,15 @@ def pending(points: list[RunConfig], results_dir: str) -> list[RunConfig]:
 NOT_IDENTITY = ("threads",)
 
 
-def identity(cfg_json: str | None) -> str:
-    """The part of a stored config that identifies a point for resuming."""
+def identity(cfg_json: str | None, ignore: tuple[str, ...] = ()) -> str:
+    """The part of a stored config that identifies a point for resuming (``ignore``: more keys to drop,
+    e.g. the seed to group a configuration's seeds)."""
     try:
         d = json.loads(cfg_json or "{}")
     except json.JSONDecodeError:
-        return ""
-    return json.dumps({k: v for k, v in d.items() if k not in NOT_IDENTITY}, sort_keys=True)
+        return cfg_json or ""
+    drop = set(NOT_IDENTITY) | set(ignore)
+    return json.dumps({k: v for k, v in d.items() if k not in drop}, sort_keys=True)
 
 
 def run_point(cfg_json: str, results_dir: str, threads: int = 0, data_dir: str | None = None) -> tuple[str, str]:
