@@ -11,6 +11,7 @@ import inspect
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import BenchboxError
 
@@ -44,9 +45,9 @@ def _scores_all_chunked(readout, h, lengths, table, chunk=1024):
     return torch.cat(out, 1)
 
 
-def _causal_mask(t: int, s: int, device) -> torch.Tensor:
-    """(T, S): True where history position s is visible from target position t (s <= t)."""
-    return torch.arange(s, device=device)[None, :] <= torch.arange(t, device=device)[:, None]
+def _causal_mask(t: int, s: int, device, t0: int = 0) -> torch.Tensor:
+    """(T, S): True where history position s is visible from target position t0 + t (s <= t0 + t)."""
+    return torch.arange(s, device=device)[None, :] <= torch.arange(t0, t0 + t, device=device)[:, None]
 
 
 class DINReadout(nn.Module):
@@ -67,8 +68,8 @@ class DINReadout(nn.Module):
         self.w = nn.Linear(hidden, 1)
         self.out = nn.Linear(d_model, d_model)
 
-    def _pool(self, h, lengths, cand, causal: bool):
-        # h: (B,S,D) history features; cand: (B,T,C,D) candidates at T target positions
+    def _pool(self, h, lengths, cand, causal: bool, t0: int = 0):
+        # h: (B,S,D) history features; cand: (B,T,C,D) candidates at target positions t0..t0+T-1
         ps = self.p(h)  # (B,S,H)
         qc = self.q(cand)  # (B,T,C,H)
         z = ps[:, None, None] + qc[:, :, :, None] + torch.einsum("bsd,hd,btcd->btcsh", h, self.r, cand)
@@ -77,12 +78,31 @@ class DINReadout(nn.Module):
         valid = torch.arange(s, device=h.device)[None, :] < lengths[:, None]  # (B,S)
         mask = valid[:, None, None, :]
         if causal:
-            mask = mask & _causal_mask(cand.shape[1], s, h.device)[None, :, None, :]
+            mask = mask & _causal_mask(cand.shape[1], s, h.device, t0)[None, :, None, :]
         w = w.masked_fill(~mask, 0.0)
         return self.out(torch.einsum("btcs,bsd->btcd", w, h))
 
+    # elements of the (B,T,C,S,H) activation tensor above which training goes chunk by chunk
+    MAX_PAIR_ELEMENTS = 64 * 2 ** 20
+
     def train_scores(self, h, lengths, cand):
-        return (self._pool(h, lengths, cand, causal=True) * cand).sum(-1)
+        b, t, c, _ = cand.shape
+        s, hid = h.shape[1], self.r.shape[0]
+        if b * t * c * s * hid <= self.MAX_PAIR_ELEMENTS:
+            return (self._pool(h, lengths, cand, causal=True) * cand).sum(-1)
+        # Long sequences (ML-1M, L 200): the activation tensor is O(L^2) per sequence and would need
+        # ~20 GB at batch 128. Go over target positions in chunks; a chunk ending at t1 only sees
+        # history s < t1 (the causal mask zeroes the rest, so slicing it off is exact and halves the
+        # work), and checkpointing keeps only each chunk's pooled output for the backward pass.
+        step = max(1, self.MAX_PAIR_ELEMENTS // (b * c * s * hid))
+        out = []
+        for t0 in range(0, t, step):
+            t1 = min(t, t0 + step)
+            out.append(checkpoint(self._pool_chunk, h[:, :t1], lengths, cand[:, t0:t1], t0, use_reentrant=False))
+        return torch.cat(out, 1)
+
+    def _pool_chunk(self, h, lengths, cand, t0: int):
+        return (self._pool(h, lengths, cand, causal=True, t0=t0) * cand).sum(-1)
 
     def scores(self, h, lengths, cand):
         return (self._pool(h, lengths, cand.unsqueeze(1), causal=False).squeeze(1) * cand).sum(-1)
