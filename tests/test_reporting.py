@@ -60,8 +60,12 @@ def test_table_means_study_values_and_best(tmp_path):
     assert by["GRU4Rec"]["p_ndcg@10_vs_ttt4rec"] < 0.05
     text = "\n".join(md)
     assert "**0.3100 ± 0.0100** (0.2571, +0.0529)" in text
-    md_path, csv_path = write_table(tmp_path, ["beauty"], ["GRU4Rec", "TTT4Rec"])
-    assert "Table 1" in md_path.read_text() and len(results.read_rows(csv_path)) == 2
+    md_path, csv_path = write_table(tmp_path, ["beauty"], ["GRU4Rec", "TTT4Rec", "DIN"])
+    text = md_path.read_text()
+    assert "Table 1" in text and len(results.read_rows(csv_path)) == 2
+    # a model without results is listed as missing beside the study's value, and never in the CSV
+    assert "| DIN | 0 | not run yet (study 0.2466) |" in text
+    assert text.count("| DIN |") == 1  # not in the full-ranking section, where DIN has no metric
 
 
 def test_growth_exponent():
