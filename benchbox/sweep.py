@@ -190,7 +190,8 @@ def run_sweep(points: list[RunConfig], results_dir: str, workers: int = 1, execu
 
 def _describe(cfg_json: str) -> str:
     d = json.loads(cfg_json)
-    return f"{d['mixer']} {d['dataset']} seed={d['seed']} {d['mixer_opts']}"
+    readout = "" if d.get("readout", "last") == "last" else f" readout={d['readout']} {d.get('readout_opts') or ''}".rstrip()
+    return f"{d['mixer']}{readout} {d['dataset']} seed={d['seed']} {d['mixer_opts']}"
 
 
 # --------------------------------------------------------------------------------------------
