@@ -195,7 +195,12 @@ def cmd_table(a) -> int:
     points = table_points(base, datasets, models, list(range(a.seeds)))
     if not a.no_run:
         run_sweep(points, a.results_dir, a.workers, log=console.print)
-    md, csv_path = write_table(a.results_dir, datasets, models)
+    # the written table covers every Table 1 result so far, not only what this call ran: a run of
+    # one dataset must not drop the others from table1.md
+    done = {r.get("dataset") for r in read_rows(Path(a.results_dir) / "runs.csv") if r.get("sweep_id") == TABLE_ID}
+    order = list(STUDY)  # the study's order: beauty, electronics, ml-1m, then any other dataset by name
+    shown = sorted(set(datasets) | (done - {None, ""}), key=lambda d: (order.index(d) if d in order else len(order), d))
+    md, csv_path = write_table(a.results_dir, shown, list(MODELS))
     console.print(Path(md).read_text())
     console.print(f"wrote {md} and {csv_path}")
     return 0

@@ -93,3 +93,17 @@ def test_report_from_csvs(tmp_path):
     path = write_report(tmp_path)
     text = path.read_text()
     assert "## Sweeps" in text and "sw-1" in text and "## Efficiency" in text
+
+
+def test_table_command_keeps_every_dataset(tmp_path, capsys):
+    """`benchbox table --datasets X` rewrites table1.md with every Table 1 result so far, not only X's."""
+    from benchbox.cli import main
+    rows = [{"run_id": f"{ds}{seed}", "status": "ok", "sweep_id": "table1", "dataset": ds, "mixer": "gru",
+             "readout": "last", "seed": seed, "train_seconds": 10, "eval_seconds": 1,
+             **{f"test_{m}": 0.2 for m in ("ndcg@5", "ndcg@10", "hr@5", "hr@10")}}
+            for ds in ("ml-1m", "beauty") for seed in (0, 1)]
+    results.append_rows(tmp_path / "runs.csv", rows)
+    assert main(["table", "--no-run", "--datasets", "ml-1m", "--results-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "table1.md").read_text()
+    assert text.index("### beauty") < text.index("### ml-1m")  # the study's order
+    assert "| SASRec | 0 | not run yet (study 0.2512) |" in text
