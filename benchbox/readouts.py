@@ -130,12 +130,27 @@ class ComiRecSAReadout(nn.Module):
         a = self.w2(torch.tanh(self.w1(h + self.pos[:s])))  # (B,S,K)
         valid = torch.arange(s, device=h.device)[None, :] < lengths[:, None]
         if causal:  # one set of interests per target position t, from history 0..t
-            mask = valid[:, None, :] & _causal_mask(s, s, h.device)[None]  # (B,T,S)
-            logits = a[:, None].masked_fill(~mask[..., None], float("-inf"))  # (B,T,S,K)
-            att = torch.softmax(logits, dim=2).nan_to_num(0.0)
-            return torch.einsum("btsk,bsd->btkd", att, h)  # (B,T,K,D)
+            # The attention logits a_s do not depend on t, so the softmax over s <= t is a ratio of
+            # prefix sums: O(L) instead of the O(L^2) masked softmax of interests_naive. The shift is
+            # the max over the whole sequence; float64 keeps exp() of early, much smaller logits from
+            # underflowing.
+            a = a.masked_fill(~valid[..., None], float("-inf"))
+            e = torch.exp((a - a.amax(1, keepdim=True)).double())  # (B,S,K), 0 at padding
+            num = torch.cumsum(e[..., None] * h[:, :, None, :].double(), dim=1)  # (B,T,K,D)
+            den = torch.cumsum(e, dim=1)[..., None].clamp_min(1e-300)
+            return (num / den).to(h.dtype)
         att = torch.softmax(a.masked_fill(~valid[..., None], float("-inf")), dim=1)
         return torch.einsum("bsk,bsd->bkd", att, h)  # (B,K,D)
+
+    def interests_naive(self, h, lengths):
+        """Reference for the causal path: a masked softmax per target position, O(L^2)."""
+        s = h.shape[1]
+        a = self.w2(torch.tanh(self.w1(h + self.pos[:s])))
+        valid = torch.arange(s, device=h.device)[None, :] < lengths[:, None]
+        mask = valid[:, None, :] & _causal_mask(s, s, h.device)[None]  # (B,T,S)
+        logits = a[:, None].masked_fill(~mask[..., None], float("-inf"))  # (B,T,S,K)
+        att = torch.softmax(logits, dim=2).nan_to_num(0.0)
+        return torch.einsum("btsk,bsd->btkd", att, h)  # (B,T,K,D)
 
     def train_scores(self, h, lengths, cand):
         return _pick_interest(self.interests(h, lengths, causal=True), cand)
