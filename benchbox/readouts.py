@@ -125,9 +125,12 @@ class ComiRecSAReadout(nn.Module):
         self.w1 = nn.Linear(d_model, hidden or 4 * d_model, bias=False)
         self.w2 = nn.Linear(hidden or 4 * d_model, num_interests, bias=False)
 
+    def _logits(self, h):
+        return self.w2(torch.tanh(self.w1(h + self.pos[:h.shape[1]])))  # (B,S,K)
+
     def interests(self, h, lengths, causal: bool):
         b, s, d = h.shape
-        a = self.w2(torch.tanh(self.w1(h + self.pos[:s])))  # (B,S,K)
+        a = self._logits(h)
         valid = torch.arange(s, device=h.device)[None, :] < lengths[:, None]
         if causal:  # one set of interests per target position t, from history 0..t
             # The attention logits a_s do not depend on t, so the softmax over s <= t is a ratio of
@@ -145,7 +148,7 @@ class ComiRecSAReadout(nn.Module):
     def interests_naive(self, h, lengths):
         """Reference for the causal path: a masked softmax per target position, O(L^2)."""
         s = h.shape[1]
-        a = self.w2(torch.tanh(self.w1(h + self.pos[:s])))
+        a = self._logits(h)
         valid = torch.arange(s, device=h.device)[None, :] < lengths[:, None]
         mask = valid[:, None, :] & _causal_mask(s, s, h.device)[None]  # (B,T,S)
         logits = a[:, None].masked_fill(~mask[..., None], float("-inf"))  # (B,T,S,K)

@@ -144,11 +144,16 @@ def build_tables(rows, datasets, models, prefix="test_") -> tuple[list[dict], li
     return csv_rows, md
 
 
-def write_table(results_dir, datasets, models) -> tuple[Path, Path]:
+def write_table(results_dir, datasets, models=tuple(MODELS)) -> tuple[Path, Path]:
+    """table1.md/csv for ``datasets`` plus every other dataset with Table 1 results (a run of one
+    dataset must not drop the others), in the study's order, then any other dataset by name."""
     from .results import _write_atomic
     import csv
     import io
     rows = read_rows(Path(results_dir) / "runs.csv")
+    done = {r.get("dataset") for r in rows if r.get("sweep_id") == TABLE_ID} - {None, ""}
+    order = list(STUDY)
+    datasets = sorted(set(datasets) | done, key=lambda d: (order.index(d) if d in order else len(order), d))
     sampled, md = build_tables(rows, datasets, models, "test_")
     full, md_full = build_tables(rows, datasets, models, "test_full_")
     text = ["# Table 1 (benchbox)", "", "Models of the TTT4Rec study's Table 1 (plus TTT-MLP and Mamba), trained with "
@@ -195,12 +200,7 @@ def cmd_table(a) -> int:
     points = table_points(base, datasets, models, list(range(a.seeds)))
     if not a.no_run:
         run_sweep(points, a.results_dir, a.workers, log=console.print)
-    # the written table covers every Table 1 result so far, not only what this call ran: a run of
-    # one dataset must not drop the others from table1.md
-    done = {r.get("dataset") for r in read_rows(Path(a.results_dir) / "runs.csv") if r.get("sweep_id") == TABLE_ID}
-    order = list(STUDY)  # the study's order: beauty, electronics, ml-1m, then any other dataset by name
-    shown = sorted(set(datasets) | (done - {None, ""}), key=lambda d: (order.index(d) if d in order else len(order), d))
-    md, csv_path = write_table(a.results_dir, shown, list(MODELS))
+    md, csv_path = write_table(a.results_dir, datasets)
     console.print(Path(md).read_text())
     console.print(f"wrote {md} and {csv_path}")
     return 0
