@@ -71,18 +71,35 @@ def test_din_chunked_training_equals_one_pass():
     lengths = torch.tensor([11, 7, 2])
     cand = torch.randn(b, L, C, D, dtype=torch.float64, requires_grad=True)
 
-    def run(limit):
-        r.MAX_PAIR_ELEMENTS = limit
+    def run(limit, chunk=0):
+        r.MAX_PAIR_ELEMENTS, r.CHUNK_ELEMENTS = limit, chunk
         out = r.train_scores(h, lengths, cand)
         grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
                                     [h, cand, *r.parameters()])
         return out, grads
 
     one_pass, g1 = run(10 ** 9)
-    chunked, g2 = run(b * C * L * 36 * 3)  # 3 target positions a chunk: 4 chunks, the last one short
-    torch.testing.assert_close(chunked, one_pass, rtol=0, atol=1e-12)
-    for a, c in zip(g1, g2):
-        torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
+    pair = C * 36  # activation elements of one (target position, history position) pair
+    # blocks of 3 target positions (the last one short), 1 user a chunk, then 2 users (the last chunk short)
+    r.TARGET_BLOCK = 3
+    for chunk, checkpointed in ((pair * 3 * L, True), (pair * 3 * L * 2, True), (pair * 3 * L * 2, False)):
+        r.CHECKPOINT = checkpointed
+        chunked, g2 = run(0, chunk)
+        torch.testing.assert_close(chunked, one_pass, rtol=0, atol=1e-12)
+        for a, c in zip(g1, g2):
+            torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
+
+
+def test_din_chunked_evaluation_equals_one_pass():
+    """Evaluation over long histories goes a few users at a time: same scores as the one-pass form."""
+    torch.manual_seed(0)
+    r = build_readout("din", D).double()
+    h = torch.randn(5, 13, D, dtype=torch.float64)
+    lengths = torch.tensor([13, 9, 1, 13, 4])
+    cand = torch.randn(5, 7, D, dtype=torch.float64)
+    one_pass = r.scores(h, lengths, cand)
+    r.MAX_PAIR_ELEMENTS, r.CHUNK_ELEMENTS = 0, 7 * 13 * 36 * 2  # 2 users a chunk, the last one alone
+    torch.testing.assert_close(r.scores(h, lengths, cand), one_pass, rtol=0, atol=1e-12)
 
 
 def test_comirec_sa_prefix_softmax_equals_masked_softmax():
