@@ -59,6 +59,21 @@ def table_points(base: RunConfig, datasets, models, seeds) -> list[RunConfig]:
     return pts
 
 
+def table_seeds(count: int, seed_list: str | None = None) -> list[int]:
+    """Seeds 0..count-1, or only those of a comma list such as "1,2" (to split seeds over processes)."""
+    if not seed_list:
+        if count < 1:
+            raise BenchboxError(f"--seeds must be >= 1, got {count}")
+        return list(range(count))
+    try:
+        seeds = sorted({int(x) for x in seed_list.split(",") if x.strip()})
+    except ValueError:
+        raise BenchboxError(f"--seed-list must be comma-separated integers, got {seed_list!r}") from None
+    if not seeds or seeds[0] < 0:
+        raise BenchboxError(f"--seed-list must name seeds >= 0, got {seed_list!r}")
+    return seeds
+
+
 def paired_t_test(a: list[float], b: list[float]) -> float:
     """Two-sided p-value of the paired t-test (same seeds). NaN with fewer than 2 pairs."""
     d = [x - y for x, y in zip(a, b)]
@@ -186,6 +201,9 @@ def register(sub):
     p.add_argument("--datasets", default="ml-1m,beauty,electronics")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--seed-list", default=None, metavar="S1,S2",
+                   help="run only these seeds (e.g. to split seeds over processes or machines); the table "
+                        "still shows every finished seed")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--no-run", action="store_true", help="only rebuild table1.md/csv from the results")
     p.set_defaults(func=cmd_table, eval="full")
@@ -197,7 +215,7 @@ def cmd_table(a) -> int:
     base = config_from_args(a, seed=0)
     datasets = [d.strip() for d in a.datasets.split(",") if d.strip()]
     models = [m.strip() for m in a.models.split(",") if m.strip()]
-    points = table_points(base, datasets, models, list(range(a.seeds)))
+    points = table_points(base, datasets, models, table_seeds(a.seeds, a.seed_list))
     if not a.no_run:
         run_sweep(points, a.results_dir, a.workers, log=console.print)
     md, csv_path = write_table(a.results_dir, datasets)

@@ -107,3 +107,12 @@ def test_table_command_keeps_every_dataset(tmp_path, capsys):
     text = (tmp_path / "table1.md").read_text()
     assert text.index("### beauty") < text.index("### ml-1m")  # the study's order
     assert "| SASRec | 0 | not run yet (study 0.2512) |" in text
+
+
+def test_table_seed_selection(capsys):
+    from benchbox.cli import main
+    from benchbox.table import table_seeds
+    assert table_seeds(3) == [0, 1, 2]
+    assert table_seeds(3, "2,1,2") == [1, 2]  # --seed-list wins over --seeds; duplicates dropped
+    assert main(["table", "--seed-list", "1,x", "--no-run"]) != 0
+    assert "--seed-list must be comma-separated integers" in capsys.readouterr().err
