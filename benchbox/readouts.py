@@ -73,12 +73,17 @@ class DINReadout(nn.Module):
         ps = self.p(h)  # (B,S,H)
         qc = self.q(cand)  # (B,T,C,H)
         z = ps[:, None, None] + qc[:, :, :, None] + torch.einsum("bsd,hd,btcd->btcsh", h, self.r, cand)
+        return self._pool_from_activations(z, h, lengths, causal, t0)
+
+    def _pool_from_activations(self, z, h, lengths, causal: bool, t0: int):
+        """z: (B,T,C,S,H) first-layer activations -> pooled interests (B,T,C,D); padding (and, if
+        causal, history after target position t0 + t) weighs 0."""
         w = self.w(self.act(z.flatten(0, -2)).view_as(z)).squeeze(-1)  # (B,T,C,S)
-        b, s = h.shape[0], h.shape[1]
+        t, s = z.shape[1], z.shape[3]
         valid = torch.arange(s, device=h.device)[None, :] < lengths[:, None]  # (B,S)
         mask = valid[:, None, None, :]
         if causal:
-            mask = mask & _causal_mask(cand.shape[1], s, h.device, t0)[None, :, None, :]
+            mask = mask & _causal_mask(t, s, h.device, t0)[None, :, None, :]
         w = w.masked_fill(~mask, 0.0)
         return self.out(torch.einsum("btcs,bsd->btcd", w, h))
 
@@ -126,11 +131,7 @@ class DINReadout(nn.Module):
         # z[b,tc,(s,h)] = P h_s + sum_d (h_s * r_h)[d] cand[d] + Q cand
         z = torch.baddbmm(self.p(h).reshape(b, 1, s * hid), cand.reshape(b, t * c, d), hr.transpose(1, 2))
         z = z.view(b, t, c, s, hid) + self.q(cand)[:, :, :, None, :]
-        w = self.w(self.act(z.flatten(0, -2)).view_as(z)).squeeze(-1)  # (B,T,C,S)
-        valid = torch.arange(s, device=h.device)[None, :] < lengths[:, None]
-        mask = valid[:, None, None, :] & _causal_mask(t, s, h.device, t0)[None, :, None, :]
-        w = w.masked_fill(~mask, 0.0)
-        return (self.out(torch.einsum("btcs,bsd->btcd", w, h)) * cand).sum(-1)
+        return (self._pool_from_activations(z, h, lengths, True, t0) * cand).sum(-1)
 
     def scores(self, h, lengths, cand):
         b, c, _ = cand.shape
