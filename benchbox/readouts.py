@@ -93,6 +93,11 @@ class DINReadout(nn.Module):
     # the elementwise passes (PReLU and its backward) that dominate; on 1 thread 2-8 Mi were alike
     # within noise and 64 Mi took twice as long
     CHUNK_ELEMENTS = 8 * 2 ** 20
+    # target positions per chunk (see train_scores)
+    TARGET_BLOCK = 16
+    # False keeps every chunk's activations instead of recomputing them: one 128 x 200 batch then took
+    # 6.7 GB against 1.5 GB, for no clear gain in time (18-28 s against 21-22 s, 1 thread)
+    CHECKPOINT = True
 
     def train_scores(self, h, lengths, cand):
         b, t, c, _ = cand.shape
@@ -117,11 +122,6 @@ class DINReadout(nn.Module):
                             else self._pool_chunk(*args))
             rows.append(torch.cat(cols, 1))
         return torch.cat(rows, 0)
-
-    # False keeps every chunk's activations instead of recomputing them: one 128 x 200 batch then took
-    # 6.7 GB against 1.5 GB, for no clear gain in time (18-28 s against 21-22 s, 1 thread)
-    CHECKPOINT = True
-    TARGET_BLOCK = 16
 
     def _pool_chunk(self, h, lengths, cand, t0: int):
         """Scores of one chunk: the arithmetic of _pool, with P h_s added by the batched matmul itself."""
