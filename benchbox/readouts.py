@@ -151,12 +151,15 @@ class DINReadout(nn.Module):
 class ComiRecSAReadout(nn.Module):
     """ComiRec-SA (Cen et al. 2020): K interests by self-attentive pooling (positions added),
     A = softmax_s(W2 tanh(W1 h_s)), over the visible history. Training scores every candidate with the
-    interest most aligned with the target; evaluation scores a candidate with its best interest."""
+    interest most aligned with the target (``select="target"``, ComiRec's hard readout; ``select="max"``
+    scores each candidate by its best interest instead); evaluation scores a candidate with its best
+    interest."""
     DEFAULT_EPOCHS = 50
 
-    def __init__(self, d_model: int, num_interests: int = 4, hidden: int = 0, max_len: int = 512):
+    def __init__(self, d_model: int, num_interests: int = 4, hidden: int = 0, select: str = "target",
+                 max_len: int = 512):
         super().__init__()
-        self.k = num_interests
+        self.k, self.select = num_interests, _check_select(select)
         self.pos = nn.Parameter(torch.zeros(max_len, d_model))
         nn.init.normal_(self.pos, std=0.02)
         self.w1 = nn.Linear(d_model, hidden or 4 * d_model, bias=False)
@@ -193,7 +196,7 @@ class ComiRecSAReadout(nn.Module):
         return torch.einsum("btsk,bsd->btkd", att, h)  # (B,T,K,D)
 
     def train_scores(self, h, lengths, cand):
-        return _pick_interest(self.interests(h, lengths, causal=True), cand)
+        return _pick_interest(self.interests(h, lengths, causal=True), cand, self.select)
 
     def scores(self, h, lengths, cand):
         return (cand @ self.interests(h, lengths, causal=False).transpose(1, 2)).amax(-1)
@@ -202,13 +205,22 @@ class ComiRecSAReadout(nn.Module):
         return torch.einsum("bkd,nd->bnk", self.interests(h, lengths, causal=False), table).amax(-1)
 
 
-def _pick_interest(v, cand):
-    """v: (B,T,K,D) interests, cand: (B,T,C,D) with the target first. The interest most aligned with the
-    target (hard argmax, as ComiRec) scores every candidate."""
+def _pick_interest(v, cand, select: str = "target"):
+    """v: (B,T,K,D) interests, cand: (B,T,C,D) with the target first.
+    "target" (ComiRec's hard readout): the interest most aligned with the target scores every candidate.
+    "max": every candidate is scored by its own best interest, the rule evaluation uses."""
+    if select == "max":
+        return torch.einsum("btcd,btkd->btck", cand, v).amax(-1)
     sim = (v * cand[:, :, :1]).sum(-1)  # (B,T,K)
     k = sim.argmax(-1)  # (B,T)
     chosen = v.gather(2, k[..., None, None].expand(-1, -1, 1, v.shape[-1])).squeeze(2)  # (B,T,D)
     return (cand @ chosen.unsqueeze(-1)).squeeze(-1)
+
+
+def _check_select(select: str) -> str:
+    if select not in ("target", "max"):
+        raise ValueError(f"select must be 'target' or 'max', not {select!r}")
+    return select
 
 
 def _squash(z, eps=1e-9):
@@ -223,11 +235,11 @@ class ComiRecDRReadout(nn.Module):
     DEFAULT_EPOCHS = 50
 
     def __init__(self, d_model: int, num_interests: int = 4, iterations: int = 3, bilinear: str = "shared",
-                 max_len: int = 512):
+                 select: str = "target", max_len: int = 512):
         super().__init__()
         if bilinear not in ("position", "shared"):
             raise ValueError(f"bilinear must be 'position' or 'shared', not {bilinear!r}")
-        self.k, self.iters, self.bilinear = num_interests, iterations, bilinear
+        self.k, self.iters, self.bilinear, self.select = num_interests, iterations, bilinear, _check_select(select)
         # "shared" (default; the committed Table 1 rows use it): one map per interest for every position;
         # "position": ComiRec-DR's own choice (its bilinear_type 2), one map per history position and interest
         n = max_len if bilinear == "position" else 1
@@ -250,7 +262,7 @@ class ComiRecDRReadout(nn.Module):
         return v if causal else v[:, 0]
 
     def train_scores(self, h, lengths, cand):
-        return _pick_interest(self.interests(h, lengths, causal=True), cand)
+        return _pick_interest(self.interests(h, lengths, causal=True), cand, self.select)
 
     def scores(self, h, lengths, cand):
         return (cand @ self.interests(h, lengths, causal=False).transpose(1, 2)).amax(-1)

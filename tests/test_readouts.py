@@ -7,14 +7,14 @@ from benchbox.readouts import READOUTS, build_readout
 D = 8
 
 
-CASES = list(READOUTS) + ["comirec_dr:position"]
+CASES = list(READOUTS) + ["comirec_dr:bilinear=position", "comirec_sa:select=max", "comirec_dr:select=max"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_per_position_training_matches_evaluation_and_is_causal(case):
     torch.manual_seed(0)
-    name, _, bilinear = case.partition(":")
-    r = build_readout(name, D, max_len=16, **({"bilinear": bilinear} if bilinear else {})).double()
+    name, _, opt = case.partition(":")
+    r = build_readout(name, D, max_len=16, **dict([opt.split("=")] if opt else [])).double()
     b, L, C = 2, 7, 5
     h = torch.randn(b, L, D, dtype=torch.float64)
     lengths = torch.tensor([L, L])
@@ -26,7 +26,7 @@ def test_per_position_training_matches_evaluation_and_is_causal(case):
     h2[:, 4:] += 1.0
     torch.testing.assert_close(r.train_scores(h2, lengths, cand)[:, :4], train[:, :4])
     # the last position of training = evaluation over the whole history (same candidates)
-    if name.startswith("comirec"):
+    if name.startswith("comirec") and "select=max" not in case:
         v_all = r.interests(h, lengths, causal=True)[:, -1]
         torch.testing.assert_close(v_all, r.interests(h, lengths, causal=False))
     else:
@@ -59,6 +59,28 @@ def test_comirec_dr_maps():
     assert pos.w.shape == (16, 4, D, D) and shared.w.shape == (1, 4, D, D)
     with pytest.raises(Exception, match="bilinear"):
         build_readout("comirec_dr", D, bilinear="nope")
+
+
+@pytest.mark.parametrize("name", ["comirec_sa", "comirec_dr"])
+def test_comirec_interest_selection(name):
+    """select=target (ComiRec): the target's best interest scores every candidate of that position;
+    select=max: each candidate is scored by its own best interest, as in evaluation."""
+    torch.manual_seed(0)
+    target_rule = build_readout(name, D, max_len=16).double()
+    max_rule = build_readout(name, D, max_len=16, select="max").double()
+    max_rule.load_state_dict(target_rule.state_dict())
+    h = torch.randn(3, 6, D, dtype=torch.float64)
+    lengths = torch.tensor([6, 6, 6])
+    cand = torch.randn(3, 6, 5, D, dtype=torch.float64)
+    per_interest = torch.einsum("btcd,btkd->btck", cand, target_rule.interests(h, lengths, causal=True))
+    best_for_target = per_interest[:, :, 0].argmax(-1)  # (B,T)
+    expected = per_interest.gather(3, best_for_target[:, :, None, None].expand(-1, -1, 5, 1)).squeeze(-1)
+    torch.testing.assert_close(target_rule.train_scores(h, lengths, cand), expected)
+    torch.testing.assert_close(max_rule.train_scores(h, lengths, cand), per_interest.amax(-1))
+    # the two rules differ only on negatives that another interest likes better
+    assert (per_interest.amax(-1) >= expected).all() and (per_interest.amax(-1) > expected).any()
+    with pytest.raises(ValueError, match="select"):
+        build_readout(name, D, select="mean")
 
 
 def test_din_chunked_training_equals_one_pass():
