@@ -140,6 +140,19 @@ def run_point(cfg_json: str, results_dir: str, threads: int = 0, data_dir: str |
         return "failed", msg
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initializer. A killed sweep (even kill -9) must not leave its workers training on and
+    appending rows by themselves, so each worker exits as soon as its parent is gone: the runs in
+    flight are lost and rerun on resume."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def _threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
@@ -179,7 +192,8 @@ def run_sweep(points: list[RunConfig], results_dir: str, workers: int = 1, execu
         return counts
     import concurrent.futures as cf
     import multiprocessing as mp
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
+                                initargs=(os.getpid(),)) as ex:
         futs = {ex.submit(run_point, j, results_dir, _threads_per_worker(workers), data_dir): j for j in jobs}
         for f in cf.as_completed(futs):
             status, msg = f.result()

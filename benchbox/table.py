@@ -20,7 +20,9 @@ from .sweep import run_sweep
 METRICS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10")
 TABLE_ID = "table1"
 
-# model -> (mixer, readout); TTT4Rec is the study's model, the last two rows are benchbox extras
+# model -> (mixer, readout[, readout options]); TTT4Rec is the study's model, the rows after it are
+# benchbox extras: two more mixers, and ComiRec-DR trained with evaluation's interest rule (select=max:
+# each candidate scored by its best interest, where ComiRec scores all of them with the target's)
 MODELS = {
     "DIN": ("none", "din"),
     "GRU4Rec": ("gru", "last"),
@@ -30,7 +32,17 @@ MODELS = {
     "TTT4Rec": ("ttt_linear", "last"),
     "TTT-MLP": ("ttt_mlp", "last"),
     "Mamba": ("mamba", "last"),
+    "ComiDR-max": ("none", "comirec_dr", {"select": "max"}),
 }
+
+
+def _spec(name: str) -> tuple[str, str, dict]:
+    mixer, readout, *opts = MODELS[name]
+    return mixer, readout, (opts[0] if opts else {})
+
+
+def _row_key(mixer: str, readout: str, readout_opts: dict) -> str:
+    return json.dumps([mixer, readout, readout_opts], sort_keys=True)
 
 # the study's Table 1 (its data): NDCG@5, NDCG@10, HR@5, HR@10
 STUDY = {
@@ -52,9 +64,10 @@ def table_points(base: RunConfig, datasets, models, seeds) -> list[RunConfig]:
         for name in models:
             if name not in MODELS:
                 raise BenchboxError(f"unknown Table 1 model {name!r}; known: {', '.join(MODELS)}")
-            mixer, readout = MODELS[name]
+            mixer, readout, ropts = _spec(name)
             for seed in seeds:
-                pts.append(replace(base, dataset=ds, mixer=mixer, readout=readout, seed=seed, sweep_id=TABLE_ID,
+                pts.append(replace(base, dataset=ds, mixer=mixer, readout=readout, readout_opts=dict(ropts),
+                                   seed=seed, sweep_id=TABLE_ID,
                                    eval_full=base.eval_full and readout != "din").validate())
     return pts
 
@@ -91,11 +104,11 @@ def paired_t_test(a: list[float], b: list[float]) -> float:
 def collect(rows, datasets, models) -> dict:
     """{dataset: {model: {seed: row}}} from finished table rows (the latest row per seed)."""
     out: dict = {}
-    inv = {v: k for k, v in MODELS.items()}
+    inv = {_row_key(*_spec(k)): k for k in MODELS}
     for r in rows:
         if r.get("sweep_id") != TABLE_ID or r.get("status") != "ok" or r.get("dataset") not in datasets:
             continue
-        name = inv.get((r["mixer"], r.get("readout", "last")))
+        name = inv.get(_row_key(r["mixer"], r.get("readout") or "last", json.loads(r.get("readout_opts") or "{}")))
         if name in models:
             out.setdefault(r["dataset"], {}).setdefault(name, {})[r["seed"]] = r
     return out
@@ -122,7 +135,7 @@ def build_tables(rows, datasets, models, prefix="test_") -> tuple[list[dict], li
         for name in models:
             if name not in means:
                 # a model asked for but not finished yet stays visible, with the study's values
-                if "full" in prefix and MODELS[name][1] == "din":
+                if "full" in prefix and _spec(name)[1] == "din":
                     continue
                 study = STUDY.get(ds, {}).get(name) if "full" not in prefix else None
                 missing = "not run yet" if name not in got else "no result"
@@ -131,7 +144,7 @@ def build_tables(rows, datasets, models, prefix="test_") -> tuple[list[dict], li
                 continue
             rs = got[name]
             cells = []
-            rec = {"dataset": ds, "model": name, "mixer": MODELS[name][0], "readout": MODELS[name][1],
+            rec = {"dataset": ds, "model": name, "mixer": _spec(name)[0], "readout": _spec(name)[1],
                    "metric_kind": "full" if "full" in prefix else "sampled", "seeds": len(rs),
                    "wall_seconds_mean": statistics.mean(float(r["train_seconds"]) + float(r["eval_seconds"])
                                                         for r in rs.values())}
@@ -171,8 +184,9 @@ def write_table(results_dir, datasets, models=tuple(MODELS)) -> tuple[Path, Path
     datasets = sorted(set(datasets) | done, key=lambda d: (order.index(d) if d in order else len(order), d))
     sampled, md = build_tables(rows, datasets, models, "test_")
     full, md_full = build_tables(rows, datasets, models, "test_full_")
-    text = ["# Table 1 (benchbox)", "", "Models of the TTT4Rec study's Table 1 (plus TTT-MLP and Mamba), trained with "
-            "benchbox's one protocol; generated from results/runs.csv by `benchbox table`.", "",
+    text = ["# Table 1 (benchbox)", "", "Models of the TTT4Rec study's Table 1 (plus benchbox's extra rows: TTT-MLP, Mamba, and "
+            "ComiDR-max, ComiRec-DR trained with evaluation's interest rule `select=max`), trained with benchbox's "
+            "one protocol; generated from results/runs.csv by `benchbox table`.", "",
             "## Sampled metrics", ""] + md
     if md_full:
         text += ["## Full-ranking metrics (secondary; sampled metrics can rank models differently: Krichene & "

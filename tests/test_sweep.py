@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -98,6 +99,44 @@ def test_kill_9_loses_only_runs_in_flight(tmp_path):
     rows = results.read_rows(runs)
     configs = [r["config"] for r in rows if r["status"] == "ok"]
     assert len(configs) == 6 and len(set(configs)) == 6  # no duplicate, no broken row, nothing redone
+
+
+def _session_members(sid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # session id; zombies have exited already
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_kill_9_takes_the_workers_down(tmp_path):
+    """With --workers, killing the sweep must also stop its workers (they would go on training and
+    appending rows on their own)."""
+    cmd = [sys.executable, "-m", "benchbox.cli", "sweep", "--mixer", "gru", "--grid", "num_layers=1,2",
+           "--results-dir", str(tmp_path), "--name", "sw-kill-workers", "--workers", "2"] + TINY
+    cmd[cmd.index("--epochs") + 1] = "50"  # long enough to be in flight when killed
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_session_members(p.pid)) < 3:  # the sweep and its 2 workers
+        time.sleep(0.1)
+    assert len(_session_members(p.pid)) >= 3, "the workers never started"
+    time.sleep(2)  # let them import and start training
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and _session_members(p.pid):
+        time.sleep(0.2)
+    left = _session_members(p.pid)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"{len(left)} worker process(es) outlived the killed sweep"
+    assert not (tmp_path / "runs.csv").exists() or all(
+        r["status"] == "ok" for r in results.read_rows(tmp_path / "runs.csv"))
 
 
 def test_interrupted_write_leaves_old_file(tmp_path, monkeypatch):
