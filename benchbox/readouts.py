@@ -231,15 +231,24 @@ def _squash(z, eps=1e-9):
 class ComiRecDRReadout(nn.Module):
     """ComiRec-DR: K interest capsules by dynamic routing (shared bilinear map u_hat = W h_s per capsule,
     routing logits start at zero, softmax over capsules, squash, 3 iterations, logits updated with
-    u_hat . v without gradient through the intermediate iterations). Interest selection as ComiRec-SA."""
+    u_hat . v without gradient through the intermediate iterations). Interest selection as ComiRec-SA.
+    Options beside ComiRec's own: ``bilinear="position"`` (its bilinear type 2), ``select="max"``,
+    ``inputs="unit"`` (below)."""
     DEFAULT_EPOCHS = 50
 
     def __init__(self, d_model: int, num_interests: int = 4, iterations: int = 3, bilinear: str = "shared",
-                 select: str = "target", max_len: int = 512):
+                 select: str = "target", inputs: str = "rms", max_len: int = 512):
         super().__init__()
         if bilinear not in ("position", "shared"):
             raise ValueError(f"bilinear must be 'position' or 'shared', not {bilinear!r}")
+        if inputs not in ("rms", "unit"):
+            raise ValueError(f"inputs must be 'rms' or 'unit', not {inputs!r}")
         self.k, self.iters, self.bilinear, self.select = num_interests, iterations, bilinear, _check_select(select)
+        # "rms" (default): route the features H as they come (RMS 1, so length sqrt(d)); "unit": scale
+        # them to about length 1 first. ComiRec routes raw embeddings of length well below 1; at length
+        # sqrt(d) the routing logits u_hat . v reach about sqrt(d) and every item's capsule is fixed hard
+        # in the first iteration (Beauty, 6 epochs: val NDCG@10 0.188 rms, 0.203 unit).
+        self.input_scale = d_model ** -0.5 if inputs == "unit" else 1.0
         # "shared" (default; the committed Table 1 rows use it): one map per interest for every position;
         # "position": ComiRec-DR's own choice (its bilinear_type 2), one map per history position and interest
         n = max_len if bilinear == "position" else 1
@@ -248,7 +257,7 @@ class ComiRecDRReadout(nn.Module):
     def interests(self, h, lengths, causal: bool):
         b, s, d = h.shape
         w = self.w[:s] if self.bilinear == "position" else self.w[0].expand(s, -1, -1, -1)
-        u = torch.einsum("bsd,sked->bske", h, w)  # (B,S,K,D)
+        u = torch.einsum("bsd,sked->bske", h * self.input_scale, w)  # (B,S,K,D)
         valid = torch.arange(s, device=h.device)[None, :] < lengths[:, None]
         t = s if causal else 1
         mask = valid[:, None, :] & (_causal_mask(s, s, h.device)[None] if causal else valid[:, None, :])  # (B,T,S)

@@ -21,8 +21,9 @@ METRICS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10")
 TABLE_ID = "table1"
 
 # model -> (mixer, readout[, readout options]); TTT4Rec is the study's model, the rows after it are
-# benchbox extras: two more mixers, and ComiRec-DR trained with evaluation's interest rule (select=max:
-# each candidate scored by its best interest, where ComiRec scores all of them with the target's)
+# benchbox extras: two more mixers, and ComiDR+, ComiRec-DR with two changes that let it fit here:
+# routing on unit-length features, and training with evaluation's interest rule (select=max: each
+# candidate scored by its best interest, where ComiRec scores all of them with the target's)
 MODELS = {
     "DIN": ("none", "din"),
     "GRU4Rec": ("gru", "last"),
@@ -32,7 +33,7 @@ MODELS = {
     "TTT4Rec": ("ttt_linear", "last"),
     "TTT-MLP": ("ttt_mlp", "last"),
     "Mamba": ("mamba", "last"),
-    "ComiDR-max": ("none", "comirec_dr", {"select": "max"}),
+    "ComiDR+": ("none", "comirec_dr", {"inputs": "unit", "select": "max"}),
 }
 
 
@@ -185,7 +186,7 @@ def write_table(results_dir, datasets, models=tuple(MODELS)) -> tuple[Path, Path
     sampled, md = build_tables(rows, datasets, models, "test_")
     full, md_full = build_tables(rows, datasets, models, "test_full_")
     text = ["# Table 1 (benchbox)", "", "Models of the TTT4Rec study's Table 1 (plus benchbox's extra rows: TTT-MLP, Mamba, and "
-            "ComiDR-max, ComiRec-DR trained with evaluation's interest rule `select=max`), trained with benchbox's "
+            "ComiDR+, ComiRec-DR with `inputs=unit select=max`), trained with benchbox's "
             "one protocol; generated from results/runs.csv by `benchbox table`.", "",
             "## Sampled metrics", ""] + md
     if md_full:

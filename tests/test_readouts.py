@@ -7,7 +7,8 @@ from benchbox.readouts import READOUTS, build_readout
 D = 8
 
 
-CASES = list(READOUTS) + ["comirec_dr:bilinear=position", "comirec_sa:select=max", "comirec_dr:select=max"]
+CASES = list(READOUTS) + ["comirec_dr:bilinear=position", "comirec_dr:inputs=unit", "comirec_sa:select=max",
+                          "comirec_dr:select=max"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -81,6 +82,20 @@ def test_comirec_interest_selection(name):
     assert (per_interest.amax(-1) >= expected).all() and (per_interest.amax(-1) > expected).any()
     with pytest.raises(ValueError, match="select"):
         build_readout(name, D, select="mean")
+
+
+def test_comirec_dr_unit_inputs_route_the_scaled_features():
+    """inputs=unit routes H / sqrt(d): the same capsules as the default readout given H / sqrt(d)."""
+    torch.manual_seed(0)
+    unit = build_readout("comirec_dr", D, max_len=16, inputs="unit").double()
+    rms = build_readout("comirec_dr", D, max_len=16).double()
+    rms.load_state_dict(unit.state_dict())
+    h = torch.randn(2, 5, D, dtype=torch.float64)
+    lengths = torch.tensor([5, 3])
+    torch.testing.assert_close(unit.interests(h, lengths, causal=True), rms.interests(h / D ** 0.5, lengths, causal=True))
+    assert not torch.allclose(unit.interests(h, lengths, causal=False), rms.interests(h, lengths, causal=False))
+    with pytest.raises(ValueError, match="inputs"):
+        build_readout("comirec_dr", D, inputs="raw")
 
 
 def test_din_chunked_training_equals_one_pass():

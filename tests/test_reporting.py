@@ -119,17 +119,17 @@ def test_table_seed_selection(capsys):
 
 
 def test_table_model_with_readout_options():
-    """ComiDR and ComiDR-max share (mixer, readout) and differ only in readout options: each row goes to
-    its own model, and the points of ComiDR-max carry the option."""
+    """ComiDR and ComiDR+ share (mixer, readout) and differ only in readout options: each row goes to
+    its own model, and the points of ComiDR+ carry the options."""
     from benchbox.config import RunConfig
     from benchbox.table import table_points
     rows = [{"run_id": f"{name}{seed}", "status": "ok", "sweep_id": "table1", "dataset": "beauty", "mixer": "none",
              "readout": "comirec_dr", "readout_opts": opts, "seed": seed, "train_seconds": 10, "eval_seconds": 1,
              **{f"test_{m}": v + 0.01 * seed for m in ("ndcg@5", "ndcg@10", "hr@5", "hr@10")}}
-            for name, opts, v in (("dr", "{}", 0.17), ("max", '{"select": "max"}', 0.25)) for seed in (0, 1)]
-    csv_rows, _ = build_tables(rows, ["beauty"], ["ComiDR", "ComiDR-max"])
+            for name, opts, v in (("dr", "{}", 0.17), ("plus", '{"inputs": "unit", "select": "max"}', 0.25)) for seed in (0, 1)]
+    csv_rows, _ = build_tables(rows, ["beauty"], ["ComiDR", "ComiDR+"])
     by = {r["model"]: r for r in csv_rows}
     assert by["ComiDR"]["ndcg@10_mean"] == pytest.approx(0.175) and by["ComiDR"]["seeds"] == 2
-    assert by["ComiDR-max"]["ndcg@10_mean"] == pytest.approx(0.255) and "study_ndcg@10" not in by["ComiDR-max"]
-    pts = table_points(RunConfig(), ["beauty"], ["ComiDR", "ComiDR-max"], [0])
-    assert [p.readout_opts for p in pts] == [{}, {"select": "max"}]
+    assert by["ComiDR+"]["ndcg@10_mean"] == pytest.approx(0.255) and "study_ndcg@10" not in by["ComiDR+"]
+    pts = table_points(RunConfig(), ["beauty"], ["ComiDR", "ComiDR+"], [0])
+    assert [p.readout_opts for p in pts] == [{}, {"inputs": "unit", "select": "max"}]
