@@ -145,7 +145,9 @@ def build_tables(rows, datasets, models, prefix="test_") -> tuple[list[dict], li
                 continue
             rs = got[name]
             cells = []
-            rec = {"dataset": ds, "model": name, "mixer": _spec(name)[0], "readout": _spec(name)[1],
+            mixer, readout, ropts = _spec(name)
+            rec = {"dataset": ds, "model": name, "mixer": mixer, "readout": readout,
+                   "readout_opts": json.dumps(ropts, sort_keys=True),
                    "metric_kind": "full" if "full" in prefix else "sampled", "seeds": len(rs),
                    "wall_seconds_mean": statistics.mean(float(r["train_seconds"]) + float(r["eval_seconds"])
                                                         for r in rs.values())}
