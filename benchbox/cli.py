@@ -1,66 +1,91 @@
-"""Command line: ``benchbox run | datasets | mixers | bench | sweep | table | plot | report``.
+"""The command line, a thin typer layer over the API: ``benchbox run | rerun | datasets | mixers | bench |
+sweep | table | plot | report``.
 
-Every user mistake becomes one line on stderr and exit code 2 (no traceback); a diverged run exits 3.
+Every user mistake (typer's own usage errors too) becomes one line on stderr and exit code 2, never a
+traceback; a diverged run exits 3; ``rerun --check`` exits 1 when the numbers differ.
 """
-from __future__ import annotations
-
-import argparse
-import importlib.util
+import enum
+import functools
+import inspect
 import os
 import sys
+from pathlib import Path
+from typing import Annotated, Optional
 
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import BenchboxError, Diverged
+from .tables import MODELS
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # logs (CI) get whole tables
+app = typer.Typer(name="benchbox", help="Compare sequence mixers inside one sequential recommender and one protocol.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
+plot_app = typer.Typer(help="Figures from the result CSVs (sweep heatmap, learning curves).", no_args_is_help=True)
+app.add_typer(plot_app, name="plot")
+
+Eval = enum.StrEnum("Eval", ["sampled", "full"])
+Dtype = enum.StrEnum("Dtype", ["float32", "bfloat16"])
+Executor = enum.StrEnum("Executor", ["local", "ray"])
+Backends = enum.StrEnum("Backends", ["auto", "all"])
+Pairs = Optional[list[str]]  # a repeatable KEY=VALUE option
 
 
-# --------------------------------------------------------------------------------------------
-def add_run_options(p: argparse.ArgumentParser, with_mixer: bool = True) -> None:
-    if with_mixer:
-        p.add_argument("--mixer", default="ttt_linear", help="registered mixer (see `benchbox mixers`)")
-        p.add_argument("--dataset", default="synthetic", help="card name, 'synthetic', or a path to a sequence file")
-        p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="mixer option (repeatable)")
-    p.add_argument("--readout", default="last", help="readout over the sequence (last, din, comirec_sa, comirec_dr)")
-    p.add_argument("--readout-opt", action="append", metavar="KEY=VALUE", help="readout option (repeatable)")
-    p.add_argument("--data-dir", default=None, help="folder of offline datasets (default: $BENCHBOX_DATA)")
-    p.add_argument("--download", action="store_true", help="fetch the official files if no offline copy is found")
-    p.add_argument("--epochs", type=int, default=None, help="default 10 (50 for ComiRec readouts)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--n-layers", type=int, default=2)
-    p.add_argument("--ffn-mult", type=int, default=2, help="FFN width multiple in each block (0: no FFN)")
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--max-len", type=int, default=None, help="default from the dataset card (50 Amazon, 200 ML-1M)")
-    p.add_argument("--train-neg", type=int, default=4)
-    p.add_argument("--eval-neg", type=int, default=99)
-    p.add_argument("--eval", choices=["sampled", "full"], default="sampled",
-                   help="'full' also ranks all items (history masked) as a secondary result")
-    p.add_argument("--eval-seed", type=int, default=42, help="seed of the stored validation/test candidates")
-    p.add_argument("--patience", type=int, default=0, help="early stopping on validation NDCG@10 (0: off)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    p.add_argument("--results-dir", default="results")
+def _o(help: str, panel: str = "Run options", **kw) -> typer.Option:
+    return typer.Option(help=help, rich_help_panel=panel, **kw)
 
 
-def config_from_args(a, **override):
-    from .config import RunConfig, parse_opts
-    d = dict(mixer=a.mixer, dataset=a.dataset, mixer_opts=parse_opts(a.opt), readout=a.readout,
-             readout_opts=parse_opts(a.readout_opt), data_dir=a.data_dir, download=a.download, epochs=a.epochs,
-             batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, d_model=a.d_model, n_layers=a.n_layers,
-             ffn_mult=a.ffn_mult, dropout=a.dropout, max_len=a.max_len, train_neg=a.train_neg, eval_neg=a.eval_neg,
-             eval_full=a.eval == "full", eval_seed=a.eval_seed, patience=a.patience, device=a.device,
-             dtype=a.dtype, threads=a.threads)
-    if hasattr(a, "seed"):
-        d["seed"] = a.seed
-    d.update(override)
-    return RunConfig(**d).validate()
+# the options of one run, shared by `run`, `sweep` and `table`: name -> (type, default, typer option)
+RUN_OPTIONS = {
+    "mixer": (str, "ttt_linear", _o("registered mixer (see `benchbox mixers`)", "Model")),
+    "dataset": (str, "synthetic", _o("card name, 'synthetic', or a path to a sequence file", "Data")),
+    "opt": (Pairs, None, _o("mixer option (repeatable)", "Model", metavar="KEY=VALUE")),
+    "readout": (str, "last", _o("readout over the sequence (last, din, comirec_sa, comirec_dr)", "Model")),
+    "readout_opt": (Pairs, None, _o("readout option (repeatable)", "Model", metavar="KEY=VALUE")),
+    "data_dir": (Optional[str], None, _o("folder of offline datasets (default: $BENCHBOX_DATA)", "Data")),
+    "download": (bool, False, typer.Option("--download", help="fetch the official files if no offline copy is found",
+                                           rich_help_panel="Data")),
+    "epochs": (Optional[int], None, _o("default 10 (50 for ComiRec readouts)")),
+    "batch_size": (int, 128, _o("sequences per step")),
+    "lr": (float, 1e-3, _o("Adam learning rate")),
+    "weight_decay": (float, 0.0, _o("Adam weight decay")),
+    "d_model": (int, 64, _o("width of the item embedding and the mixer", "Model")),
+    "n_layers": (int, 2, _o("mixer blocks", "Model")),
+    "ffn_mult": (int, 2, _o("FFN width multiple in each block (0: no FFN)", "Model")),
+    "dropout": (float, 0.2, _o("dropout in each block", "Model")),
+    "max_len": (Optional[int], None, _o("default from the dataset card (50 Amazon, 200 ML-1M)", "Data")),
+    "train_neg": (int, 4, _o("negatives per positive in training")),
+    "eval_neg": (int, 99, _o("sampled negatives per positive at validation and test", "Evaluation")),
+    "eval": (Eval, "sampled", _o("'full' also ranks all items (history masked) as a secondary result", "Evaluation")),
+    "eval_seed": (int, 42, _o("seed of the stored validation/test candidates", "Evaluation")),
+    "patience": (int, 0, _o("early stopping on validation NDCG@10 (0: off)")),
+    "device": (str, "auto", _o("cpu, cuda or auto", "Execution")),
+    "dtype": (Dtype, "float32", _o("training precision", "Execution")),
+    "threads": (int, 0, _o("torch CPU threads (0: torch default)", "Execution")),
+    "results_dir": (str, "results", _o("where runs.csv and curves.csv are appended ('' writes nothing)", "Execution")),
+}
+
+
+def run_options(*, mixer: bool = True, **defaults):
+    """Add the run options to a command's signature (typer reads it); the command receives them as
+    one dict ``options`` in the API's spelling, enums turned back into strings."""
+    names = [n for n in RUN_OPTIONS if mixer or n not in ("mixer", "dataset", "opt")]
+
+    def deco(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "options"]
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(n, RUN_OPTIONS[n][1]),
+                                   annotation=Annotated[RUN_OPTIONS[n][0], RUN_OPTIONS[n][2]]) for n in names]
+
+        @functools.wraps(fn)
+        def command(**kw):
+            options = {n: (v.value if isinstance(v, enum.Enum) else v) for n, v in kw.items() if n in RUN_OPTIONS}
+            return fn(**{p.name: kw[p.name] for p in own}, options=options)
+        command.__signature__ = sig.replace(parameters=own + extra)
+        return command
+    return deco
 
 
 def progress_bar() -> Progress:
@@ -81,109 +106,189 @@ def metrics_table(row: dict, title: str) -> Table:
     return t
 
 
-def cmd_run(a) -> int:
-    from .train import run
-    cfg = config_from_args(a)
-    _check_mixer(cfg)
-    with progress_bar() as prog:
-        res = run(cfg, a.results_dir, progress=prog, log=console.print)
-    r = res.row
-    console.print(metrics_table(r, f"{cfg.mixer} ({cfg.readout}) on {r['dataset']}: best epoch {r['best_epoch']}"
-                                   f"/{r['epochs_run']}, seed {cfg.seed}"))
-    console.print(f"{r['sec_per_epoch']:.1f} s/epoch train, {r['eval_seconds']:.1f} s eval in all, peak memory "
-                  f"{r['peak_mem_mb']:.0f} MB, {r['params']:,} parameters, device {r['device']}")
-    if a.results_dir:
-        console.print(f"run {r['run_id']} appended to {os.path.join(a.results_dir, 'runs.csv')}")
-    return 0
-
-
-def _check_mixer(cfg) -> None:
-    """Fail fast on an unknown mixer or option, before any data is read."""
-    import mixers
-    from .readouts import READOUTS
-    if cfg.readout not in READOUTS:
-        raise BenchboxError(f"unknown readout {cfg.readout!r}; registered: {', '.join(READOUTS)}")
-    if cfg.mixer == "none":
-        if cfg.mixer_opts:
-            raise BenchboxError("mixer 'none' takes no options")
-        return
-    mixers.get_class(cfg.mixer)
-    for k, v in cfg.mixer_opts.items():
-        mixers.coerce_option(cfg.mixer, k, v)
-
-
-def cmd_datasets(a) -> int:
-    from . import data
-    from .paths import data_dir
-    root = data_dir(a.data_dir)
-    t = Table(title=f"datasets (data dir: {root or 'unset: --data-dir or BENCHBOX_DATA'})")
-    for c in ("name", "title", "max_len", "found at", "users", "items", "interactions", "median len"):
+def _table(title: str, columns, rows) -> Table:
+    t = Table(title=title)
+    for c in columns:
         t.add_column(c)
-    syn = data.synthetic()
-    s = syn.stats()
-    t.add_row("synthetic", "generated, learnable sequential structure", "50", "embedded (no file)",
-              f"{s['users']:,}", f"{s['items']:,}", f"{s['interactions']:,}", f"{s['len_median']:g}")
-    for card in data.load_cards().values():
-        try:
-            d = data.load(card.name, a.data_dir)
-            s = d.stats()
-            ok = "" if not card.offline_sha256 or d.sha256 == card.offline_sha256 else " [red](checksum differs)[/]"
-            t.add_row(card.name, card.title, str(card.max_len), d.source + ok, f"{s['users']:,}", f"{s['items']:,}",
-                      f"{s['interactions']:,}", f"{s['len_median']:g}")
-        except BenchboxError:
-            how = f"missing: put {card.offline_file} under the data dir" + (", or --download" if card.download else "")
-            t.add_row(card.name, card.title, str(card.max_len), f"[yellow]{how}[/]", "", "", "", "")
-    console.print(t)
-    return 0
-
-
-def cmd_mixers(a) -> int:
-    import mixers
-    import torch
-    t = Table(title="registered mixers")
-    for c in ("name", "class", "streaming", "backends (cpu)", "auto (cpu)", "backends (cuda)", "options"):
-        t.add_column(c)
-    has_cuda = torch.cuda.is_available()
-    for name in mixers.names():
-        cls = mixers.get_class(name)
-        m = mixers.build(name, 8, 8) if "num_heads" not in mixers.options(name) else mixers.build(name, 8, 8, num_heads=2)
-        opts = ", ".join(f"{k}={v}" for k, v in mixers.options(name).items())
-        cuda = ", ".join(cls.available_backends("cuda")) + (" (auto: " + cls.auto_backend("cuda") + ")") \
-            if has_cuda else "no CUDA here"
-        t.add_row(name, cls.__name__, "yes" if m.supports_streaming else "no", ", ".join(cls.available_backends("cpu")),
-                  cls.auto_backend("cpu"), cuda, opts)
-    console.print(t)
-    return 0
+    for r in rows:
+        t.add_row(*map(str, r))
+    return t
 
 
 # --------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="benchbox", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-
-    r = sub.add_parser("run", help="train and evaluate one mixer on one dataset")
-    add_run_options(r)
-    r.add_argument("--seed", type=int, default=0)
-    r.set_defaults(func=cmd_run)
-
-    d = sub.add_parser("datasets", help="list datasets, where their data was found, and statistics")
-    d.add_argument("--data-dir", default=None)
-    d.set_defaults(func=cmd_datasets)
-
-    m = sub.add_parser("mixers", help="list registered mixers, their options and backends")
-    m.set_defaults(func=cmd_mixers)
-
-    import importlib
-    for mod in ("bench", "sweep", "table", "plots", "report"):  # each module adds its own subcommand
-        importlib.import_module(f"benchbox.{mod}").register(sub) if importlib.util.find_spec(f"benchbox.{mod}") else None
-    return p
+@app.command("run")
+@run_options()
+def run_command(seed: Annotated[int, _o("seed of the model, the batches and the training negatives")] = 0, *,
+                options: dict):
+    """Train and evaluate one mixer on one dataset; append the run to results/."""
+    from .api import run
+    results_dir = options.pop("results_dir") or None
+    with progress_bar() as prog:
+        res = run(**options, seed=seed, results_dir=results_dir, progress=prog, log=console.print)
+    r = res.row
+    console.print(metrics_table(r, f"{r['mixer']} ({r['readout']}) on {r['dataset']}: best epoch {r['best_epoch']}"
+                                   f"/{r['epochs_run']}, seed {seed}"))
+    console.print(f"{r['sec_per_epoch']:.1f} s/epoch train, {r['eval_seconds']:.1f} s eval in all, peak memory "
+                  f"{r['peak_mem_mb']:.0f} MB, {r['params']:,} parameters, device {r['device']}")
+    if results_dir:
+        console.print(f"run {r['run_id']} appended to {os.path.join(results_dir, 'runs.csv')}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+@app.command("rerun")
+def rerun_command(run_id: Annotated[str, typer.Argument(help="a run id of runs.csv (or its unique prefix)", metavar="RUN_ID")],
+                  check: Annotated[bool, typer.Option("--check", help="exit 1 when a number differs by more than --tol")] = False,
+                  tol: Annotated[float, typer.Option(help="largest difference counted as float noise")] = 1e-6,
+                  threads: Annotated[Optional[int], typer.Option(help="default: the threads the row ran with")] = None,
+                  data_dir: Annotated[Optional[str], typer.Option(help="folder of offline datasets")] = None,
+                  results_dir: Annotated[str, typer.Option(help="where runs.csv is read")] = "results"):
+    """Run a stored row's exact configuration again and compare the numbers (nothing is written)."""
+    from .api import rerun
+    with progress_bar() as prog:
+        r = rerun(run_id, results_dir, data_dir=data_dir, threads=threads, progress=prog, log=None)
+    console.print(_table(f"rerun of {r.stored['run_id']} ({r.stored.get('mixer')}/{r.stored.get('readout')} on "
+                         f"{r.stored.get('dataset')}, seed {r.stored.get('seed')})", ("number", "stored", "new", "difference"),
+                         ((k, f"{a:.10g}", f"{b:.10g}", f"{b - a:+.3g}") for k, a, b in r.comparison)))
+    for k, was, now in r.environment_changes:
+        console.print(f"[yellow]differs from the stored row:[/] {k}: {was} -> {now}")
+    same = r.matches(tol)
+    console.print(f"{'reproduced' if same else 'NOT reproduced'}: largest difference {r.max_difference():.3g} (tolerance {tol:g})")
+    return 1 if check and not same else 0
+
+
+@app.command("datasets")
+def datasets_command(data_dir: Annotated[Optional[str], typer.Option(help="folder of offline datasets")] = None):
+    """List datasets, where their data was found, and statistics."""
+    from .data import catalog
+    from .paths import data_dir as resolve
+    rows = catalog(data_dir)
+    cols = ("name", "title", "max_len", "found at", "users", "items", "interactions", "median len")
+    console.print(_table(f"datasets (data dir: {resolve(data_dir) or 'unset: --data-dir or BENCHBOX_DATA'})", cols,
+                         ([r[c] for c in cols] for r in rows)))
+
+
+@app.command("mixers")
+def mixers_command():
+    """List registered mixers, their options and backends."""
+    import mixers
+    cols = ("name", "class", "streaming", "backends (cpu)", "auto (cpu)", "backends (cuda)", "options")
+    console.print(_table("registered mixers", cols, ([r[c] for c in cols] for r in mixers.catalog())))
+
+
+@app.command("bench")
+def bench_command(mixers: Annotated[str, typer.Option(help="comma list or 'all'")] = "all",
+                  seq_lens: Annotated[str, typer.Option(help="comma list of lengths")] = "50,200,1000",
+                  batch_sizes: Annotated[str, typer.Option(help="comma list of batch sizes")] = "64",
+                  d_model: int = 64, n_layers: int = 2, device: str = "cpu", dtype: Dtype = "float32",
+                  modes: Annotated[str, typer.Option(help="comma list of train, encode, stream")] = "train,encode,stream",
+                  repeats: int = 5, warmup: int = 2, n_items: int = 10000,
+                  budget: Annotated[float, typer.Option(help="seconds of repeats per point before stopping early")] = 20.0,
+                  timeout: Annotated[float, typer.Option(help="seconds per point before it is recorded as timeout")] = 900.0,
+                  backends: Backends = "auto",
+                  opt: Annotated[Pairs, typer.Option(help="mixer option for every mixer that has it", metavar="KEY=VALUE")] = None,
+                  out: str = "results/efficiency.csv", figures: str = "results/figures"):
+    """Speed, memory and scaling of every mixer (train, encode, streaming)."""
+    from .efficiency import bench, exponents, summary_table
+    rows, paths = bench(mixers, seq_lens, batch_sizes, d_model=d_model, n_layers=n_layers, device=device,
+                        dtype=str(dtype), modes=modes, repeats=repeats, warmup=warmup, n_items=n_items, budget_s=budget,
+                        timeout_s=timeout, opts=opt, backends=str(backends), out=out, figures=figures, log=console.print)
+    console.print(summary_table(rows, f"benchbox bench ({rows[0]['device'] if rows else device}, {dtype})"))
+    for (m, b, B), e in sorted(exponents(rows).items()):
+        console.print(f"growth exponent of train time vs length: {m} ({b}), batch {B}: {e:.2f}")
+    for p in paths:
+        console.print(f"figure: {p}")
+
+
+S = "Sweep"
+
+
+@app.command("sweep")
+@run_options()
+def sweep_command(grid: Annotated[Pairs, _o("a swept option (repeatable)", S, metavar="KEY=V1,V2,...")] = None,
+                  file: Annotated[Optional[str], _o("sweep file in TOML (run options, seeds = [...], [grid])", S)] = None,
+                  seeds: Annotated[str, _o("comma-separated seeds", S)] = "0",
+                  name: Annotated[Optional[str], _o("sweep id (default: a hash of the sweep definition)", S)] = None,
+                  workers: Annotated[int, _o("parallel local processes (or Ray tasks)", S)] = 1,
+                  executor: Annotated[Executor, _o("local processes or a Ray cluster", S)] = "local",
+                  address: Annotated[Optional[str], _o("Ray cluster address (default: start a local Ray)", S)] = None,
+                  dry_run: Annotated[bool, typer.Option("--dry-run", help="list the points and what is already done",
+                                                        rich_help_panel=S)] = False, *, options: dict):
+    """Run a grid of runs (resumable, parallel, optional Ray)."""
+    from .sweeps import sweep
     try:
-        return args.func(args) or 0
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise BenchboxError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    res = sweep(grid or [], file=file, seeds=seed_list, name=name, workers=workers, executor=str(executor),
+                address=address, dry_run=dry_run, log=console.print, **options)
+    if not dry_run:
+        c = res.counts
+        console.print(f"sweep {res.sweep_id} finished: {c['ok']} ok, {c['diverged']} diverged, {c['failed']} failed")
+
+
+T = "Table 1"
+
+
+@app.command("table")
+@run_options(mixer=False, eval="full")
+def table_command(datasets: Annotated[str, _o("comma list of datasets", T)] = "ml-1m,beauty,electronics",
+                  models: Annotated[str, _o(f"comma list of {', '.join(MODELS)}", T)] = ",".join(MODELS),
+                  seeds: Annotated[int, _o("seeds 0..N-1", T)] = 3,
+                  seed_list: Annotated[Optional[str], _o("run only these seeds (e.g. to split seeds over processes or "
+                                                         "machines); the table still shows every finished seed", T,
+                                                         metavar="S1,S2")] = None,
+                  workers: Annotated[int, _o("parallel local processes", T)] = 1,
+                  no_run: Annotated[bool, typer.Option("--no-run", help="only rebuild table1.md/csv from the results",
+                                                       rich_help_panel=T)] = False, *, options: dict):
+    """Run the study's Table 1 (every model, N seeds, resumable) and write it."""
+    from .tables import table
+    md, csv_path = table(datasets, models, seeds, seed_list, workers, no_run, options.pop("results_dir"),
+                         log=console.print, **options)
+    console.print(Path(md).read_text())
+    console.print(f"wrote {md} and {csv_path}")
+
+
+@app.command("report")
+def report_command(results_dir: str = "results", out: Optional[str] = None,
+                   print_: Annotated[bool, typer.Option("--print", help="also print the report (CI logs)")] = False):
+    """Write results/report.md from the CSVs."""
+    from .report import write_report
+    path = write_report(results_dir, out)
+    if print_:
+        print(path.read_text())
+    console.print(f"report: {path}")
+
+
+@plot_app.command("sweep")
+def plot_sweep_command(sweep_id: Annotated[Optional[str], typer.Option(help="default: the latest sweep in runs.csv")] = None,
+                       x: str = "mini_batch_size", y: str = "initializer_range", metric: str = "test_ndcg@5",
+                       results_dir: str = "results", out: Optional[str] = None):
+    """Heatmap of a metric over two swept options (Figure 3)."""
+    from .plots import plot_sweep
+    console.print(f"figure: {plot_sweep(results_dir, sweep_id, x, y, metric, out)}")
+
+
+@plot_app.command("curves")
+def plot_curves_command(runs: Annotated[str, typer.Option(help="comma-separated run ids")],
+                        reference: Annotated[Optional[str], typer.Option(help="run id drawn as a dashed line")] = None,
+                        reference_epoch: int = 1, metric: str = "test_ndcg@10",
+                        labels: Annotated[Optional[str], typer.Option(help="comma-separated legend labels")] = None,
+                        results_dir: str = "results", out: Optional[str] = None):
+    """A metric per epoch for runs, with a reference line (Figure 2)."""
+    from .plots import plot_curves
+    console.print(f"figure: {plot_curves(results_dir, runs.split(','), reference, reference_epoch, metric, out, labels.split(',') if labels else None)}")
+
+
+# --------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    try:
+        code = app(args=argv, prog_name="benchbox", standalone_mode=False)
+        return code if isinstance(code, int) else 0
+    except typer.Abort:
+        return _fail("interrupted", 130)
+    except typer.TyperException as e:  # typer's own usage errors: unknown flag, bad value, missing argument
+        ctx = getattr(e, "ctx", None)
+        where = f"{ctx.command_path}: " if ctx is not None else ""
+        return _fail(f"error: {where}{e.format_message()} (see --help)", 2)
     except Diverged as e:
         return _fail(f"diverged: {e}", 3)
     except (BenchboxError, ValueError, OSError) as e:

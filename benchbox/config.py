@@ -77,6 +77,23 @@ class RunConfig:
         return cls(**d)
 
 
+def make_config(**options) -> RunConfig:
+    """A validated RunConfig from run options as both the CLI and the API spell them: the field names
+    above, plus ``opt``/``readout_opt`` (lists of "key=value", merged into mixer_opts/readout_opts) and
+    ``eval`` ("sampled" or "full", for eval_full). An unknown name is an error, not ignored."""
+    o = dict(options)
+    for alias, name in (("opt", "mixer_opts"), ("readout_opt", "readout_opts")):
+        if alias in o:
+            given = o.pop(alias)
+            o[name] = {**(o.get(name) or {}), **(given if isinstance(given, dict) else parse_opts(given))}
+    if "eval" in o:
+        kind = o.pop("eval")
+        if kind not in ("sampled", "full"):
+            raise ConfigError(f"eval must be 'sampled' or 'full', got {kind!r}")
+        o["eval_full"] = kind == "full"
+    return RunConfig.from_dict(o).validate()
+
+
 def parse_opts(pairs: list[str] | None) -> dict:
     """``["num_heads=2", "use_gate=true"]`` -> dict of strings (mixers coerce them to their types)."""
     out = {}

@@ -345,3 +345,24 @@ def load(dataset: str, data_dir: str | None = None, download: bool = False, max_
     if p.suffix or os.sep in dataset or p.exists():
         return parse_sequence_file(p, p.stem, max_len or 50)
     raise DataError(f"unknown dataset {dataset!r}; known: synthetic, {', '.join(cards)} (or a path to a file)")
+
+
+def catalog(data_dir: str | None = None) -> list[dict]:
+    """Every known dataset: its card, where its data was found (or how to get it) and its statistics."""
+    def entry(name, title, max_len, found, d=None):
+        s = d.stats() if d is not None else {}
+        return {"name": name, "title": title, "max_len": max_len, "found at": found,
+                **{k: f"{s[f]:,}" if s else "" for k, f in (("users", "users"), ("items", "items"),
+                                                           ("interactions", "interactions"))},
+                "median len": f"{s['len_median']:g}" if s else ""}
+    out = [entry("synthetic", "generated, learnable sequential structure", 50, "embedded (no file)", synthetic())]
+    for card in load_cards().values():
+        try:
+            d = load(card.name, data_dir)
+        except BenchboxError:
+            how = f"missing: put {card.offline_file} under the data dir" + (", or --download" if card.download else "")
+            out.append(entry(card.name, card.title, card.max_len, f"[yellow]{how}[/]"))
+            continue
+        ok = "" if not card.offline_sha256 or d.sha256 == card.offline_sha256 else " [red](checksum differs)[/]"
+        out.append(entry(card.name, card.title, card.max_len, d.source + ok, d))
+    return out

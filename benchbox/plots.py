@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from . import BenchboxError
-from .results import read_rows
+from .results import frame, load_curves, load_runs
 
 
 def _plt():
@@ -22,34 +23,36 @@ def _plt():
     return plt
 
 
-def _option(row: dict, key: str):
-    cfg = json.loads(row.get("config") or "{}")
+def _option(run_id: str, cfg: dict, key: str):
     if key in cfg.get("mixer_opts", {}):
         return cfg["mixer_opts"][key]
     if key in cfg:
         return cfg[key]
-    raise BenchboxError(f"run {row.get('run_id')} has no option {key!r}")
+    raise BenchboxError(f"run {run_id} has no option {key!r}")
 
 
-def sweep_matrix(rows, sweep_id, x, y, metric):
-    """Mean of ``metric`` over seeds per (y, x) cell of a sweep's finished rows; diverged cells are NaN."""
-    sel = [r for r in rows if r.get("sweep_id") == sweep_id and r.get("status") in ("ok", "diverged")]
-    if not sel:
+def sweep_matrix(runs, sweep_id, x, y, metric):
+    """Mean of ``metric`` over seeds per (y, x) cell of a sweep's finished rows; diverged cells are NaN.
+    Returns (xs, ys, matrix, the sweep's finished rows with columns ``x`` and ``y`` added)."""
+    df = frame(runs) if not isinstance(runs, pd.DataFrame) else runs
+    if "sweep_id" not in df or df.empty:
         raise BenchboxError(f"no finished rows for sweep {sweep_id!r}")
-    xs = sorted({_option(r, x) for r in sel})
-    ys = sorted({_option(r, y) for r in sel})
-    cells: dict = {}
-    for r in sel:
-        v = float(r[metric]) if r.get("status") == "ok" and r.get(metric) not in (None, "") else float("nan")
-        cells.setdefault((_option(r, y), _option(r, x)), []).append(v)
-    m = np.full((len(ys), len(xs)), np.nan)
-    for (yv, xv), vals in cells.items():
-        m[ys.index(yv), xs.index(xv)] = np.nanmean(vals) if not all(np.isnan(vals)) else np.nan
+    sel = df[(df["sweep_id"] == sweep_id) & df["status"].isin(["ok", "diverged"])].copy()
+    if sel.empty:
+        raise BenchboxError(f"no finished rows for sweep {sweep_id!r}")
+    cfgs = [c if isinstance(c, dict) else json.loads(c or "{}") for c in sel["config"]]
+    sel["_x"] = [_option(r, c, x) for r, c in zip(sel["run_id"], cfgs)]
+    sel["_y"] = [_option(r, c, y) for r, c in zip(sel["run_id"], cfgs)]
+    value = pd.to_numeric(sel[metric], errors="coerce") if metric in sel else pd.Series(np.nan, index=sel.index)
+    sel["_v"] = value.where(sel["status"] == "ok")
+    cells = sel.groupby(["_y", "_x"])["_v"].mean()  # NaN only where every seed diverged
+    xs, ys = sorted(sel["_x"].unique()), sorted(sel["_y"].unique())
+    m = cells.unstack("_x").reindex(index=ys, columns=xs).to_numpy(dtype=float)
     return xs, ys, m, sel
 
 
-def latest_sweep(rows) -> str:
-    sweeps = [r["sweep_id"] for r in rows if r.get("sweep_id")]
+def latest_sweep(runs: pd.DataFrame) -> str:
+    sweeps = [s for s in runs.get("sweep_id", []) if s]
     if not sweeps:
         raise BenchboxError("no sweep rows in the results")
     return sweeps[-1]
@@ -57,9 +60,9 @@ def latest_sweep(rows) -> str:
 
 def plot_sweep(results_dir="results", sweep_id=None, x="mini_batch_size", y="initializer_range",
                metric="test_ndcg@5", out=None) -> Path:
-    rows = read_rows(Path(results_dir) / "runs.csv")
-    sweep_id = sweep_id or latest_sweep(rows)
-    xs, ys, m, sel = sweep_matrix(rows, sweep_id, x, y, metric)
+    runs = load_runs(results_dir)
+    sweep_id = sweep_id or latest_sweep(runs)
+    xs, ys, m, sel = sweep_matrix(runs, sweep_id, x, y, metric)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2.5, 0.8 * len(ys) + 2))
     im = ax.imshow(m, cmap="viridis", aspect="auto", origin="lower")
@@ -67,7 +70,7 @@ def plot_sweep(results_dir="results", sweep_id=None, x="mini_batch_size", y="ini
     ax.set_yticks(range(len(ys)), [str(v) for v in ys])
     ax.set_xlabel(x)
     ax.set_ylabel(y)
-    diverged = {(_option(r, y), _option(r, x)) for r in sel if r.get("status") == "diverged"}
+    diverged = set(zip(sel.loc[sel["status"] == "diverged", "_y"], sel.loc[sel["status"] == "diverged", "_x"]))
     finite = m[np.isfinite(m)]
     mid = (finite.min() + finite.max()) / 2 if finite.size else 0
     for i in range(len(ys)):
@@ -77,7 +80,7 @@ def plot_sweep(results_dir="results", sweep_id=None, x="mini_batch_size", y="ini
             else:
                 txt = f"{m[i, j]:.4f}"
             ax.text(j, i, txt, ha="center", va="center", fontsize=8, color="gray" if np.isnan(m[i, j]) else "black" if m[i, j] > mid else "white")
-    r0 = sel[0]
+    r0 = sel.iloc[0]
     ax.set_title(f"{metric} of {r0['mixer']} on {r0['dataset']} (sweep {sweep_id})", fontsize=9)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
@@ -90,19 +93,19 @@ def plot_sweep(results_dir="results", sweep_id=None, x="mini_batch_size", y="ini
 
 def plot_curves(results_dir="results", run_ids=(), reference=None, reference_epoch=1, metric="test_ndcg@10",
                 out=None, labels=None) -> Path:
-    curves = read_rows(Path(results_dir) / "curves.csv")
-    runs = {r["run_id"]: r for r in read_rows(Path(results_dir) / "runs.csv")}
+    curves = load_curves(results_dir)
+    runs = {r["run_id"]: r for r in load_runs(results_dir).to_dict("records")}
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for i, rid in enumerate(run_ids):
-        pts = sorted((int(c["epoch"]), float(c[metric])) for c in curves if c["run_id"] == rid)
-        if not pts:
+        pts = curves[curves["run_id"] == rid].sort_values("epoch") if "run_id" in curves else curves
+        if pts.empty:
             raise BenchboxError(f"no curve for run {rid!r} in {results_dir}/curves.csv")
         r = runs.get(rid, {})
         label = labels[i] if labels else f"{r.get('mixer', '?')}/{r.get('readout', '?')} ({rid[-6:]})"
-        ax.plot(*zip(*pts), marker=".", label=label)
+        ax.plot(pts["epoch"], pts[metric], marker=".", label=label)
     if reference:
-        ref = [float(c[metric]) for c in curves if c["run_id"] == reference and int(c["epoch"]) == reference_epoch]
+        ref = list(curves.loc[(curves["run_id"] == reference) & (curves["epoch"] == reference_epoch), metric])
         if not ref:
             raise BenchboxError(f"run {reference!r} has no epoch {reference_epoch} in curves.csv")
         r = runs.get(reference, {})
@@ -120,33 +123,3 @@ def plot_curves(results_dir="results", run_ids=(), reference=None, reference_epo
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
-
-
-def register(sub):
-    p = sub.add_parser("plot", help="figures from the result CSVs (sweep heatmap, learning curves)")
-    ps = p.add_subparsers(dest="plot", required=True)
-    s = ps.add_parser("sweep", help="heatmap of a metric over two swept options (Figure 3)")
-    s.add_argument("--sweep-id", default=None, help="default: the latest sweep in runs.csv")
-    s.add_argument("--x", default="mini_batch_size")
-    s.add_argument("--y", default="initializer_range")
-    s.add_argument("--metric", default="test_ndcg@5")
-    s.add_argument("--results-dir", default="results")
-    s.add_argument("--out", default=None)
-    s.set_defaults(func=lambda a: _done(plot_sweep(a.results_dir, a.sweep_id, a.x, a.y, a.metric, a.out)))
-    c = ps.add_parser("curves", help="a metric per epoch for runs, with a reference line (Figure 2)")
-    c.add_argument("--runs", required=True, help="comma-separated run ids")
-    c.add_argument("--reference", default=None, help="run id drawn as a dashed line")
-    c.add_argument("--reference-epoch", type=int, default=1)
-    c.add_argument("--metric", default="test_ndcg@10")
-    c.add_argument("--labels", default=None, help="comma-separated legend labels")
-    c.add_argument("--results-dir", default="results")
-    c.add_argument("--out", default=None)
-    c.set_defaults(func=lambda a: _done(plot_curves(a.results_dir, a.runs.split(","), a.reference,
-                                                    a.reference_epoch, a.metric, a.out,
-                                                    a.labels.split(",") if a.labels else None)))
-
-
-def _done(path) -> int:
-    from .cli import console
-    console.print(f"figure: {path}")
-    return 0

@@ -79,8 +79,19 @@ def peak_memory_mb(dev: torch.device) -> float:
 
 @dataclass
 class RunResult:
+    """One run: ``row`` is its runs.csv row (config, environment, best epoch's metrics), ``curves`` its
+    per-epoch curves.csv rows."""
     row: dict
     curves: list[dict] = field(default_factory=list)
+
+    @property
+    def run_id(self) -> str:
+        return self.row["run_id"]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Validation and test metrics of the selected epoch (``test_ndcg@10``, ``val_hr@5``, ...)."""
+        return {k: v for k, v in self.row.items() if k.startswith(("val_", "test_"))}
 
 
 def default_epochs(readout: str) -> int:
@@ -91,6 +102,7 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
     """Train and evaluate one configuration. Raises BenchboxError on bad input (nothing written) and
     Diverged (after writing a ``diverged`` row) when the loss stops being finite."""
     cfg.validate()
+    check_names(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dev = resolve_device(cfg.device)
@@ -172,6 +184,23 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
     if row["status"] == "diverged":
         raise Diverged(f"run {run_id} diverged: {row['error']} (row stored with status 'diverged')")
     return RunResult(row, curves)
+
+
+def check_names(cfg: RunConfig) -> None:
+    """Fail fast on an unknown mixer, readout or mixer option, before any data is read."""
+    import mixers
+    if cfg.readout not in READOUTS:
+        raise ConfigError(f"unknown readout {cfg.readout!r}; registered: {', '.join(READOUTS)}")
+    if cfg.mixer == "none":
+        if cfg.mixer_opts:
+            raise ConfigError("mixer 'none' takes no options")
+        return
+    try:
+        mixers.get_class(cfg.mixer)
+        for k, v in cfg.mixer_opts.items():
+            mixers.coerce_option(cfg.mixer, k, v)
+    except mixers.MixerError as e:  # the mixer library's own error, as benchbox's
+        raise ConfigError(str(e)) from None
 
 
 def _json(d: dict) -> str:

@@ -82,3 +82,19 @@ def build(name: str, d_model: int, max_len: int = 512, **opts: Any) -> Mixer:
         return cls(d_model=d_model, max_len=max_len, **clean)
     except (TypeError, AssertionError) as e:  # impossible combinations reported by the class
         raise MixerError(f"mixer {name!r}: {e}") from None
+
+
+def catalog() -> list[dict]:
+    """Every registered mixer: class, streaming, the backends of each device and the one ``auto`` picks."""
+    import torch
+    has_cuda = torch.cuda.is_available()
+    out = []
+    for name in names():
+        cls = get_class(name)
+        m = build(name, 8, 8, **({"num_heads": 2} if "num_heads" in options(name) else {}))
+        cuda = (", ".join(cls.available_backends("cuda")) + " (auto: " + cls.auto_backend("cuda") + ")") \
+            if has_cuda else "no CUDA here"
+        out.append({"name": name, "class": cls.__name__, "streaming": "yes" if m.supports_streaming else "no",
+                    "backends (cpu)": ", ".join(cls.available_backends("cpu")), "auto (cpu)": cls.auto_backend("cpu"),
+                    "backends (cuda)": cuda, "options": ", ".join(f"{k}={v}" for k, v in options(name).items())})
+    return out

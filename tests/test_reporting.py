@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from benchbox import results
-from benchbox.bench import growth_exponent, run_bench
+from benchbox.efficiency import growth_exponent, run_bench
 from benchbox.plots import plot_curves, plot_sweep, sweep_matrix
 from benchbox.report import write_report
-from benchbox.table import build_tables, paired_t_test, write_table
+from benchbox.tables import build_tables, paired_t_test, write_table
 
 
 def _row(rid, mbs, ir, ndcg, status="ok", sweep="sw-1", seed=0, **kw):
@@ -111,7 +111,7 @@ def test_table_command_keeps_every_dataset(tmp_path, capsys):
 
 def test_table_seed_selection(capsys):
     from benchbox.cli import main
-    from benchbox.table import table_seeds
+    from benchbox.tables import table_seeds
     assert table_seeds(3) == [0, 1, 2]
     assert table_seeds(3, "2,1,2") == [1, 2]  # --seed-list wins over --seeds; duplicates dropped
     assert main(["table", "--seed-list", "1,x", "--no-run"]) != 0
@@ -122,7 +122,7 @@ def test_table_model_with_readout_options():
     """ComiDR and ComiDR+ share (mixer, readout) and differ only in readout options: each row goes to
     its own model, and the points of ComiDR+ carry the options."""
     from benchbox.config import RunConfig
-    from benchbox.table import table_points
+    from benchbox.tables import table_points
     rows = [{"run_id": f"{name}{seed}", "status": "ok", "sweep_id": "table1", "dataset": "beauty", "mixer": "none",
              "readout": "comirec_dr", "readout_opts": opts, "seed": seed, "train_seconds": 10, "eval_seconds": 1,
              **{f"test_{m}": v + 0.01 * seed for m in ("ndcg@5", "ndcg@10", "hr@5", "hr@10")}}

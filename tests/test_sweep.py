@@ -10,7 +10,7 @@ import pytest
 
 from benchbox import cli, results
 from benchbox.config import RunConfig
-from benchbox.sweep import expand, parse_grid, pending
+from benchbox.sweeps import expand, parse_grid, pending
 from conftest import ROOT
 
 TINY = ["--epochs", "1", "--d-model", "8", "--n-layers", "1", "--batch-size", "512"]
@@ -59,7 +59,7 @@ def test_sweep_file_and_resume(tmp_path, capsys):
 def test_failed_and_diverged_points_do_not_stop_the_sweep(tmp_path, monkeypatch):
     import benchbox.train as train
     from benchbox import Diverged
-    from benchbox.sweep import run_sweep
+    from benchbox.sweeps import run_sweep
     calls = []
 
     def fake_run(cfg, results_dir, progress=None, log=None):
@@ -152,17 +152,23 @@ def test_interrupted_write_leaves_old_file(tmp_path, monkeypatch):
     assert path.read_bytes() == before and not list(tmp_path.glob(".tmp*"))
 
 
+@pytest.mark.timeout(300)  # Ray starts a local cluster: bounded, so a hung start fails instead of stalling CI
 def test_ray_executor(tmp_path):
+    """The Ray executor through the public API, as `benchbox sweep --executor ray` calls it."""
     ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'benchbox[ray]')")
-    from benchbox.sweep import run_sweep
-    pts = expand(RunConfig(mixer="gru", epochs=1, d_model=8, n_layers=1), {"num_layers": [1, 2]}, [0], "sw-ray")
-    counts = run_sweep(pts, str(tmp_path), workers=2, executor="ray")
-    ray.shutdown()
-    assert counts["ok"] == 2 and len(results.read_rows(tmp_path / "runs.csv")) == 2
+    import benchbox
+    try:
+        res = benchbox.sweep({"num_layers": [1, 2]}, mixer="gru", epochs=1, d_model=8, n_layers=1, workers=2,
+                             executor="ray", name="sw-ray", results_dir=str(tmp_path), log=lambda *a: None)
+    finally:
+        ray.shutdown()
+    assert res.counts["ok"] == 2
+    rows = results.read_rows(tmp_path / "runs.csv")
+    assert len(rows) == 2 and {r["sweep_id"] for r in rows} == {"sw-ray"} and all(r["status"] == "ok" for r in rows)
 
 
 def test_local_workers(tmp_path):
-    from benchbox.sweep import run_sweep
+    from benchbox.sweeps import run_sweep
     pts = expand(RunConfig(mixer="gru", epochs=1, d_model=8, n_layers=1, batch_size=512), {"num_layers": [1, 2]},
                  [0], "sw-par")
     assert run_sweep(pts, str(tmp_path), workers=2, log=lambda *a: None)["ok"] == 2

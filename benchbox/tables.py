@@ -1,4 +1,4 @@
-"""``benchbox table``: the study's Table 1, run with N seeds, resumable, with the study's values beside ours.
+"""Table 1 (``benchbox table``, ``benchbox.table``): the study's Table 1, run with N seeds, resumable, with the study's values beside ours.
 
 A row of Table 1 is a (mixer, readout) pair. The runs are ordinary rows of results/runs.csv tagged with
 sweep id ``table1``; rerunning resumes (finished points are skipped), so partial results can be
@@ -12,10 +12,12 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
+
 from . import BenchboxError
-from .config import RunConfig
-from .results import read_rows
-from .sweep import run_sweep
+from .config import RunConfig, make_config
+from .results import _write_atomic, frame, load_runs
+from .sweeps import run_sweep
 
 METRICS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10")
 TABLE_ID = "table1"
@@ -102,71 +104,73 @@ def paired_t_test(a: list[float], b: list[float]) -> float:
     return float(2 * stats.t.sf(abs(t), n - 1))
 
 
-def collect(rows, datasets, models) -> dict:
-    """{dataset: {model: {seed: row}}} from finished table rows (the latest row per seed)."""
-    out: dict = {}
+def collect(runs, datasets, models) -> pd.DataFrame:
+    """The finished Table 1 rows of ``datasets`` with a ``model`` column: the latest row per
+    (dataset, model, seed)."""
+    df = frame(runs)
+    if df.empty or "sweep_id" not in df:
+        return pd.DataFrame(columns=["dataset", "model", "seed"])
+    for col in ("readout", "readout_opts"):
+        df[col] = df[col] if col in df else ""
+    df = df[(df["sweep_id"] == TABLE_ID) & (df["status"] == "ok") & df["dataset"].isin(datasets)]
     inv = {_row_key(*_spec(k)): k for k in MODELS}
-    for r in rows:
-        if r.get("sweep_id") != TABLE_ID or r.get("status") != "ok" or r.get("dataset") not in datasets:
-            continue
-        name = inv.get(_row_key(r["mixer"], r.get("readout") or "last", json.loads(r.get("readout_opts") or "{}")))
-        if name in models:
-            out.setdefault(r["dataset"], {}).setdefault(name, {})[r["seed"]] = r
-    return out
+    key = [_row_key(m, r or "last", json.loads(o or "{}")) for m, r, o in zip(df["mixer"], df["readout"], df["readout_opts"])]
+    df = df.assign(model=[inv.get(k) for k in key])
+    return df[df["model"].isin(models)].drop_duplicates(["dataset", "model", "seed"], keep="last")
 
 
-def build_tables(rows, datasets, models, prefix="test_") -> tuple[list[dict], list[str]]:
-    data = collect(rows, datasets, models)
+def build_tables(runs, datasets, models, prefix="test_") -> tuple[list[dict], list[str]]:
+    data = collect(runs, datasets, models)
+    cols = [prefix + m for m in METRICS]
+    full = "full" in prefix
     csv_rows, md = [], []
     for ds in datasets:
-        got = data.get(ds, {})
-        means = {n: {m: statistics.mean(float(r[prefix + m]) for r in got[n].values()) for m in METRICS}
-                 for n in got if all(r.get(prefix + "ndcg@10") not in ("", None) for r in got[n].values())}
-        if not means:
+        got = data[data["dataset"] == ds]
+        # a model counts once every one of its seeds has this kind of metric (older rows may lack full ranking)
+        done = [n for n, g in got.groupby("model") if cols[1] in g and g[cols[1]].notna().all()]
+        if not done:
             continue
+        got = got[got["model"].isin(done)]
+        stats = got.groupby("model")[cols].agg(["mean", "std", "size"])
+        best = {c: stats[(c, "mean")].max() for c in cols}
         note = " (a small 2018 sample, NOT the study's 2014 Electronics: the study's values are not comparable)" \
             if ds == "electronics" else ""
-        kind = "full ranking (all items, history masked)" if "full" in prefix else "1 positive + 99 sampled negatives"
+        kind = "full ranking (all items, history masked)" if full else "1 positive + 99 sampled negatives"
         md += [f"### {ds}{note}", "", f"Test metrics, {kind}; mean ± sd over seeds; study value and difference in "
                "brackets; **bold** = best mean in the column; p = paired t-test of TTT4Rec against the row across seeds.", ""]
         md += ["| model | seeds | " + " | ".join(m.upper() for m in METRICS) + " | p (NDCG@10 vs TTT4Rec) | wall s/run |",
                "|---|---|" + "---|" * len(METRICS) + "---|---|"]
-        best = {m: max((means[n][m] for n in means), default=None) for m in METRICS}
-        ttt = got.get("TTT4Rec", {})
+        ttt = got[got["model"] == "TTT4Rec"].set_index("seed")[cols[1]]
         for name in models:
-            if name not in means:
+            study = STUDY.get(ds, {}).get(name) if not full else None
+            if name not in done:
                 # a model asked for but not finished yet stays visible, with the study's values
-                if "full" in prefix and _spec(name)[1] == "din":
+                if full and _spec(name)[1] == "din":
                     continue
-                study = STUDY.get(ds, {}).get(name) if "full" not in prefix else None
-                missing = "not run yet" if name not in got else "no result"
+                missing = "not run yet" if name not in set(data.loc[data["dataset"] == ds, "model"]) else "no result"
                 cells = [f"{missing} (study {v:.4f})" for v in study] if study else [missing] * len(METRICS)
                 md.append(f"| {name} | 0 | " + " | ".join(cells) + " | - | - |")
                 continue
-            rs = got[name]
-            cells = []
+            rs = got[got["model"] == name]
             mixer, readout, ropts = _spec(name)
             rec = {"dataset": ds, "model": name, "mixer": mixer, "readout": readout,
-                   "readout_opts": json.dumps(ropts, sort_keys=True),
-                   "metric_kind": "full" if "full" in prefix else "sampled", "seeds": len(rs),
-                   "wall_seconds_mean": statistics.mean(float(r["train_seconds"]) + float(r["eval_seconds"])
-                                                        for r in rs.values())}
-            for i, m in enumerate(METRICS):
-                vals = [float(r[prefix + m]) for r in rs.values()]
-                mu, sd = statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-                study = STUDY.get(ds, {}).get(name)
+                   "readout_opts": json.dumps(ropts, sort_keys=True), "metric_kind": "full" if full else "sampled",
+                   "seeds": len(rs), "wall_seconds_mean": (rs["train_seconds"] + rs["eval_seconds"]).mean()}
+            cells = []
+            for i, (m, c) in enumerate(zip(METRICS, cols)):
+                mu, sd = stats.loc[name, (c, "mean")], stats.loc[name, (c, "std")]
+                sd = 0.0 if stats.loc[name, (c, "size")] < 2 else sd
                 cell = f"{mu:.4f} ± {sd:.4f}"
-                if means[name][m] == best[m]:
+                if mu == best[c]:
                     cell = f"**{cell}**"
-                if study and "full" not in prefix:
+                if study:
                     cell += f" ({study[i]:.4f}, {mu - study[i]:+.4f})"
-                    rec[f"study_{m}"] = study[i]
-                    rec[f"diff_{m}"] = mu - study[i]
+                    rec[f"study_{m}"], rec[f"diff_{m}"] = study[i], mu - study[i]
                 cells.append(cell)
-                rec[f"{m}_mean"], rec[f"{m}_sd"] = mu, sd
-            common = sorted(set(ttt) & set(rs))
-            p = paired_t_test([float(ttt[s][prefix + "ndcg@10"]) for s in common],
-                              [float(rs[s][prefix + "ndcg@10"]) for s in common]) if name != "TTT4Rec" else float("nan")
+                rec[f"{m}_mean"], rec[f"{m}_sd"] = float(mu), float(sd)
+            mine = rs.set_index("seed")[cols[1]]
+            common = ttt.index.intersection(mine.index)
+            p = paired_t_test(list(ttt[common]), list(mine[common])) if name != "TTT4Rec" else float("nan")
             rec["p_ndcg@10_vs_ttt4rec"] = p
             md.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + f" | {'-' if p != p else f'{p:.3g}'} | "
                       f"{rec['wall_seconds_mean']:.0f} |")
@@ -178,15 +182,12 @@ def build_tables(rows, datasets, models, prefix="test_") -> tuple[list[dict], li
 def write_table(results_dir, datasets, models=tuple(MODELS)) -> tuple[Path, Path]:
     """table1.md/csv for ``datasets`` plus every other dataset with Table 1 results (a run of one
     dataset must not drop the others), in the study's order, then any other dataset by name."""
-    from .results import _write_atomic
-    import csv
-    import io
-    rows = read_rows(Path(results_dir) / "runs.csv")
-    done = {r.get("dataset") for r in rows if r.get("sweep_id") == TABLE_ID} - {None, ""}
+    runs = load_runs(results_dir)
+    done = set(runs.loc[runs["sweep_id"] == TABLE_ID, "dataset"]) - {""} if "sweep_id" in runs else set()
     order = list(STUDY)
     datasets = sorted(set(datasets) | done, key=lambda d: (order.index(d) if d in order else len(order), d))
-    sampled, md = build_tables(rows, datasets, models, "test_")
-    full, md_full = build_tables(rows, datasets, models, "test_full_")
+    sampled, md = build_tables(runs, datasets, models, "test_")
+    full, md_full = build_tables(runs, datasets, models, "test_full_")
     text = ["# Table 1 (benchbox)", "", "Models of the TTT4Rec study's Table 1 (plus benchbox's extra rows: TTT-MLP, Mamba, and "
             "ComiDR+, ComiRec-DR with `inputs=unit select=max`), trained with benchbox's "
             "one protocol; generated from results/runs.csv by `benchbox table`.", "",
@@ -195,47 +196,25 @@ def write_table(results_dir, datasets, models=tuple(MODELS)) -> tuple[Path, Path
         text += ["## Full-ranking metrics (secondary; sampled metrics can rank models differently: Krichene & "
                  "Rendle, KDD 2020). DIN is absent: scoring every item with target attention is O(items x history).",
                  ""] + md_full
-    out_md = Path(results_dir) / "table1.md"
-    out_csv = Path(results_dir) / "table1.csv"
+    out_md, out_csv = Path(results_dir) / "table1.md", Path(results_dir) / "table1.csv"
     out_md.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(out_md, "\n".join(text) + "\n")
-    allrows = sampled + full
-    header = []
-    for r in allrows:
-        header += [k for k in r if k not in header]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=header or ["dataset"], lineterminator="\n")
-    w.writeheader()
-    w.writerows(allrows)
-    _write_atomic(out_csv, buf.getvalue())
+    table = pd.DataFrame(sampled + full)
+    _write_atomic(out_csv, table.to_csv(index=False, lineterminator="\n") if len(table) else "dataset\n")
     return out_md, out_csv
 
 
-def register(sub):
-    from .cli import add_run_options
-    p = sub.add_parser("table", help="run the study's Table 1 (every model, N seeds, resumable) and write it")
-    add_run_options(p, with_mixer=False)
-    p.add_argument("--datasets", default="ml-1m,beauty,electronics")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
-    p.add_argument("--seed-list", default=None, metavar="S1,S2",
-                   help="run only these seeds (e.g. to split seeds over processes or machines); the table "
-                        "still shows every finished seed")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--no-run", action="store_true", help="only rebuild table1.md/csv from the results")
-    p.set_defaults(func=cmd_table, eval="full")
+def _names(v) -> list[str]:
+    return [x.strip() for x in (v.split(",") if isinstance(v, str) else v) if x.strip()]
 
 
-def cmd_table(a) -> int:
-    from .cli import config_from_args, console
-    a.mixer, a.dataset, a.opt = "gru", "synthetic", None
-    base = config_from_args(a, seed=0)
-    datasets = [d.strip() for d in a.datasets.split(",") if d.strip()]
-    models = [m.strip() for m in a.models.split(",") if m.strip()]
-    points = table_points(base, datasets, models, table_seeds(a.seeds, a.seed_list))
-    if not a.no_run:
-        run_sweep(points, a.results_dir, a.workers, log=console.print)
-    md, csv_path = write_table(a.results_dir, datasets)
-    console.print(Path(md).read_text())
-    console.print(f"wrote {md} and {csv_path}")
-    return 0
+def table(datasets="ml-1m,beauty,electronics", models=tuple(MODELS), seeds: int = 3, seed_list=None, workers: int = 1,
+          no_run: bool = False, results_dir: str = "results", log=print, **options) -> tuple[Path, Path]:
+    """Run the study's Table 1 (every model x dataset x seed, resumable) and write table1.md/csv.
+    ``options``: run options as in ``benchbox.run`` (full ranking is on unless ``eval="sampled"``)."""
+    base = make_config(**{"eval_full": True, **options, "mixer": "gru", "dataset": "synthetic", "seed": 0})
+    datasets, models = _names(datasets), _names(models)
+    points = table_points(base, datasets, models, table_seeds(seeds, seed_list))
+    if not no_run:
+        run_sweep(points, results_dir, workers, log=log)
+    return write_table(results_dir, datasets)

@@ -1,4 +1,4 @@
-"""``benchbox bench``: speed, memory and scaling of every mixer inside the whole recommender.
+"""Efficiency (``benchbox bench``, ``benchbox.bench``): speed, memory and scaling of every mixer inside the whole recommender.
 
 For each (mixer, backend, sequence length, batch size) point it measures
 - ``train``: one optimiser step (forward + backward + Adam) of the recommender with 4 negatives per
@@ -163,7 +163,7 @@ def run_point_isolated(timeout_s: float, **kwargs) -> tuple[str, object]:
     OpenMP pool has run (a test session, a notebook) can deadlock in the child. A child killed by the
     OOM killer counts as ``oom``."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "benchbox.bench"])
+    ctx.set_forkserver_preload(["torch", "benchbox.efficiency"])
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(q, kwargs), daemon=True)
     p.start()
@@ -196,7 +196,7 @@ def growth_exponent(lengths, values) -> float:
 
 def run_bench(mixer_names, seq_lens, batch_sizes, d_model=64, n_layers=2, device="cpu", dtype="float32",
               modes=MODES, repeats=5, warmup=2, n_items=10000, budget_s=20.0, timeout_s=600.0, opts=None,
-              backends="auto", out="results/efficiency.csv", console=None, isolate=None) -> list[dict]:
+              backends="auto", out="results/efficiency.csv", log=None, isolate=None) -> list[dict]:
     import torch
     import mixers
     from .results import append_rows
@@ -234,9 +234,8 @@ def run_bench(mixer_names, seq_lens, batch_sizes, d_model=64, n_layers=2, device
                     rows += new
                     if out:
                         append_rows(out, new)
-                    if console is not None:
-                        for r in new:
-                            console.print(_line(r))
+                    for r in new if log else ():
+                        log(_line(r))
     return rows
 
 
@@ -323,54 +322,40 @@ def plot_scaling(rows, out_dir="results/figures", tag="cpu"):
     return paths
 
 
-# --------------------------------------------------------------------------------------------
-def register(sub):
-    p = sub.add_parser("bench", help="speed, memory and scaling of every mixer (train, encode, streaming)")
-    p.add_argument("--mixers", default="all", help="comma list or 'all'")
-    p.add_argument("--seq-lens", default="50,200,1000")
-    p.add_argument("--batch-sizes", default="64")
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--n-layers", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--n-items", type=int, default=10000)
-    p.add_argument("--budget", type=float, default=20.0, help="seconds of repeats per point before stopping early")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per point before it is recorded as timeout")
-    p.add_argument("--backends", default="auto", choices=["auto", "all"])
-    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="mixer option for every mixer that has it")
-    p.add_argument("--out", default="results/efficiency.csv")
-    p.add_argument("--figures", default="results/figures")
-    p.set_defaults(func=cmd_bench)
+def _ints(v, what: str) -> list[int]:
+    try:
+        got = [int(x) for x in (v.split(",") if isinstance(v, str) else v)]
+    except ValueError:
+        raise BenchboxError(f"{what} takes comma-separated integers, got {v!r}") from None
+    if not got or min(got) < 1:
+        raise BenchboxError(f"{what} must be integers >= 1, got {v!r}")
+    return got
 
 
-def cmd_bench(a) -> int:
-    import mixers
-    from .cli import console
+def bench(mixers="all", seq_lens=(50, 200, 1000), batch_sizes=(64,), *, d_model=64, n_layers=2, device="cpu",
+          dtype="float32", modes=MODES, repeats=5, warmup=2, n_items=10000, budget_s=20.0, timeout_s=900.0,
+          opts=None, backends="auto", out="results/efficiency.csv", figures="results/figures", log=None):
+    """Measure every (mixer, backend, length, batch) point (``benchbox bench``): rows appended to ``out``,
+    scaling figures written to ``figures`` when several lengths are measured. Lists may be given as
+    comma strings, as on the command line. Returns (rows, figure paths)."""
+    import mixers as mixer_lib
     from .config import parse_opts
-    names = mixers.names() if a.mixers == "all" else [m.strip() for m in a.mixers.split(",")]
+    names = mixer_lib.names() if mixers == "all" else [m.strip() for m in (mixers.split(",") if isinstance(mixers, str) else mixers)]
     for n in names:
-        mixers.get_class(n)
-    modes = tuple(m.strip() for m in a.modes.split(","))
+        mixer_lib.get_class(n)
+    modes = tuple(m.strip() for m in (modes.split(",") if isinstance(modes, str) else modes))
     bad = set(modes) - set(MODES)
     if bad:
         raise BenchboxError(f"unknown mode(s) {', '.join(sorted(bad))}; choose from {', '.join(MODES)}")
-    try:
-        lens = [int(x) for x in a.seq_lens.split(",")]
-        batches = [int(x) for x in a.batch_sizes.split(",")]
-    except ValueError:
-        raise BenchboxError("--seq-lens and --batch-sizes take comma-separated integers") from None
-    if min(lens) < 1 or min(batches) < 1 or a.repeats < 1:
-        raise BenchboxError("lengths, batch sizes and repeats must be >= 1")
-    rows = run_bench(names, lens, batches, a.d_model, a.n_layers, a.device, a.dtype, modes, a.repeats, a.warmup,
-                     a.n_items, a.budget, a.timeout, parse_opts(a.opt), a.backends, a.out, console)
-    console.print(summary_table(rows, f"benchbox bench ({rows[0]['device'] if rows else a.device}, {a.dtype})"))
-    for (m, b, B), e in sorted(exponents(rows).items()):
-        console.print(f"growth exponent of train time vs length: {m} ({b}), batch {B}: {e:.2f}")
-    if a.figures and len(lens) > 1:
-        tag = f"{'cuda' if a.device.startswith('cuda') else a.device}_{a.dtype}"
-        for p in plot_scaling(rows, a.figures, tag):
-            console.print(f"figure: {p}")
-    return 0
+    lens, batches = _ints(seq_lens, "--seq-lens"), _ints(batch_sizes, "--batch-sizes")
+    if repeats < 1:
+        raise BenchboxError("--repeats must be >= 1")
+    if backends not in ("auto", "all"):
+        raise BenchboxError(f"--backends must be auto or all, got {backends!r}")
+    opts = parse_opts(opts) if isinstance(opts, list) else (opts or {})
+    rows = run_bench(names, lens, batches, d_model, n_layers, device, dtype, modes, repeats, warmup, n_items,
+                     budget_s, timeout_s, opts, backends, out, log)
+    paths = []
+    if figures and len(lens) > 1:
+        paths = plot_scaling(rows, figures, f"{'cuda' if device.startswith('cuda') else device}_{dtype}")
+    return rows, paths

@@ -1,4 +1,4 @@
-"""``benchbox sweep``: a grid of runs, resumable, in parallel local processes or on a Ray cluster.
+"""Sweeps (``benchbox sweep``, ``benchbox.sweep``): a grid of runs, resumable, in parallel local processes or on a Ray cluster.
 
 Each point is an ordinary run (one row of results/runs.csv) tagged with the sweep id. A point is done
 when a row with its exact config and status ``ok`` or ``diverged`` exists; rerunning the sweep runs only
@@ -13,7 +13,7 @@ import json
 import os
 import time
 import tomllib
-from dataclasses import fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from . import BenchboxError, Diverged
@@ -208,44 +208,42 @@ def _describe(cfg_json: str) -> str:
     return f"{d['mixer']}{readout} {d['dataset']} seed={d['seed']} {d['mixer_opts']}"
 
 
-# --------------------------------------------------------------------------------------------
-def register(sub):
-    from .cli import add_run_options
-    p = sub.add_parser("sweep", help="run a grid of runs (resumable, parallel, optional Ray)")
-    add_run_options(p)
-    p.add_argument("--grid", action="append", metavar="KEY=V1,V2,...", help="a swept option (repeatable)")
-    p.add_argument("--file", help="sweep file in TOML (run options, seeds = [...], [grid])")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    p.add_argument("--name", default=None, help="sweep id (default: a hash of the sweep definition)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--executor", default="local", choices=["local", "ray"])
-    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--dry-run", action="store_true", help="list the points and what is already done")
-    p.set_defaults(func=cmd_sweep)
+@dataclass
+class SweepResult:
+    sweep_id: str
+    points: list[RunConfig]
+    todo: list[RunConfig]  # the points that were not finished before this call
+    counts: dict[str, int]  # ok / diverged / failed of the points run by this call (all 0 on a dry run)
 
 
-def cmd_sweep(a) -> int:
-    from .cli import config_from_args, console
-    base = config_from_args(a, seed=0)
-    grid, seeds = parse_grid(a.grid), [int(s) for s in a.seeds.split(",")]
-    if a.file:
-        fbase, fgrid, fseeds = load_sweep_file(a.file)
+def sweep(grid: dict | list[str] | None = None, *, file: str | None = None, seeds=(0,), name: str | None = None,
+          workers: int = 1, executor: str = "local", address: str | None = None, dry_run: bool = False,
+          results_dir: str = "results", log=print, **options) -> SweepResult:
+    """Run a grid of runs (``benchbox sweep``). ``grid``: {key: [values]} or ["key=v1,v2", ...]; a key
+    that is a run option sets it, any other key is a mixer option. ``file``: a TOML sweep file whose run
+    options, ``seeds`` and ``[grid]`` come under the explicit ones. ``options``: run options as in
+    ``benchbox.run``."""
+    from .config import make_config
+    grid = parse_grid(grid) if not isinstance(grid, dict) else dict(grid)
+    seeds = [int(s) for s in (seeds.split(",") if isinstance(seeds, str) else seeds)]
+    base = make_config(**{**options, "seed": 0})
+    if file:  # the file's run options win (as they always have); mixer options are merged
+        fbase, fgrid, fseeds = load_sweep_file(file)
         mopts = {**base.mixer_opts, **fbase.pop("mixer_opts", {})}
-        base = RunConfig.from_dict({**json.loads(base.to_json()), "data_dir": base.data_dir, **fbase,
-                                    "mixer_opts": mopts}).validate()
+        base = make_config(**{**asdict(base), **fbase, "mixer_opts": mopts})
         grid = {**fgrid, **grid}
-        seeds = fseeds if a.seeds == "0" else seeds
+        seeds = fseeds if seeds == [0] else seeds
     if not grid:
         raise ConfigError("a sweep needs at least one --grid key=v1,v2 (or a [grid] in --file)")
-    if a.workers < 1:
+    if workers < 1:
         raise ConfigError("--workers must be >= 1")
-    sid = a.name or sweep_id_for(base, grid, seeds)
+    sid = name or sweep_id_for(base, grid, seeds)
     points = expand(base, grid, seeds, sid)
-    if a.dry_run:
-        todo = {p.to_json() for p in pending(points, a.results_dir)}
+    todo = pending(points, results_dir)
+    if dry_run:
+        waiting = {id(p) for p in todo}
         for p in points:
-            console.print(f"{'todo' if p.to_json() in todo else 'done'}  {_describe(p.to_json())}")
-        return 0
-    counts = run_sweep(points, a.results_dir, a.workers, a.executor, a.address, log=console.print)
-    console.print(f"sweep {sid} finished: {counts['ok']} ok, {counts['diverged']} diverged, {counts['failed']} failed")
-    return 0
+            log(f"{'todo' if id(p) in waiting else 'done'}  {_describe(p.to_json())}")
+        return SweepResult(sid, points, todo, {"ok": 0, "diverged": 0, "failed": 0})
+    return SweepResult(sid, points, todo, run_sweep(points, results_dir, workers, executor, address, log=log))
+
