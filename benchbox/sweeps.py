@@ -165,40 +165,37 @@ def run_sweep(points: list[RunConfig], results_dir: str, workers: int = 1, execu
     counts = {"ok": 0, "diverged": 0, "failed": 0}
     if not todo:
         return counts
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"unknown executor {executor!r} (local, ray)")
     jobs = [p.to_json() for p in todo]
     data_dir = points[0].data_dir and os.path.abspath(points[0].data_dir)
-    if executor == "ray":
-        try:
-            import ray  # optional extra
-        except ImportError:
-            raise BenchboxError("--executor ray needs Ray: pip install 'benchbox[ray]'") from None
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-        remote = ray.remote(num_cpus=_threads_per_worker(workers))(run_point)
-        refs = {remote.remote(j, os.path.abspath(results_dir), _threads_per_worker(workers), data_dir): j for j in jobs}
-        while refs:
-            ready, _ = ray.wait(list(refs), num_returns=1)
-            for r in ready:
-                status, msg = ray.get(r)
-                counts[status] += 1
-                log(f"[{sum(counts.values())}/{len(jobs)}] {status}: {_describe(refs.pop(r))} {msg}")
-        return counts
-    if executor != "local":
-        raise ConfigError(f"unknown executor {executor!r} (local, ray)")
-    if workers <= 1:
-        for j in jobs:
-            status, msg = run_point(j, results_dir, 0, data_dir)
-            counts[status] += 1
-            log(f"[{sum(counts.values())}/{len(jobs)}] {status}: {_describe(j)} {msg}")
-        return counts
-    import concurrent.futures as cf
-    import multiprocessing as mp
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
-                                initargs=(os.getpid(),)) as ex:
-        futs = {ex.submit(run_point, j, results_dir, _threads_per_worker(workers), data_dir): j for j in jobs}
-        for f in cf.as_completed(futs):
-            status, msg = f.result()
-            counts[status] += 1
-            log(f"[{sum(counts.values())}/{len(jobs)}] {status}: {_describe(futs[f])} {msg}")
+    threads = _threads_per_worker(workers)
+
+    def finished():  # (job, (status, message)) as each point ends, whichever executor runs it
+        if executor == "ray":
+            try:
+                import ray  # optional extra
+            except ImportError:
+                raise BenchboxError("--executor ray needs Ray: pip install 'benchbox[ray]'") from None
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+            remote = ray.remote(num_cpus=threads)(run_point)
+            refs = {remote.remote(j, os.path.abspath(results_dir), threads, data_dir): j for j in jobs}
+            while refs:
+                ready, _ = ray.wait(list(refs), num_returns=1)
+                yield refs.pop(ready[0]), ray.get(ready[0])
+        elif workers <= 1:
+            yield from ((j, run_point(j, results_dir, 0, data_dir)) for j in jobs)
+        else:
+            import concurrent.futures as cf
+            import multiprocessing as mp
+            with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
+                                        initargs=(os.getpid(),)) as ex:
+                futs = {ex.submit(run_point, j, results_dir, threads, data_dir): j for j in jobs}
+                yield from ((futs[f], f.result()) for f in cf.as_completed(futs))
+
+    for job, (status, msg) in finished():
+        counts[status] += 1
+        log(f"[{sum(counts.values())}/{len(jobs)}] {status}: {_describe(job)} {msg}")
     return counts
 
 
