@@ -45,6 +45,11 @@ RUN_OPTIONS = {
     "readout": (str, "last", _o("readout over the sequence (last, din, comirec_sa, comirec_dr)", "Model")),
     "readout_opt": (Pairs, None, _o("readout option (repeatable)", "Model", metavar="KEY=VALUE")),
     "data_dir": (Optional[str], None, _o("folder of offline datasets (default: $BENCHBOX_DATA)", "Data")),
+    "kcore": (int, 0, _o("iterated k-core on users and items of an interaction log (0: none)", "Data")),
+    "dedup": (bool, False, typer.Option("--dedup", help="keep only the first interaction of each (user, item)",
+                                        rich_help_panel="Data")),
+    "columns": (Optional[str], None, _o("columns of a CSV/TSV log, if its header names are not recognised", "Data",
+                                        metavar="user=COL,item=COL,time=COL")),
     "download": (bool, False, typer.Option("--download", help="fetch the official files if no offline copy is found",
                                            rich_help_panel="Data")),
     "epochs": (Optional[int], None, _o("default 10 (50 for ComiRec readouts)")),
@@ -156,10 +161,26 @@ def rerun_command(run_id: Annotated[str, typer.Argument(help="a run id of runs.c
 
 
 @app.command("datasets")
-def datasets_command(data_dir: Annotated[Optional[str], typer.Option(help="folder of offline datasets")] = None):
+def datasets_command(data_dir: Annotated[Optional[str], typer.Option(help="folder of offline datasets")] = None,
+                     show_mapping: Annotated[Optional[str], typer.Option(
+                         help="print where the raw-id mapping of this dataset (name or file) is, and its first rows",
+                         metavar="NAME")] = None,
+                     kcore: int = 0, dedup: Annotated[bool, typer.Option("--dedup")] = False,
+                     columns: Annotated[Optional[str], typer.Option(metavar="user=COL,item=COL,time=COL")] = None):
     """List datasets, where their data was found, and statistics."""
-    from .data import catalog
+    from .data import catalog, load, mapping_path
     from .paths import data_dir as resolve
+    if show_mapping:
+        from .config import make_config
+        cfg = make_config(dataset=show_mapping, data_dir=data_dir, kcore=kcore, dedup=dedup, columns=columns)
+        d = load(cfg.dataset, data_dir, kcore=cfg.kcore, dedup=cfg.dedup, columns=cfg.columns or None)
+        path = mapping_path(d)
+        console.print(f"{d.name}: {d.n_users:,} users (of {d.raw_users:,} raw ids), {d.n_items:,} items (of "
+                      f"{d.raw_items:,} raw ids, {'renumbered in first-seen order' if d.remapped else 'dense already, kept'})")
+        console.print(f"mapping: {path}")
+        with open(path) as f:
+            console.print("".join(next(f, "") for _ in range(6)).rstrip(), markup=False)
+        return
     rows = catalog(data_dir)
     cols = ("name", "title", "max_len", "found at", "users", "items", "interactions", "median len")
     console.print(_table(f"datasets (data dir: {resolve(data_dir) or 'unset: --data-dir or BENCHBOX_DATA'})", cols,

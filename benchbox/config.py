@@ -19,6 +19,9 @@ class RunConfig:
     readout: str = "last"
     readout_opts: dict = field(default_factory=dict)
     data_dir: str | None = None
+    kcore: int = 0  # iterated k-core on users and items of an interaction log (0: none; a card may set it)
+    dedup: bool = False  # keep only the first interaction of each (user, item)
+    columns: dict = field(default_factory=dict)  # {user, item, time: column name} of a CSV/TSV log
     d_model: int = 64
     n_layers: int = 2
     ffn_mult: int = 2
@@ -54,6 +57,8 @@ class RunConfig:
             (self.train_neg >= 1, f"train_neg must be >= 1, got {self.train_neg}"),
             (self.eval_neg >= 1, f"eval_neg must be >= 1, got {self.eval_neg}"),
             (self.patience >= 0, f"patience must be >= 0, got {self.patience}"),
+            (self.kcore >= 0, f"kcore must be >= 0, got {self.kcore}"),
+            (set(self.columns) <= {"user", "item", "time"}, f"columns takes user=, item= and time=, got {self.columns}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be cpu, cuda or auto, got {self.device!r}"),
             (self.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {self.dtype!r}"),
@@ -66,6 +71,9 @@ class RunConfig:
     def to_json(self) -> str:
         d = asdict(self)
         d.pop("data_dir")  # where the file was found is not part of the result; its checksum is
+        for k, default in LATER_OPTIONS.items():  # absent at their defaults, as in the rows written before them
+            if d[k] == default:
+                d.pop(k)
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -77,6 +85,11 @@ class RunConfig:
         return cls(**d)
 
 
+# options added after rows were first stored: left out of a config at their default, so that an older
+# row and a new run of the same point have one identity (sweep resume, Table 1, rerun)
+LATER_OPTIONS = {"kcore": 0, "dedup": False, "columns": {}}
+
+
 def make_config(**options) -> RunConfig:
     """A validated RunConfig from run options as both the CLI and the API spell them: the field names
     above, plus ``opt``/``readout_opt`` (lists of "key=value", merged into mixer_opts/readout_opts) and
@@ -86,6 +99,10 @@ def make_config(**options) -> RunConfig:
         if alias in o:
             given = o.pop(alias)
             o[name] = {**(o.get(name) or {}), **(given if isinstance(given, dict) else parse_opts(given))}
+    if isinstance(o.get("columns"), str):  # "user=reviewerID,item=asin,time=unixReviewTime"
+        o["columns"] = parse_opts([c for c in o["columns"].split(",") if c.strip()])
+    if o.get("columns") is None:
+        o.pop("columns", None)
     if "eval" in o:
         kind = o.pop("eval")
         if kind not in ("sampled", "full"):

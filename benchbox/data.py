@@ -1,15 +1,19 @@
 """Datasets: cards, offline files, official downloads, the synthetic default, and a parse cache.
 
-Every dataset ends up as the same thing: one chronological item sequence per user, item ids from 1
-(0 is padding), held as a flat int64 array plus offsets (``Sequences``). The on-disk format shared by
-all offline copies is one line per user, ``user item item ...``.
+Every dataset ends up as the same thing: one chronological item sequence per user, dense item ids from
+1 (0 is padding), held as a flat int64 array plus offsets (``Sequences``). The on-disk format shared by
+all offline copies is one line per user, ``user item item ...``; users' own files may also be
+interaction logs (see ``formats.py``). Parsed arrays and the raw-id mapping are cached, keyed by the
+file's sha256 and the parse settings, and checked against a stored checksum when read back.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import tomllib
 import urllib.request
@@ -21,13 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from . import BenchboxError
+from .formats import DataError, densify, read_file
 from .paths import CARDS_DIR, cache_dir, data_dir as resolve_data_dir
 
-PARSE_VERSION = 1  # bump when parsing changes, so cached arrays are rebuilt
+PARSE_VERSION = 2  # bump when parsing changes, so cached arrays are rebuilt (2: dense ids, logs, checksums)
 
 
-class DataError(BenchboxError):
-    pass
+def warn(msg: str) -> None:
+    sys.stderr.write("benchbox: warning: " + " ".join(msg.split()) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,6 +48,15 @@ class Sequences:
     source: str  # where it came from (a path or "generated")
     max_len: int = 50
     dropped_users: int = 0
+    raw_users: int = 0  # distinct user ids in the file (before filtering)
+    raw_items: int = 0  # distinct item ids in the file (before filtering)
+    remapped: bool = False  # item ids were renumbered 1..n (False: dense already, kept)
+    settings: str = ""  # parse settings that change the arrays (k-core, deduplication, columns)
+
+    @property
+    def cache_key(self) -> str:
+        """What the cached arrays and evaluation candidates are keyed by: the file and the settings."""
+        return self.sha256[:24] if not self.settings else hashlib.sha256(f"{self.sha256}|{self.settings}".encode()).hexdigest()[:24]
 
     @property
     def n_users(self) -> int:
@@ -82,42 +96,90 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def parse_sequence_file(path: Path, name: str | None = None, max_len: int = 50) -> Sequences:
-    """Read ``user item item ...`` lines (cached as arrays keyed by the file's sha256)."""
+def parse_settings(kcore: int = 0, dedup: bool = False, columns: dict | None = None) -> str:
+    parts = [f"kcore={kcore}" if kcore > 1 else "", "dedup" if dedup else "",
+             "columns=" + ",".join(f"{k}={v}" for k, v in sorted(columns.items())) if columns else ""]
+    return ";".join(p for p in parts if p)
+
+
+def _checksum(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def load_checked(path: Path, what: str) -> dict | None:
+    """The arrays of a cache file whose stored checksum matches, else None with a warning (a truncated
+    or corrupted file is rebuilt, never trusted). Never unpickles."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+        arrays = [d[k] for k in sorted(d) if k != "checksum"]
+        if str(d["checksum"]) == _checksum(*arrays):
+            return d
+        problem = "checksum mismatch"
+    except Exception as e:  # noqa: BLE001 - any unreadable cache file is rebuilt
+        problem = f"{type(e).__name__}: {e}"
+    warn(f"cached {what} {path} is corrupted ({problem}); rebuilding it")
+    return None
+
+
+def save_checked(path: Path, **arrays) -> None:
+    """np.savez with a checksum of the arrays, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ordered = [np.asarray(arrays[k]) for k in sorted(arrays)]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp{path.stem}.", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, checksum=np.array(_checksum(*ordered)), **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def parse_file(path: Path, name: str | None = None, max_len: int = 50, kcore: int = 0, dedup: bool = False,
+               columns: dict | None = None) -> Sequences:
+    """Read a sequence file or an interaction log into dense Sequences (cached; see formats.py)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    sha = sha256_file(path)
-    cached = cache_dir() / "processed" / f"{sha[:24]}-v{PARSE_VERSION}.npz"
-    if cached.exists():
-        z = np.load(cached)
-        return Sequences(name or path.stem, z["items"], z["offsets"], int(z["n_items"]), sha, str(path), max_len,
-                         int(z["dropped"]))
-    seqs = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            parts = raw.split()
-            if not parts:
-                continue
-            try:
-                vals = np.array([int(p) for p in parts], dtype=np.int64)
-            except ValueError:
-                bad = next(p for p in parts if not p.lstrip(b"-").isdigit())
-                raise DataError(f"{path}:{lineno}: malformed line: {bad.decode(errors='replace')!r} is not an "
-                                "integer id (expected 'user item item ...')") from None
-            if len(vals) < 2:
-                raise DataError(f"{path}:{lineno}: malformed line: a user id with no items")
-            if vals.min() < 1:
-                raise DataError(f"{path}:{lineno}: malformed line: ids start at 1 (0 is reserved for padding)")
-            seqs.append(vals[1:])
-    if not seqs:
-        raise DataError(f"{path}: empty data file")
-    data = _from_lists(name or path.stem, seqs, sha, str(path), max_len)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, items=data.items, offsets=data.offsets, n_items=data.n_items, dropped=data.dropped_users)
-    os.replace(tmp, cached)
-    return data
+    sha, settings = sha256_file(path), parse_settings(kcore, dedup, columns)
+    probe = Sequences(name or path.stem, np.zeros(0, np.int64), np.zeros(1, np.int64), 0, sha, str(path), max_len,
+                      settings=settings)
+    cached = cache_dir() / "processed" / f"{probe.cache_key}-v{PARSE_VERSION}.npz"
+    z = load_checked(cached, "dataset")
+    if z is None or not mapping_path(probe).exists():
+        dense = densify(read_file(path, columns), kcore, dedup, source=str(path))
+        _write_mapping(mapping_path(probe), dense.user_ids, dense.item_ids)
+        z = dict(items=dense.items, offsets=dense.offsets, dropped=dense.dropped_users, raw_users=dense.raw_users,
+                 raw_items=dense.raw_items, remapped=dense.remapped)
+        save_checked(cached, **z)
+    return dataclasses.replace(probe, items=z["items"], offsets=z["offsets"], n_items=int(z["items"].max()),
+                               dropped_users=int(z["dropped"]), raw_users=int(z["raw_users"]),
+                               raw_items=int(z["raw_items"]), remapped=bool(z["remapped"]))
+
+
+parse_sequence_file = parse_file  # the name it had when it read only sequence files
+
+
+def mapping_path(data: Sequences) -> Path:
+    """The raw-id mapping of a parsed file: TSV ``kind  dense_id  raw_id`` (users 0.., items 1..)."""
+    return cache_dir() / "processed" / f"{data.cache_key}-v{PARSE_VERSION}.ids.tsv"
+
+
+def _write_mapping(path: Path, user_ids: list, item_ids: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp{path.stem}.")
+    with os.fdopen(fd, "w") as f:
+        f.write("kind\tdense_id\traw_id\n")
+        f.writelines(f"user\t{u}\t{r}\n" for u, r in enumerate(user_ids))
+        f.writelines(f"item\t{i}\t{r}\n" for i, r in enumerate(item_ids, 1))
+    os.replace(tmp, path)
 
 
 def write_sequence_file(seqs: list[np.ndarray] | Sequences, path: Path) -> None:
@@ -238,24 +300,40 @@ class Card:
     name: str
     title: str
     description: str
-    offline_file: str
+    offline_file: str  # relative to the data dir; any format formats.py reads
     max_len: int
     filtering: str
     offline_sha256: str = ""
     notes: str = ""
     download: dict = field(default_factory=dict)
+    kcore: int = 0  # parse settings for an interaction log (run options override them)
+    dedup: bool = False
+    columns: dict = field(default_factory=dict)
+    path: Path | None = None  # the card's own file
 
-    @property
-    def path(self) -> Path:
-        return CARDS_DIR / f"{self.name}.toml"
 
-
-def load_cards() -> dict[str, Card]:
-    cards = {}
-    for p in sorted(CARDS_DIR.glob("*.toml")):
+def _read_card(p: Path) -> Card:
+    try:
         with open(p, "rb") as f:
             d = tomllib.load(f)
-        cards[d["name"]] = Card(**d)
+        return Card(**d, path=p)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"dataset card {p}: malformed TOML: {e}") from None
+    except TypeError as e:  # a missing or unknown field
+        need = ", ".join(f.name for f in dataclasses.fields(Card) if f.default is dataclasses.MISSING)
+        raise DataError(f"dataset card {p}: {str(e).replace('Card.__init__() ', '')} (needs {need})") from None
+
+
+def load_cards(data_dir: str | os.PathLike | None = None) -> dict[str, Card]:
+    """The built-in cards (datasets/*.toml), then a user's cards (NAME.toml in the data dir), which
+    register their own datasets by name."""
+    cards = {c.name: c for c in map(_read_card, sorted(CARDS_DIR.glob("*.toml")))}
+    root = resolve_data_dir(data_dir)
+    for p in sorted(root.glob("*.toml")) if root is not None and root.is_dir() else []:
+        card = _read_card(p)
+        if card.name in cards:
+            raise DataError(f"dataset card {p}: name {card.name!r} is taken by {cards[card.name].path}; rename it")
+        cards[card.name] = card
     return cards
 
 
@@ -317,33 +395,35 @@ def fetch_official(card: Card) -> Path:
 
 
 def load(dataset: str, data_dir: str | None = None, download: bool = False, max_len: int | None = None,
-         synthetic_seed: int = 0) -> Sequences:
-    """Resolve a dataset name (a card), ``synthetic``, or a path to a file in the sequence format."""
+         synthetic_seed: int = 0, kcore: int = 0, dedup: bool = False, columns: dict | None = None) -> Sequences:
+    """Resolve a dataset name (a card, built-in or in the data dir), ``synthetic``, or a path to a file
+    (a sequence file or an interaction log). ``kcore``/``dedup``/``columns`` override a card's."""
     if dataset == "synthetic":
         return synthetic(seed=synthetic_seed, max_len=max_len or 50)
-    cards = load_cards()
+    cards = load_cards(data_dir)
     if dataset in cards:
         card = cards[dataset]
+        opts = dict(kcore=kcore or card.kcore, dedup=dedup or card.dedup, columns=columns or card.columns or None)
         root = resolve_data_dir(data_dir)
         looked = []
         if root is not None:
             p = root / card.offline_file
             looked.append(str(p))
             if p.is_file():
-                return parse_sequence_file(p, card.name, max_len or card.max_len)
+                return parse_file(p, card.name, max_len or card.max_len, **opts)
         cached = cache_dir() / "downloads" / card.name / f"{card.name}.txt"
         looked.append(str(cached))
         if cached.is_file():
-            return parse_sequence_file(cached, card.name, max_len or card.max_len)
+            return parse_file(cached, card.name, max_len or card.max_len, **opts)
         if download and card.download:
-            return parse_sequence_file(fetch_official(card), card.name, max_len or card.max_len)
+            return parse_file(fetch_official(card), card.name, max_len or card.max_len, **opts)
         where = " and ".join(looked)
         how = (f"pass --data-dir/BENCHBOX_DATA pointing at a folder holding {card.offline_file}"
                + (", or --download to fetch the official files" if card.download else ""))
         raise DataError(f"no data for {dataset!r}: looked in {where}; {how}")
     p = Path(dataset)
     if p.suffix or os.sep in dataset or p.exists():
-        return parse_sequence_file(p, p.stem, max_len or 50)
+        return parse_file(p, p.stem, max_len or 50, kcore, dedup, columns)
     raise DataError(f"unknown dataset {dataset!r}; known: synthetic, {', '.join(cards)} (or a path to a file)")
 
 
@@ -356,7 +436,7 @@ def catalog(data_dir: str | None = None) -> list[dict]:
                                                            ("interactions", "interactions"))},
                 "median len": f"{s['len_median']:g}" if s else ""}
     out = [entry("synthetic", "generated, learnable sequential structure", 50, "embedded (no file)", synthetic())]
-    for card in load_cards().values():
+    for card in load_cards(data_dir).values():
         try:
             d = load(card.name, data_dir)
         except BenchboxError:

@@ -74,9 +74,11 @@ def eval_candidates(data: Sequences, split: str, n_neg: int, seed: int) -> np.nd
     """(n_users, 1 + n_neg): the positive first, then ``n_neg`` distinct negatives that the user never
     interacted with. Drawn once from ``seed`` and stored in the cache keyed by the data checksum, so
     every mixer and every run is ranked on exactly the same candidates."""
-    path = cache_dir() / "eval" / f"{data.sha256[:24]}-{split}-n{n_neg}-s{seed}.npy"
-    if path.exists():
-        return np.load(path)
+    from .data import load_checked, save_checked
+    path = cache_dir() / "eval" / f"{data.cache_key}-{split}-n{n_neg}-s{seed}.npz"
+    stored = load_checked(path, "evaluation candidates")
+    if stored is not None and stored["candidates"].shape == (data.n_users, 1 + n_neg):
+        return stored["candidates"]
     index = InteractionIndex(data)
     if (data.n_items - index.distinct_per_user).min() < n_neg:
         raise BenchboxError(f"{n_neg} negatives impossible: a user of {data.name} interacted with all but "
@@ -86,11 +88,18 @@ def eval_candidates(data: Sequences, split: str, n_neg: int, seed: int) -> np.nd
     neg = sample_negatives(index, users, (data.n_users, n_neg), rng, distinct=True)
     pos_at = data.offsets[1:] - (2 if split == "valid" else 1)
     cand = np.concatenate([data.items[pos_at][:, None], neg], axis=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, cand)
-    os.replace(tmp, path)
+    save_checked(path, candidates=cand)
     return cand
+
+
+def candidates_sha256(*candidates: np.ndarray) -> str:
+    """Checksum of the evaluation candidates a run ranked (stored in its row: two rows with the same
+    value saw the same candidates)."""
+    import hashlib
+    h = hashlib.sha256()
+    for c in candidates:
+        h.update(np.ascontiguousarray(c, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

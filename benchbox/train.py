@@ -26,7 +26,7 @@ from .config import ConfigError, RunConfig
 from .evaluate import evaluate
 from .model import Recommender, bce_loss
 from .paths import PROJECT_ROOT
-from .pipeline import TrainLoader, eval_batches, eval_candidates
+from .pipeline import TrainLoader, candidates_sha256, eval_batches, eval_candidates
 from .readouts import READOUTS
 from .results import append_rows
 
@@ -107,7 +107,8 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
         torch.set_num_threads(cfg.threads)
     dev = resolve_device(cfg.device)
     amp = torch.bfloat16 if cfg.dtype == "bfloat16" else None
-    data = data_mod.load(cfg.dataset, cfg.data_dir, download=cfg.download, max_len=cfg.max_len)
+    data = data_mod.load(cfg.dataset, cfg.data_dir, download=cfg.download, max_len=cfg.max_len, kcore=cfg.kcore,
+                         dedup=cfg.dedup, columns=cfg.columns or None)
     max_len = cfg.max_len or data.max_len
     epochs = cfg.epochs or default_epochs(cfg.readout)
     if cfg.train_neg >= data.n_items:
@@ -130,8 +131,14 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
            "mixer_opts": _json(cfg.mixer_opts), "readout_opts": _json(cfg.readout_opts), "seed": cfg.seed,
            "epochs": epochs, "max_len": max_len, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
            "batch_size": cfg.batch_size, "lr": cfg.lr, "dtype": cfg.dtype,
-           "params": sum(p.numel() for p in model.parameters()), "config": cfg.to_json()}
+           "params": sum(p.numel() for p in model.parameters()), "config": cfg.to_json(),
+           "raw_users": data.raw_users or data.n_users, "raw_items": data.raw_items or data.n_items,
+           "ids_remapped": data.remapped, "eval_sha256": candidates_sha256(valid_cand, test_cand)}
     row.update(environment(dev))
+    if data.raw_items:
+        log(f"data {data.name}: {data.n_users:,} users, {data.n_items:,} items ({data.raw_users:,} raw user ids, "
+            f"{data.raw_items:,} raw item ids, {'renumbered 1..n in first-seen order' if data.remapped else 'dense already, kept'}"
+            f"{'; ' + data.settings if data.settings else ''}; {data.dropped_users:,} users with < 3 items dropped)")
     curves, best, best_epoch = [], None, 0
     train_s = eval_s = 0.0
     t_loss = float("nan")
