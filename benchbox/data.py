@@ -320,7 +320,8 @@ def _read_card(p: Path) -> Card:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"dataset card {p}: malformed TOML: {e}") from None
     except TypeError as e:  # a missing or unknown field
-        need = ", ".join(f.name for f in dataclasses.fields(Card) if f.default is dataclasses.MISSING)
+        need = ", ".join(f.name for f in dataclasses.fields(Card)
+                         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
         raise DataError(f"dataset card {p}: {str(e).replace('Card.__init__() ', '')} (needs {need})") from None
 
 

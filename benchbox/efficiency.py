@@ -289,9 +289,8 @@ def exponents(rows, mode="train", field="median_s"):
 
 
 def plot_scaling(rows, out_dir="results/figures", tag="cpu"):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import _plt, save_figure
+    plt = _plt()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -315,10 +314,7 @@ def plot_scaling(rows, out_dir="results/figures", tag="cpu"):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        p = out_dir / f"scaling_{fname}_{tag}.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(save_figure(fig, out_dir / f"scaling_{fname}_{tag}.png"))
     return paths
 
 

@@ -252,9 +252,8 @@ def read_log(path: Path, kind: str, columns: dict | None = None) -> Interactions
     if header is None:
         source = io.BufferedReader(_ColonsToTabs(open(path, "rb")))
         opts.update(header=None, quoting=csv.QUOTE_NONE)
-    else:
+    else:  # every column is read, so that a line with too many fields is an error, not silently cut
         source = path
-        opts.update(usecols=[picked[r] for r in roles])
     try:
         with pd.read_csv(source, **opts) as reader:
             for chunk in reader:

@@ -7,13 +7,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import BenchboxError
-from .results import frame, load_curves, load_runs
+from .results import _new_file_mode, frame, load_curves, load_runs
 
 
 def _plt():
@@ -21,6 +22,25 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Write a PNG atomically (a killed process leaves the old figure or the new one, never half of
+    one) and close the figure."""
+    import tempfile
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".tmp{out.stem}.", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=120, format="png")
+        os.chmod(tmp, _new_file_mode())  # mkstemp makes it 0600
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        _plt().close(fig)
+    return out
 
 
 def _option(run_id: str, cfg: dict, key: str):
@@ -84,11 +104,7 @@ def plot_sweep(results_dir="results", sweep_id=None, x="mini_batch_size", y="ini
     ax.set_title(f"{metric} of {r0['mixer']} on {r0['dataset']} (sweep {sweep_id})", fontsize=9)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    out = Path(out or Path(results_dir) / "figures" / f"sweep_{sweep_id}_{metric.replace('@', '')}.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out or Path(results_dir) / "figures" / f"sweep_{sweep_id}_{metric.replace('@', '')}.png")
 
 
 def plot_curves(results_dir="results", run_ids=(), reference=None, reference_epoch=1, metric="test_ndcg@10",
@@ -118,8 +134,4 @@ def plot_curves(results_dir="results", run_ids=(), reference=None, reference_epo
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out or Path(results_dir) / "figures" / f"curves_{metric.replace('@', '')}.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out or Path(results_dir) / "figures" / f"curves_{metric.replace('@', '')}.png")

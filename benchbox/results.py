@@ -10,6 +10,7 @@ the mode of the file it replaces (a new one gets 0666 less the umask, 0644 as us
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import io
 import json
@@ -69,9 +70,12 @@ def _write_atomic(path: Path, text: str) -> None:
             os.chmod(f.fileno(), mode)  # mkstemp's file is 0600: a shared results file must stay readable
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise BenchboxError(f"no space left on the device of {path}: nothing written, the previous file is "
+                                "intact") from None
         raise
 
 
@@ -130,9 +134,14 @@ def load_runs(results_dir: str | os.PathLike = "results") -> pd.DataFrame:
     return df
 
 
-def load_curves(results_dir: str | os.PathLike = "results") -> pd.DataFrame:
-    """results/curves.csv: one row per (run, epoch)."""
-    return load_frame(Path(results_dir) / "curves.csv")
+def load_curves(results_dir: str | os.PathLike = "results", finished_only: bool = True) -> pd.DataFrame:
+    """results/curves.csv: one row per (run, epoch). Epochs are appended while a run trains, so a run
+    killed mid-way leaves curve rows without a runs.csv row: ``finished_only`` leaves those out."""
+    curves = load_frame(Path(results_dir) / "curves.csv")
+    if finished_only and len(curves):
+        runs = load_frame(Path(results_dir) / "runs.csv")
+        curves = curves[curves["run_id"].isin(runs["run_id"] if "run_id" in runs else [])]
+    return curves
 
 
 def load_efficiency(results_dir: str | os.PathLike = "results", name: str = "efficiency.csv") -> pd.DataFrame:
