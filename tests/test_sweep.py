@@ -173,3 +173,13 @@ def test_local_workers(tmp_path):
                  [0], "sw-par")
     assert run_sweep(pts, str(tmp_path), workers=2, log=lambda *a: None)["ok"] == 2
     assert len(results.read_rows(tmp_path / "runs.csv")) == 2
+
+
+def test_committed_table1_points_are_all_finished():
+    """The points `benchbox table` builds today are the committed rows' points: a new run option at its
+    default must not change a point's identity (else resuming would rerun the whole table)."""
+    from benchbox.config import make_config
+    from benchbox.tables import MODELS, table_points
+    base = make_config(eval_full=True, mixer="gru", dataset="synthetic", seed=0)
+    points = table_points(base, ["ml-1m", "beauty", "electronics"], list(MODELS), [0, 1, 2])
+    assert len(points) == 81 and pending(points, ROOT / "results") == []
