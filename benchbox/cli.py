@@ -40,7 +40,7 @@ def _o(help: str, panel: str = "Run options", **kw) -> typer.Option:
 # the options of one run, shared by `run`, `sweep` and `table`: name -> (type, default, typer option)
 RUN_OPTIONS = {
     "mixer": (str, "ttt_linear", _o("registered mixer (see `benchbox mixers`)", "Model")),
-    "dataset": (str, "synthetic", _o("card name, 'synthetic', or a path to a sequence file", "Data")),
+    "dataset": (str, "synthetic", _o("card name, 'synthetic', or a path to a sequence file or interaction log", "Data")),
     "opt": (Pairs, None, _o("mixer option (repeatable)", "Model", metavar="KEY=VALUE")),
     "readout": (str, "last", _o("readout over the sequence (last, din, comirec_sa, comirec_dr)", "Model")),
     "readout_opt": (Pairs, None, _o("readout option (repeatable)", "Model", metavar="KEY=VALUE")),

@@ -26,6 +26,7 @@ curves = benchbox.load_curves(out).merge(runs[["run_id", "mixer"]], on="run_id")
 fig, ax = plt.subplots(figsize=(5, 3.5))
 for mixer, c in curves.groupby("mixer"):
     ax.plot(c["epoch"], c["val_ndcg@10"], marker="o", label=mixer)
+ax.set_xticks(sorted(curves["epoch"].unique()))
 ax.set_xlabel("epoch")
 ax.set_ylabel("validation NDCG@10")
 ax.set_title("gru vs attention on synthetic")
