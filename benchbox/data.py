@@ -102,7 +102,8 @@ def parse_settings(kcore: int = 0, dedup: bool = False, columns: dict | None = N
     return ";".join(p for p in parts if p)
 
 
-def _checksum(*arrays: np.ndarray) -> str:
+def checksum(*arrays: np.ndarray) -> str:
+    """sha256 over the arrays' bytes (cache files, and the evaluation candidates a run ranked)."""
     h = hashlib.sha256()
     for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
@@ -118,7 +119,7 @@ def load_checked(path: Path, what: str) -> dict | None:
         with np.load(path, allow_pickle=False) as z:
             d = {k: z[k] for k in z.files}
         arrays = [d[k] for k in sorted(d) if k != "checksum"]
-        if str(d["checksum"]) == _checksum(*arrays):
+        if str(d["checksum"]) == checksum(*arrays):
             return d
         problem = "checksum mismatch"
     except Exception as e:  # noqa: BLE001 - any unreadable cache file is rebuilt
@@ -134,7 +135,7 @@ def save_checked(path: Path, **arrays) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp{path.stem}.", suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, checksum=np.array(_checksum(*ordered)), **arrays)
+            np.savez(f, checksum=np.array(checksum(*ordered)), **arrays)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -173,13 +174,10 @@ def mapping_path(data: Sequences) -> Path:
 
 
 def _write_mapping(path: Path, user_ids: list, item_ids: list) -> None:
+    from .results import _write_atomic
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp{path.stem}.")
-    with os.fdopen(fd, "w") as f:
-        f.write("kind\tdense_id\traw_id\n")
-        f.writelines(f"user\t{u}\t{r}\n" for u, r in enumerate(user_ids))
-        f.writelines(f"item\t{i}\t{r}\n" for i, r in enumerate(item_ids, 1))
-    os.replace(tmp, path)
+    _write_atomic(path, "".join(["kind\tdense_id\traw_id\n", *(f"user\t{u}\t{r}\n" for u, r in enumerate(user_ids)),
+                                 *(f"item\t{i}\t{r}\n" for i, r in enumerate(item_ids, 1))]))
 
 
 def write_sequence_file(seqs: list[np.ndarray] | Sequences, path: Path) -> None:

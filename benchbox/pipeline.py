@@ -8,13 +8,12 @@ Every input is truncated to its last ``max_len`` items.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .data import Sequences
+from .data import Sequences, load_checked, save_checked
 from .paths import cache_dir
 from . import BenchboxError
 
@@ -74,7 +73,6 @@ def eval_candidates(data: Sequences, split: str, n_neg: int, seed: int) -> np.nd
     """(n_users, 1 + n_neg): the positive first, then ``n_neg`` distinct negatives that the user never
     interacted with. Drawn once from ``seed`` and stored in the cache keyed by the data checksum, so
     every mixer and every run is ranked on exactly the same candidates."""
-    from .data import load_checked, save_checked
     path = cache_dir() / "eval" / f"{data.cache_key}-{split}-n{n_neg}-s{seed}.npz"
     stored = load_checked(path, "evaluation candidates")
     if stored is not None and stored["candidates"].shape == (data.n_users, 1 + n_neg):
@@ -90,16 +88,6 @@ def eval_candidates(data: Sequences, split: str, n_neg: int, seed: int) -> np.nd
     cand = np.concatenate([data.items[pos_at][:, None], neg], axis=1)
     save_checked(path, candidates=cand)
     return cand
-
-
-def candidates_sha256(*candidates: np.ndarray) -> str:
-    """Checksum of the evaluation candidates a run ranked (stored in its row: two rows with the same
-    value saw the same candidates)."""
-    import hashlib
-    h = hashlib.sha256()
-    for c in candidates:
-        h.update(np.ascontiguousarray(c, dtype=np.int64).tobytes())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from .config import ConfigError, RunConfig
 from .evaluate import evaluate
 from .model import Recommender, bce_loss
 from .paths import PROJECT_ROOT
-from .pipeline import TrainLoader, candidates_sha256, eval_batches, eval_candidates
+from .pipeline import TrainLoader, eval_batches, eval_candidates
 from .readouts import READOUTS
 from .results import append_rows
 
@@ -133,7 +133,7 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
            "batch_size": cfg.batch_size, "lr": cfg.lr, "dtype": cfg.dtype,
            "params": sum(p.numel() for p in model.parameters()), "config": cfg.to_json(),
            "raw_users": data.raw_users or data.n_users, "raw_items": data.raw_items or data.n_items,
-           "ids_remapped": data.remapped, "eval_sha256": candidates_sha256(valid_cand, test_cand)}
+           "ids_remapped": data.remapped, "eval_sha256": data_mod.checksum(valid_cand, test_cand)}
     row.update(environment(dev))
     if data.raw_items:
         log(f"data {data.name}: {data.n_users:,} users, {data.n_items:,} items ({data.raw_users:,} raw user ids, "
