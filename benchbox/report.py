@@ -70,9 +70,9 @@ def swept_settings(rows: pd.DataFrame) -> pd.DataFrame:
     return flat[keys]
 
 
-def sweep_title(sid: str, rows: pd.DataFrame) -> str:
-    """A sweep named by what varies in it, and by what it holds fixed among mixer and dataset."""
-    varying = swept_settings(rows)
+def sweep_title(sid: str, rows: pd.DataFrame, varying: pd.DataFrame) -> str:
+    """A sweep named by what varies in it (``swept_settings``), and by what it holds fixed among mixer
+    and dataset."""
     fixed = [f"{rows['mixer'].iloc[0]}" if "mixer" not in varying and rows["mixer"].nunique() == 1 else "",
              f"on {rows['dataset'].iloc[0]}" if "dataset" not in varying and rows["dataset"].nunique() == 1 else ""]
     over = " × ".join(f"{k} ({varying[k].map(json.dumps).nunique()})" for k in varying) or "one point"
@@ -88,11 +88,11 @@ def sweeps_section(runs: pd.DataFrame, figures_dir: Path) -> list[str]:
         return out + ["No sweeps.", ""]
     for sid, rs in swept.groupby("sweep_id", sort=False):
         counts = rs["status"].value_counts()
-        out.append(f"### {sweep_title(sid, rs)}: {counts.get('ok', 0)} ok, {counts.get('diverged', 0)} diverged, "
+        varying = swept_settings(rs)
+        out.append(f"### {sweep_title(sid, rs, varying)}: {counts.get('ok', 0)} ok, {counts.get('diverged', 0)} diverged, "
                    f"{counts.get('failed', 0)} failed")
         ok = rs[(rs["status"] == "ok") & _col(rs, "test_ndcg@5").notna()]
         if not ok.empty:
-            varying = swept_settings(rs)
             score = _col(ok, "test_ndcg@5")
             for label, i in (("best", score.idxmax()), ("worst", score.idxmin())):
                 where = ", ".join(f"{k}={v}" for k, v in varying.loc[i].items()) or ok.at[i, "mixer_opts"]
