@@ -34,27 +34,41 @@ def metrics_from_ranks(ranks: np.ndarray | torch.Tensor, ks=KS) -> dict[str, flo
 @torch.no_grad()
 def evaluate(model, batches, n_items: int, full: bool = False, device="cpu", autocast_dtype=None) -> dict:
     """Sampled metrics over each batch's candidates; with ``full`` also the rank of the positive among
-    all items with the user's history masked (reported as full_ndcg@k, full_hr@k)."""
+    all items, every item of the user's whole history masked (reported as full_ndcg@k, full_hr@k).
+
+    The sequence is encoded once per batch (under autocast when asked) and both rankings score that one
+    encoding in float32: bf16 scores tie often, and a tie counts against the positive."""
     model.eval()
-    table = model.item_table()  # F_t for every item, computed once
+    table = model.item_table().float()  # F_t for every item, computed once
+    dev_type = torch.device(device).type
     sampled, full_ranks = [], []
     for batch in batches:
         batch = batch.to(device)
-        with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            scores = model.score_candidates(batch.inputs, batch.lengths, batch.candidates, table)
-        sampled.append(ranks_from_scores(scores.float()).cpu())
-        if full:
-            with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                all_scores = model.score_all(batch.inputs, batch.lengths, table).float()
-            pos = batch.candidates[:, 0]
-            pos_score = all_scores.gather(1, pos[:, None])
-            mask = torch.zeros_like(all_scores, dtype=torch.bool)
-            mask.scatter_(1, batch.inputs, True)  # history (and column 0, the padding id)
-            mask[:, 0] = True
-            mask.scatter_(1, pos[:, None], True)
-            beats = ((all_scores >= pos_score) | torch.isnan(all_scores)) & ~mask
-            full_ranks.append(beats.sum(1).cpu())
+        with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            h = model.encode(batch.inputs, batch.lengths)
+        with torch.autocast(dev_type, enabled=False):
+            h = h.float()
+            scores = model.readout.scores(h, batch.lengths, table[batch.candidates])
+            sampled.append(ranks_from_scores(scores).cpu())
+            if full:
+                full_ranks.append(full_ranks_masked(model.readout.scores_all(h, batch.lengths, table), batch))
     out = metrics_from_ranks(torch.cat(sampled))
     if full:
         out.update({f"full_{k}": v for k, v in metrics_from_ranks(torch.cat(full_ranks)).items()})
     return out
+
+
+def full_ranks_masked(all_scores: torch.Tensor, batch) -> torch.Tensor:
+    """Rank of each row's positive (batch.candidates[:, 0]) among all items (B, n_items + 1), leaving out
+    column 0 (padding) and every item of the user's whole history (``batch.history``, not only the
+    model's input window, which is cut to max_len). NaN counts against the positive, on either side."""
+    if batch.history is None:
+        raise ValueError("full ranking needs each user's whole history: eval_batches(..., history=True)")
+    pos = batch.candidates[:, 0]
+    pos_score = all_scores.gather(1, pos[:, None])
+    mask = torch.zeros_like(all_scores, dtype=torch.bool)
+    mask.scatter_(1, batch.history, True)  # history (and column 0: history is padded with 0)
+    mask[:, 0] = True
+    mask.scatter_(1, pos[:, None], True)
+    beats = ((all_scores >= pos_score) | torch.isnan(all_scores) | torch.isnan(pos_score)) & ~mask
+    return beats.sum(1).cpu()

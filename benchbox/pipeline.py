@@ -101,10 +101,12 @@ class Batch:
     targets: torch.Tensor | None = None  # (B, L) next items (training) or None
     negatives: torch.Tensor | None = None  # (B, L, n_neg) training negatives
     candidates: torch.Tensor | None = None  # (B, 1 + n_neg) evaluation candidates, positive first
+    history: torch.Tensor | None = None  # (B, H) every item before the target, 0-padded (full ranking masks it)
 
     def to(self, device):
         return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in
-                       (self.users, self.inputs, self.lengths, self.targets, self.negatives, self.candidates)))
+                       (self.users, self.inputs, self.lengths, self.targets, self.negatives, self.candidates,
+                        self.history)))
 
     @property
     def n_tokens(self) -> int:
@@ -170,12 +172,15 @@ class TrainLoader:
                         torch.from_numpy(targets), torch.from_numpy(neg))
 
 
-def eval_batches(data: Sequences, split: str, max_len: int, batch_size: int, candidates: np.ndarray | None):
-    """Validation (history s[:n-2]) or test (history s[:n-1]) batches, sorted by length."""
+def eval_batches(data: Sequences, split: str, max_len: int, batch_size: int, candidates: np.ndarray | None,
+                 history: bool = False):
+    """Validation (history s[:n-2]) or test (history s[:n-1]) batches, sorted by length; the model reads
+    the last ``max_len`` items. ``history`` also attaches the whole history (for full-ranking masks)."""
     ends = data.lengths - (2 if split == "valid" else 1)
     lengths = np.minimum(ends, max_len)
     for users in length_buckets(lengths, batch_size, None):
         inputs = _gather_windows(data, users, ends[users], lengths[users])
         cand = None if candidates is None else torch.from_numpy(candidates[users])
+        seen = torch.from_numpy(_gather_windows(data, users, ends[users], ends[users])) if history else None
         yield Batch(torch.from_numpy(users), torch.from_numpy(inputs), torch.from_numpy(lengths[users]),
-                    candidates=cand)
+                    candidates=cand, history=seen)

@@ -136,6 +136,10 @@ def build_tables(runs, datasets, models, prefix="test_") -> tuple[list[dict], li
         note = " (a small 2018 sample, NOT the study's 2014 Electronics: the study's values are not comparable)" \
             if ds == "electronics" else ""
         kind = "full ranking (all items, history masked)" if full else "1 positive + 99 sampled negatives"
+        if full and (got.get("full_mask", pd.Series("", index=got.index)).fillna("") != "history").any():
+            kind = ("full ranking (all items) with only the model's input window masked, not the whole history: "
+                    "rows from before 2026-12-02. Items seen before the last max_len compete with the positive, "
+                    "so these numbers are biased down where histories are longer than max_len")
         md += [f"### {ds}{note}", "", f"Test metrics, {kind}; mean ± sd over seeds; study value and difference in "
                "brackets; **bold** = best mean in the column; p = paired t-test of TTT4Rec against the row across seeds.", ""]
         md += ["| model | seeds | " + " | ".join(m.upper() for m in METRICS) + " | p (NDCG@10 vs TTT4Rec) | wall s/run |",

@@ -133,7 +133,9 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
            "batch_size": cfg.batch_size, "lr": cfg.lr, "dtype": cfg.dtype,
            "params": sum(p.numel() for p in model.parameters()), "config": cfg.to_json(),
            "raw_users": data.raw_users or data.n_users, "raw_items": data.raw_items or data.n_items,
-           "ids_remapped": data.remapped, "eval_sha256": data_mod.checksum(valid_cand, test_cand)}
+           "ids_remapped": data.remapped, "eval_sha256": data_mod.checksum(valid_cand, test_cand),
+           # full ranking masks the user's whole history (rows before 2026-12-02 masked the input window only)
+           "full_mask": "history" if cfg.eval_full else ""}
     row.update(environment(dev))
     if data.raw_items:
         log(f"data {data.name}: {data.n_users:,} users, {data.n_items:,} items ({data.raw_users:,} raw user ids, "
@@ -173,7 +175,8 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
             t0 = time.perf_counter()
             model.load_state_dict(best_state)
             for split, cand, res in (("valid", valid_cand, best[0]), ("test", test_cand, best[1])):
-                full = evaluate(model, eval_batches(data, split, max_len, 128, cand), data.n_items, True, dev, amp)
+                full = evaluate(model, eval_batches(data, split, max_len, 128, cand, history=True), data.n_items, True,
+                                dev, amp)
                 res.update({k: v for k, v in full.items() if k.startswith("full_")})
             eval_s += time.perf_counter() - t0
     except Diverged as e:
