@@ -28,6 +28,10 @@ app.add_typer(plot_app, name="plot")
 
 Eval = enum.StrEnum("Eval", ["sampled", "full"])
 Dtype = enum.StrEnum("Dtype", ["float32", "bfloat16"])
+Regime = enum.StrEnum("Regime", ["sequence", "instances"])
+Cover = enum.StrEnum("Cover", ["windows", "last"])
+Budget = enum.StrEnum("Budget", ["study", "converged"])
+Protocol = enum.StrEnum("Protocol", ["study"])
 Executor = enum.StrEnum("Executor", ["local", "ray"])
 Backends = enum.StrEnum("Backends", ["auto", "all"])
 Pairs = Optional[list[str]]  # a repeatable KEY=VALUE option
@@ -52,8 +56,18 @@ RUN_OPTIONS = {
                                         metavar="user=COL,item=COL,time=COL")),
     "download": (bool, False, typer.Option("--download", help="fetch the official files if no offline copy is found",
                                            rich_help_panel="Data")),
-    "epochs": (Optional[int], None, _o("default 10 (50 for ComiRec readouts)")),
-    "batch_size": (int, 128, _o("sequences per step")),
+    "protocol": (Optional[Protocol], None, _o("a named preset; 'study' = --regime instances --window 10 "
+                                              "--train-neg 4 --eval-neg 99 --budget study --batch-size 1024 (its "
+                                              "settings yield to options given explicitly)", "Protocol")),
+    "regime": (Regime, "sequence", _o("'sequence': one causal pass per user, every position a target; "
+                                      "'instances': one row per (user, target) with the last --window items", "Protocol")),
+    "window": (Optional[int], None, _o("instances: history items per row (default: max_len)", "Protocol")),
+    "cover": (Cover, "windows", _o("sequence regime, histories over max_len: 'windows' trains every target, "
+                                   "'last' only the last max_len (rows before 2026-12-02)", "Protocol")),
+    "budget": (Budget, "study", _o("'study': 10 epochs (50 ComiRec); 'converged': early stopping on validation "
+                                   "NDCG@10, patience 10, at most 300 epochs", "Protocol")),
+    "epochs": (Optional[int], None, _o("default: the budget's (study 10, 50 for ComiRec readouts; converged 300)")),
+    "batch_size": (int, 128, _o("sequences per step (instances: the study's rows, 1 + train_neg per target)")),
     "lr": (float, 1e-3, _o("Adam learning rate")),
     "weight_decay": (float, 0.0, _o("Adam weight decay")),
     "d_model": (int, 64, _o("width of the item embedding and the mixer", "Model")),
@@ -65,12 +79,16 @@ RUN_OPTIONS = {
     "eval_neg": (int, 99, _o("sampled negatives per positive at validation and test", "Evaluation")),
     "eval": (Eval, "sampled", _o("'full' also ranks all items (history masked) as a secondary result", "Evaluation")),
     "eval_seed": (int, 42, _o("seed of the stored validation/test candidates", "Evaluation")),
-    "patience": (int, 0, _o("early stopping on validation NDCG@10 (0: off)")),
+    "patience": (int, 0, _o("early stopping on validation NDCG@10 (0: the budget's: off, or 10 if converged)")),
     "device": (str, "auto", _o("cpu, cuda or auto", "Execution")),
     "dtype": (Dtype, "float32", _o("training precision", "Execution")),
     "threads": (int, 0, _o("torch CPU threads (0: torch default)", "Execution")),
     "results_dir": (str, "results", _o("where runs.csv and curves.csv are appended ('' writes nothing)", "Execution")),
 }
+
+
+# options a preset may set (config.PROTOCOLS)
+PRESET_OPTIONS = ("regime", "window", "train_neg", "eval_neg", "budget", "batch_size", "lr", "epochs", "patience")
 
 
 def run_options(*, mixer: bool = True, **defaults):
@@ -85,10 +103,16 @@ def run_options(*, mixer: bool = True, **defaults):
                                    annotation=Annotated[RUN_OPTIONS[n][0], RUN_OPTIONS[n][2]]) for n in names]
 
         @functools.wraps(fn)
-        def command(**kw):
+        def command(ctx: typer.Context, **kw):
             options = {n: (v.value if isinstance(v, enum.Enum) else v) for n, v in kw.items() if n in RUN_OPTIONS}
+            # an option left at its default is not passed on, so that a --protocol preset can set it
+            unset = [n for n in PRESET_OPTIONS if n in options and options[n] == RUN_OPTIONS[n][1]
+                     and ctx.get_parameter_source(n).name == "DEFAULT"]
+            for n in unset:
+                options.pop(n)
             return fn(**{p.name: kw[p.name] for p in own}, options=options)
-        command.__signature__ = sig.replace(parameters=own + extra)
+        ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+        command.__signature__ = sig.replace(parameters=[ctx_param] + own + extra)
         return command
     return deco
 

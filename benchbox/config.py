@@ -27,8 +27,19 @@ class RunConfig:
     ffn_mult: int = 2
     dropout: float = 0.2
     max_len: int | None = None  # None: the dataset card's default (50 Amazon, 200 ML-1M)
-    epochs: int | None = None  # None: the readout's default (10; 50 for ComiRec as in the study)
-    batch_size: int = 128
+    # how training rows are made (see pipeline.py): "sequence" = one causal pass per user, every position a
+    # target; "instances" = one row per (user, target), the history = the last ``window`` items before it
+    regime: str = "sequence"
+    window: int | None = None  # instances only; None: max_len
+    # sequence regime, histories longer than max_len: "windows" cuts them into max_len windows so that every
+    # training target is trained each epoch; "last" trains only the last max_len targets (rows before 2026-12-02)
+    cover: str = "windows"
+    # "study": the study's epochs (10; 50 for ComiRec); "converged": early stopping on validation NDCG@10,
+    # patience 10, at most 300 epochs. --epochs and --patience still override either.
+    budget: str = "study"
+    protocol: str = ""  # the preset named (PROTOCOLS), if any; its settings are the fields above
+    epochs: int | None = None  # None: the budget's (study: 10, 50 for ComiRec; converged: 300)
+    batch_size: int = 128  # sequence regime: users per step; instances: the study's rows (1 + train_neg per target)
     lr: float = 1e-3
     weight_decay: float = 0.0
     train_neg: int = 4
@@ -58,6 +69,14 @@ class RunConfig:
             (self.eval_neg >= 1, f"eval_neg must be >= 1, got {self.eval_neg}"),
             (self.patience >= 0, f"patience must be >= 0, got {self.patience}"),
             (self.kcore >= 0, f"kcore must be >= 0, got {self.kcore}"),
+            (self.regime in REGIMES, f"regime must be one of {', '.join(REGIMES)}, got {self.regime!r}"),
+            (self.window is None or self.window >= 1, f"window must be >= 1, got {self.window}"),
+            (self.window is None or self.regime == "instances",
+             "--window applies to --regime instances only (the sequence regime reads max_len items)"),
+            (self.cover in COVERS, f"cover must be one of {', '.join(COVERS)}, got {self.cover!r}"),
+            (self.budget in BUDGETS, f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}"),
+            (self.protocol in ("",) + tuple(PROTOCOLS),
+             f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"),
             (set(self.columns) <= {"user", "item", "time"}, f"columns takes user=, item= and time=, got {self.columns}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be cpu, cuda or auto, got {self.device!r}"),
@@ -77,17 +96,35 @@ class RunConfig:
         return json.dumps(d, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
+    def from_dict(cls, d: dict, stored: bool = True) -> "RunConfig":
+        """A config from a stored one (``to_json``'s dict; ``stored=False``: from options a user gave,
+        where a missing option takes today's default)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown run option(s): {', '.join(unknown)}")
-        return cls(**d)
+        # a stored config lacks the options added after it: it ran with their value of that time
+        return cls(**({**LATER_OPTIONS, **d} if stored else d))
 
 
-# options added after rows were first stored: left out of a config at their default, so that an older
-# row and a new run of the same point have one identity (sweep resume, Table 1, rerun)
-LATER_OPTIONS = {"kcore": 0, "dedup": False, "columns": {}}
+# options added after rows were first stored, with the value every older row ran with. A config leaves
+# them out at that value, so that an older row and a new run of the same point have one identity (sweep
+# resume, Table 1, rerun), and a config read back without them gets that value (not today's default).
+LATER_OPTIONS = {"kcore": 0, "dedup": False, "columns": {}, "regime": "sequence", "window": None, "cover": "last",
+                 "budget": "study", "protocol": ""}
+REGIMES = ("sequence", "instances")
+COVERS = ("windows", "last")
+BUDGETS = ("study", "converged")
+CONVERGED = {"patience": 10, "epochs": 300}  # RecBole's and SASRec's practice
+# named presets: what `--protocol NAME` sets unless the option is given explicitly
+PROTOCOLS = {
+    # The study (TTT4Rec) in its own words: 1:4 negatives in training, 1:99 at test, lr 0.001, 10 epochs (50
+    # for ComiRec), one instance X = {u, v, s} with label y per target. Reconstructed from its co-author's
+    # public pipeline for the same baselines (HelloZicky/DUET): one row per (user, target, history, label),
+    # batch 1024 rows, and (a public reproduction of it on ML-1M) a history window of 10.
+    "study": {"regime": "instances", "window": 10, "train_neg": 4, "eval_neg": 99, "budget": "study",
+              "batch_size": 1024, "lr": 1e-3},
+}
 
 
 def make_config(**options) -> RunConfig:
@@ -95,6 +132,12 @@ def make_config(**options) -> RunConfig:
     above, plus ``opt``/``readout_opt`` (lists of "key=value", merged into mixer_opts/readout_opts) and
     ``eval`` ("sampled" or "full", for eval_full). An unknown name is an error, not ignored."""
     o = dict(options)
+    if o.get("protocol") is None:
+        o.pop("protocol", None)
+    if o.get("protocol"):  # a preset fills what was not given explicitly
+        if o["protocol"] not in PROTOCOLS:
+            raise ConfigError(f"unknown protocol {o['protocol']!r}; known: {', '.join(PROTOCOLS)}")
+        o = {**PROTOCOLS[o["protocol"]], **o}
     for alias, name in (("opt", "mixer_opts"), ("readout_opt", "readout_opts")):
         if alias in o:
             given = o.pop(alias)
@@ -108,7 +151,7 @@ def make_config(**options) -> RunConfig:
         if kind not in ("sampled", "full"):
             raise ConfigError(f"eval must be 'sampled' or 'full', got {kind!r}")
         o["eval_full"] = kind == "full"
-    return RunConfig.from_dict(o).validate()
+    return RunConfig.from_dict(o, stored=False).validate()
 
 
 def parse_opts(pairs: list[str] | None) -> dict:

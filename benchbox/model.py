@@ -114,11 +114,13 @@ class Recommender(nn.Module):
         return self.norm(x), new
 
 
-def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def bce_loss(logits: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
     """BCE on click probabilities: label 1 for the positive (column 0), 0 for the negatives, averaged
-    over real positions only (targets == 0 marks padding)."""
+    over real positions only (targets == 0 marks padding; None: every row is real, as in instances)."""
     labels = torch.zeros_like(logits)
     labels[..., 0] = 1
     loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(-1)
+    if targets is None:
+        return loss.mean()
     mask = (targets > 0).to(loss.dtype)
     return (loss * mask).sum() / mask.sum().clamp_min(1)

@@ -22,7 +22,11 @@ from . import BenchboxError
 # "has user u interacted with item i?" for whole arrays at once
 # --------------------------------------------------------------------------------------------
 class InteractionIndex:
-    """Sorted keys u * (n_items + 1) + i; membership is one vectorised searchsorted."""
+    """Sorted keys u * (n_items + 1) + i; membership is one vectorised searchsorted, or one lookup in a
+    dense (users x items) table where that is small (ML-1M: 21 MB), ~20x faster for the instance regime's
+    millions of negatives per epoch."""
+
+    DENSE_MAX = 64 * 2**20  # cells
 
     def __init__(self, data: Sequences):
         self.stride = data.n_items + 1
@@ -30,9 +34,15 @@ class InteractionIndex:
         self.keys = np.unique(users * self.stride + data.items)
         self.n_items = data.n_items
         self.distinct_per_user = np.bincount(self.keys // self.stride, minlength=data.n_users)
+        self.dense = None
+        if data.n_users * self.stride <= self.DENSE_MAX:
+            self.dense = np.zeros(data.n_users * self.stride, dtype=bool)
+            self.dense[self.keys] = True
 
     def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         q = users * self.stride + items
+        if self.dense is not None:
+            return self.dense[q]
         pos = np.searchsorted(self.keys, q)
         pos = np.minimum(pos, len(self.keys) - 1)
         return self.keys[pos] == q
@@ -44,17 +54,22 @@ def sample_negatives(index: InteractionIndex, users: np.ndarray, shape: tuple, r
     with, by vectorised rejection sampling. ``distinct`` also forbids repeats along the last axis."""
     users = np.broadcast_to(users.reshape(users.shape + (1,) * (len(shape) - users.ndim)), shape)
     out = rng.integers(1, index.n_items + 1, size=shape)
-    bad = index.contains(users, out)
-    if distinct:
-        bad |= _repeats_in_rows(out)
+    if not distinct:  # redraw and recheck only the rejected entries (the same draws as checking all)
+        flat, users = out.reshape(-1), users.reshape(-1)
+        bad = np.flatnonzero(index.contains(users, flat))
+        for _ in range(1000):
+            if len(bad) == 0:
+                return out
+            flat[bad] = rng.integers(1, index.n_items + 1, size=len(bad))
+            bad = bad[index.contains(users[bad], flat[bad])]
+        raise BenchboxError("negative sampling did not converge: some users interacted with almost every item")
+    bad = index.contains(users, out) | _repeats_in_rows(out)
     for _ in range(1000):
         n_bad = int(bad.sum())
         if n_bad == 0:
             return out
         out[bad] = rng.integers(1, index.n_items + 1, size=n_bad)
-        bad = index.contains(users, out)
-        if distinct:
-            bad |= _repeats_in_rows(out)
+        bad = index.contains(users, out) | _repeats_in_rows(out)
     raise BenchboxError("negative sampling did not converge: some users interacted with almost every item")
 
 
@@ -112,6 +127,11 @@ class Batch:
     def n_tokens(self) -> int:
         return int(self.lengths.sum())
 
+    @property
+    def n_targets(self) -> int:
+        """Trained targets (the sequence regime: every real position; instances: one per row)."""
+        return len(self.users) if self.targets is None else int((self.targets > 0).sum())
+
 
 def _gather_windows(data: Sequences, users: np.ndarray, ends: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """(B, max(lengths)) items data[u][end-len:end], right-padded with 0, in one fancy index."""
@@ -139,20 +159,32 @@ def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
 
 
 class TrainLoader:
-    """Every user with >= 2 training items yields one row: inputs s[:-1], targets s[1:] of the training
-    part (last max_len), plus ``n_neg`` negatives per position, redrawn each epoch."""
+    """The sequence regime: one causal pass per row, every position a target. A user with >= 2 training
+    items yields rows of inputs s[e-l-1:e-1] -> targets s[e-l:e] (l <= max_len), plus ``n_neg`` negatives
+    per position, redrawn each epoch. ``cover="windows"`` cuts a training part longer than max_len into
+    consecutive windows (aligned to its end), so every training target is trained each epoch;
+    ``cover="last"`` keeps only its last max_len targets (benchbox's rows before 2026-12-02)."""
 
-    def __init__(self, data: Sequences, max_len: int, batch_size: int, n_neg: int, seed: int):
+    def __init__(self, data: Sequences, max_len: int, batch_size: int, n_neg: int, seed: int, cover: str = "windows"):
         self.data, self.max_len, self.batch_size, self.n_neg = data, max_len, batch_size, n_neg
         train_len = data.lengths - 2
-        self.users = np.flatnonzero(train_len >= 2)
-        self.lengths = np.minimum(train_len[self.users] - 1, max_len)  # number of predicted positions
+        users = np.flatnonzero(train_len >= 2)
+        n_pred = train_len[users] - 1  # predicted positions: targets s[1..train_len-1]
+        if cover == "last":
+            self.users, self.lengths, self.ends = users, np.minimum(n_pred, max_len), train_len[users]
+        else:  # window j (0 = the last) ends j * max_len targets before the end of the training part
+            n_win = (n_pred + max_len - 1) // max_len
+            self.users = np.repeat(users, n_win)
+            j = np.arange(len(self.users)) - np.repeat(np.cumsum(n_win) - n_win, n_win)
+            left = np.repeat(n_pred, n_win) - j * max_len  # targets not yet covered by later windows
+            self.lengths, self.ends = np.minimum(left, max_len), train_len[self.users] - j * max_len
         self.index = InteractionIndex(data)
         self.seed = seed
         self.epoch = 0
 
     @property
-    def n_tokens(self) -> int:
+    def n_targets(self) -> int:
+        """Training targets per epoch."""
         return int(self.lengths.sum())
 
     def __len__(self):
@@ -162,14 +194,56 @@ class TrainLoader:
         rng = np.random.default_rng([self.seed, self.epoch])
         self.epoch += 1
         for rows in length_buckets(self.lengths, self.batch_size, rng):
-            users, lengths = self.users[rows], self.lengths[rows]
-            ends = self.data.lengths[users] - 2  # end of the training part
+            users, lengths, ends = self.users[rows], self.lengths[rows], self.ends[rows]
             inputs = _gather_windows(self.data, users, ends - 1, lengths)
             targets = _gather_windows(self.data, users, ends, lengths)
             neg = sample_negatives(self.index, users, targets.shape + (self.n_neg,), rng)
             neg[targets == 0] = 0
             yield Batch(torch.from_numpy(users), torch.from_numpy(inputs), torch.from_numpy(lengths),
                         torch.from_numpy(targets), torch.from_numpy(neg))
+
+
+class InstanceLoader:
+    """The instance regime (the study's rows): one row per (user, training target s[t], t >= 1), its
+    history the last ``window`` items s[t-w:t], 1 positive and ``n_neg`` negatives, every row once per
+    epoch in a new random order. A batch holds the right-padded histories and ``candidates`` (B, 1 + n_neg),
+    positive first: the model scores them as it scores evaluation candidates (readout.scores at the last
+    position), so every mixer and readout works unchanged. ``batch_size`` counts rows: targets per step."""
+
+    def __init__(self, data: Sequences, window: int, batch_size: int, n_neg: int, seed: int):
+        self.data, self.window, self.batch_size, self.n_neg = data, window, batch_size, n_neg
+        train_len = data.lengths - 2
+        n_pred = np.maximum(train_len - 1, 0)
+        self.users = np.repeat(np.arange(data.n_users), n_pred)
+        # t = 1..train_len-1 within each user's sequence: the target's position = its history's length
+        self.t = np.arange(len(self.users)) - np.repeat(np.cumsum(n_pred) - n_pred, n_pred) + 1
+        self.index = InteractionIndex(data)
+        self.seed = seed
+        self.epoch = 0
+
+    @property
+    def n_targets(self) -> int:
+        return len(self.users)
+
+    def __len__(self):
+        return (len(self.users) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        order = rng.permutation(len(self.users))
+        # the epoch's targets and negatives in one draw each (not one small draw per step)
+        users = self.users[order]
+        t = self.t[order]
+        cand = np.empty((len(order), 1 + self.n_neg), dtype=self.data.items.dtype)
+        cand[:, 0] = self.data.items[self.data.offsets[users] + t]
+        cand[:, 1:] = sample_negatives(self.index, users, (len(order), self.n_neg), rng)
+        lengths = np.minimum(t, self.window)
+        for start in range(0, len(order), self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            inputs = _gather_windows(self.data, users[rows], t[rows], lengths[rows])
+            yield Batch(torch.from_numpy(users[rows]), torch.from_numpy(inputs), torch.from_numpy(lengths[rows]),
+                        candidates=torch.from_numpy(cand[rows]))
 
 
 def eval_batches(data: Sequences, split: str, max_len: int, batch_size: int, candidates: np.ndarray | None,

@@ -26,7 +26,8 @@ from .config import ConfigError, RunConfig
 from .evaluate import evaluate
 from .model import Recommender, bce_loss
 from .paths import PROJECT_ROOT
-from .pipeline import TrainLoader, eval_batches, eval_candidates
+from .config import CONVERGED
+from .pipeline import InstanceLoader, TrainLoader, eval_batches, eval_candidates
 from .readouts import READOUTS
 from .results import append_rows
 
@@ -98,6 +99,13 @@ def default_epochs(readout: str) -> int:
     return getattr(READOUTS.get(readout), "DEFAULT_EPOCHS", 10)
 
 
+def budget_epochs(cfg: RunConfig) -> tuple[int, int]:
+    """(most epochs, patience) of a run: its budget's, unless --epochs / --patience say otherwise."""
+    if cfg.budget == "converged":
+        return cfg.epochs or CONVERGED["epochs"], cfg.patience or CONVERGED["patience"]
+    return cfg.epochs or default_epochs(cfg.readout), cfg.patience
+
+
 def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progress=None, log=print) -> RunResult:
     """Train and evaluate one configuration. Raises BenchboxError on bad input (nothing written) and
     Diverged (after writing a ``diverged`` row) when the loss stops being finite."""
@@ -110,17 +118,22 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
     data = data_mod.load(cfg.dataset, cfg.data_dir, download=cfg.download, max_len=cfg.max_len, kcore=cfg.kcore,
                          dedup=cfg.dedup, columns=cfg.columns or None)
     max_len = cfg.max_len or data.max_len
-    epochs = cfg.epochs or default_epochs(cfg.readout)
+    # instances: the model reads (and is evaluated on) the last `window` items
+    read_len = (cfg.window or max_len) if cfg.regime == "instances" else max_len
+    epochs, patience = budget_epochs(cfg)
     if cfg.train_neg >= data.n_items:
         raise ConfigError(f"train_neg={cfg.train_neg} is impossible with {data.n_items} items")
     valid_cand = eval_candidates(data, "valid", cfg.eval_neg, cfg.eval_seed)
     test_cand = eval_candidates(data, "test", cfg.eval_neg, cfg.eval_seed)
 
     torch.manual_seed(cfg.seed)
-    model = Recommender(data.n_items, cfg.mixer, cfg.mixer_opts, cfg.d_model, cfg.n_layers, max_len, cfg.dropout,
+    model = Recommender(data.n_items, cfg.mixer, cfg.mixer_opts, cfg.d_model, cfg.n_layers, read_len, cfg.dropout,
                         cfg.ffn_mult, cfg.readout, cfg.readout_opts).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    loader = TrainLoader(data, max_len, cfg.batch_size, cfg.train_neg, cfg.seed)
+    if cfg.regime == "instances":  # batch_size counts the study's rows: 1 positive + train_neg negatives each
+        loader = InstanceLoader(data, read_len, max(1, cfg.batch_size // (1 + cfg.train_neg)), cfg.train_neg, cfg.seed)
+    else:
+        loader = TrainLoader(data, max_len, cfg.batch_size, cfg.train_neg, cfg.seed, cfg.cover)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -129,7 +142,8 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
            "sweep_id": cfg.sweep_id, "dataset": data.name, "data_source": data.source, "data_sha256": data.sha256,
            "n_users": data.n_users, "n_items": data.n_items, "mixer": cfg.mixer, "readout": cfg.readout,
            "mixer_opts": _json(cfg.mixer_opts), "readout_opts": _json(cfg.readout_opts), "seed": cfg.seed,
-           "epochs": epochs, "max_len": max_len, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
+           "epochs": epochs, "max_len": read_len, "regime": cfg.regime, "budget": cfg.budget,
+           "protocol": cfg.protocol, "steps_per_epoch": len(loader), "train_targets_per_epoch": loader.n_targets, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
            "batch_size": cfg.batch_size, "lr": cfg.lr, "dtype": cfg.dtype,
            "params": sum(p.numel() for p in model.parameters()), "config": cfg.to_json(),
            "raw_users": data.raw_users or data.n_users, "raw_items": data.raw_items or data.n_items,
@@ -141,7 +155,12 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
         log(f"data {data.name}: {data.n_users:,} users, {data.n_items:,} items ({data.raw_users:,} raw user ids, "
             f"{data.raw_items:,} raw item ids, {'renumbered 1..n in first-seen order' if data.remapped else 'dense already, kept'}"
             f"{'; ' + data.settings if data.settings else ''}; {data.dropped_users:,} users with < 3 items dropped)")
+    log(f"{cfg.regime} regime" + (f", window {read_len}" if cfg.regime == "instances" else f", max_len {max_len}, "
+        f"cover {cfg.cover}") + f": {loader.n_targets:,} training targets, {len(loader):,} steps per epoch of "
+        f"{loader.batch_size} rows; budget {cfg.budget}: at most {epochs} epochs"
+        + (f", patience {patience}" if patience else ""))
     curves, best, best_epoch = [], None, 0
+    stop = "diverged"
     train_s = eval_s = 0.0
     t_loss = float("nan")
     try:
@@ -152,8 +171,8 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
             dt = time.perf_counter() - t0
             train_s += dt
             t0 = time.perf_counter()
-            val = evaluate(model, eval_batches(data, "valid", max_len, 256, valid_cand), data.n_items, False, dev, amp)
-            test = evaluate(model, eval_batches(data, "test", max_len, 256, test_cand), data.n_items, False, dev, amp)
+            val = evaluate(model, eval_batches(data, "valid", read_len, 256, valid_cand), data.n_items, False, dev, amp)
+            test = evaluate(model, eval_batches(data, "test", read_len, 256, test_cand), data.n_items, False, dev, amp)
             eval_s += time.perf_counter() - t0
             point = {"run_id": run_id, "epoch": epoch, "train_loss": t_loss, "epoch_seconds": round(dt, 3),
                      "tokens_per_s": round(n_tok / dt, 1)}
@@ -168,14 +187,17 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
                 best, best_epoch = (val, test), epoch
                 if cfg.eval_full:  # full ranking is costly: done once, on the selected epoch's weights
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            elif cfg.patience and epoch - best_epoch >= cfg.patience:
+            elif patience and epoch - best_epoch >= patience:
+                stop = f"no better validation NDCG@10 for {patience} epochs"
                 break
+        else:
+            stop = f"epoch cap ({epochs})" if patience else f"budget done ({epochs} epochs)"
         row["status"] = "ok"
         if cfg.eval_full and best is not None:
             t0 = time.perf_counter()
             model.load_state_dict(best_state)
             for split, cand, res in (("valid", valid_cand, best[0]), ("test", test_cand, best[1])):
-                full = evaluate(model, eval_batches(data, split, max_len, 128, cand, history=True), data.n_items, True,
+                full = evaluate(model, eval_batches(data, split, read_len, 128, cand, history=True), data.n_items, True,
                                 dev, amp)
                 res.update({k: v for k, v in full.items() if k.startswith("full_")})
             eval_s += time.perf_counter() - t0
@@ -183,7 +205,7 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
         row.update(status="diverged", error=str(e))
     except KeyboardInterrupt:
         raise
-    row.update(best_epoch=best_epoch, epochs_run=len(curves), final_train_loss=t_loss,
+    row.update(best_epoch=best_epoch, epochs_run=len(curves), stop_reason=stop, final_train_loss=t_loss,
                train_seconds=round(train_s, 2), eval_seconds=round(eval_s, 2),
                sec_per_epoch=round(train_s / max(len(curves), 1), 2), peak_mem_mb=round(peak_memory_mb(dev), 1))
     if best is not None:
@@ -224,16 +246,19 @@ def _train_epoch(model, opt, loader, dev, amp, progress, epoch, epochs):
         if progress is not None else None
     t0 = time.perf_counter()
     for step, batch in enumerate(loader):
+        tok = batch.n_targets
         batch = batch.to(dev)
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            logits = model.train_logits(batch.inputs, batch.lengths, batch.targets, batch.negatives)
+            if batch.targets is None:  # instances: one target per row, scored at the last position
+                logits = model.score_candidates(batch.inputs, batch.lengths, batch.candidates)
+            else:
+                logits = model.train_logits(batch.inputs, batch.lengths, batch.targets, batch.negatives)
         loss = bce_loss(logits.float(), batch.targets)
         if not torch.isfinite(loss):
             raise Diverged(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step + 1}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        tok = batch.n_tokens
         total += loss.item() * tok
         n_tok += tok
         if task is not None:

@@ -16,7 +16,7 @@ SEQS = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14], list(range(15, 40))
 
 def test_leave_one_out_split_and_truncation(tmp_path):
     d = _data(tmp_path, SEQS)
-    loader = TrainLoader(d, max_len=10, batch_size=8, n_neg=4, seed=0)
+    loader = TrainLoader(d, max_len=10, batch_size=8, n_neg=4, seed=0, cover="last")
     (batch,) = list(loader)
     rows = {int(u): i for i, u in enumerate(batch.users)}
     assert set(rows) == {0, 1, 3}  # user 2 has a 1-item training part: nothing to predict
@@ -77,3 +77,74 @@ def test_length_buckets_cut_padding():
     assert sorted(np.concatenate(batches).tolist()) == list(range(5000))
     padded = sum(len(b) * lengths[b].max() for b in batches)
     assert padded < 1.1 * lengths.sum()  # random batching would pad to ~2x
+
+
+def _sample_negatives_reference(index, users, shape, rng):
+    """The plain algorithm: redraw every rejected entry, recheck the whole array, until none is rejected."""
+    users = np.broadcast_to(users.reshape(users.shape + (1,) * (len(shape) - users.ndim)), shape)
+    out = rng.integers(1, index.n_items + 1, size=shape)
+    bad = index.contains(users, out)
+    while bad.any():
+        out[bad] = rng.integers(1, index.n_items + 1, size=int(bad.sum()))
+        bad = index.contains(users, out)
+    return out
+
+
+def test_negative_sampler_draws_what_the_plain_reference_draws():
+    d = data.synthetic(seed=3)
+    index = InteractionIndex(d)
+    users = np.random.default_rng(1).integers(0, d.n_users, size=5000)
+    ref = _sample_negatives_reference(index, users, (5000, 7), np.random.default_rng(9))
+    for dense in (True, False):  # the dense table and the sorted keys answer alike
+        if not dense:
+            index.dense = None
+        fast = sample_negatives(index, users, (5000, 7), np.random.default_rng(9))
+        assert np.array_equal(fast, ref)
+
+
+def _trained_targets(batches):
+    """(user, target item, input items before it) of every trained position."""
+    got = []
+    for b in batches:
+        for r in range(len(b.users)):
+            for p in range(int(b.lengths[r])):
+                got.append((int(b.users[r]), int(b.targets[r, p])))
+    return sorted(got)
+
+
+def test_windows_cover_every_training_target_once(tmp_path):
+    d = _data(tmp_path, SEQS)
+    every = sorted((u, s[t]) for u, s in enumerate(SEQS) for t in range(1, len(s) - 2) if len(s) - 2 >= 2)
+    loader = TrainLoader(d, max_len=10, batch_size=2, n_neg=3, seed=0, cover="windows")
+    assert loader.n_targets == len(every) == 4 + 1 + 22
+    assert _trained_targets(loader) == every  # user 3's 22 targets: windows of 2, 10 and 10
+    last = TrainLoader(d, max_len=10, batch_size=2, n_neg=3, seed=0, cover="last")
+    assert last.n_targets == 4 + 1 + 10
+    for b in loader:  # a window's inputs are the items right before its targets
+        for r in range(len(b.users)):
+            n = int(b.lengths[r])
+            assert b.inputs[r, 1:n].tolist() == b.targets[r, :n - 1].tolist()
+            seq = SEQS[int(b.users[r])]
+            assert seq.index(int(b.targets[r, 0])) == seq.index(int(b.inputs[r, 0])) + 1
+
+
+def test_instance_rows_one_per_target_with_the_last_window_items(tmp_path):
+    from benchbox.pipeline import InstanceLoader
+    d = _data(tmp_path, SEQS)
+    loader = InstanceLoader(d, window=3, batch_size=4, n_neg=2, seed=0)
+    rows = []
+    for b in loader:
+        assert b.targets is None and b.candidates.shape == (len(b.users), 3)
+        for r in range(len(b.users)):
+            n = int(b.lengths[r])
+            rows.append((int(b.users[r]), tuple(b.inputs[r, :n].tolist()), int(b.candidates[r, 0])))
+            assert (b.inputs[r, n:] == 0).all()
+    want = sorted((u, tuple(s[max(0, t - 3):t]), s[t]) for u, s in enumerate(SEQS) for t in range(1, len(s) - 2))
+    assert sorted(rows) == want and loader.n_targets == len(want) == len(loader.users)
+    assert len(loader) == (len(want) + 3) // 4
+    index = InteractionIndex(d)
+    b = next(iter(loader))
+    users = b.users[:, None].expand(-1, 2).numpy()
+    assert not index.contains(users, b.candidates[:, 1:].numpy()).any()
+    # a new order every epoch
+    assert [tuple(x.users.tolist()) for x in loader] != [tuple(x.users.tolist()) for x in loader]
