@@ -135,3 +135,38 @@ def plot_curves(results_dir="results", run_ids=(), reference=None, reference_epo
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, out or Path(results_dir) / "figures" / f"curves_{metric.replace('@', '')}.png")
+
+
+def plot_table1(rows: pd.DataFrame, dataset: str, settings: list[str], out: Path) -> Path:
+    """Test NDCG@10 and HR@10 (sampled) per model of one dataset: a bar per setting (mean, error bar = sd
+    over seeds, n seeds on the bar), the study's value as a black tick. ``rows``: tables.collect()."""
+    from .tables import MODELS, SETTING_TITLES, STUDY
+    plt = _plt()
+    got = rows[rows["dataset"] == dataset]
+    models = [m for m in MODELS if (got["model"] == m).any()]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(models) + 3), 4.2), sharey=False)
+    width = 0.8 / max(len(settings), 1)
+    study = STUDY.get(dataset, {}) if dataset != "electronics" else {}
+    for ax, metric, col in ((axes[0], "NDCG@10", "test_ndcg@10"), (axes[1], "HR@10", "test_hr@10")):
+        for i, k in enumerate(settings):
+            g = got[got["setting"] == k].groupby("model")[col]
+            mean, sd, n = g.mean(), g.std().fillna(0), g.size()
+            xs = [j + (i - (len(settings) - 1) / 2) * width for j, m in enumerate(models) if m in mean]
+            ms = [m for m in models if m in mean]
+            ax.bar(xs, [mean[m] for m in ms], width, yerr=[sd[m] for m in ms], capsize=2,
+                   label=SETTING_TITLES.get(k, k).split(":")[0].split("(")[0].strip())
+            for x, m in zip(xs, ms):
+                ax.text(x, 0.01, str(n[m]), ha="center", va="bottom", fontsize=7, color="white")
+        for j, m in enumerate(models):
+            if m in study:
+                v = study[m][1 if metric == "NDCG@10" else 3]
+                ax.plot([j - 0.45, j + 0.45], [v, v], color="black", lw=1.5, label="study" if j == 0 or
+                        m == next(x for x in models if x in study) else None)
+        ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
+        ax.set_title(f"{dataset}: test {metric} (1:99 sampled)")
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    seen = dict(zip(labels, handles))
+    fig.legend(seen.values(), seen.keys(), loc="lower center", ncol=min(len(seen), 3), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return save_figure(fig, out)

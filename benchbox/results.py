@@ -110,6 +110,8 @@ def frame(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
     df = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     for c in df.columns:
         if c in TEXT_COLUMNS:
+            if c == "config" and df[c].map(lambda v: isinstance(v, dict)).any():
+                continue  # load_runs parsed it already
             df[c] = df[c].fillna("").astype(str)
             continue
         cells = df[c].replace("", None)

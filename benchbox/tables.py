@@ -75,6 +75,36 @@ def table_points(base: RunConfig, datasets, models, seeds) -> list[RunConfig]:
     return pts
 
 
+# a Table 1 row's training protocol: rows of different settings are never averaged together
+OLD_SETTING = "sequence, cover last, budget study"
+SETTING_TITLES = {
+    "study": "Study protocol (`--protocol study`): one row per target with a 10-item history, 1:4 in training, "
+             "1:99 at test, batch 1024 study rows, the study's epochs",
+    "sequence, cover windows, budget converged": "Converged sequence regime (`--budget converged`): one causal pass "
+             "per user window, early stopping on validation NDCG@10 (patience 10, at most 300 epochs)",
+    "sequence, cover windows, budget study": "Sequence regime, every training target (`--cover windows`), the "
+             "study's epochs",
+    OLD_SETTING: "Sequence regime, last max_len targets only, the study's epochs (benchbox's protocol before "
+                 "2026-12-02: every model still improving at its last epoch)",
+}
+
+
+def setting_of(cfg: dict) -> str:
+    """The protocol part of a stored config, as one key (the ``SETTING_TITLES`` keys, or a spelled-out one)."""
+    from .config import LATER_OPTIONS
+    c = {**LATER_OPTIONS, **cfg}
+    if c["protocol"]:
+        return c["protocol"]
+    if c["regime"] == "instances":
+        return f"instances, window {c['window'] or 'max_len'}, budget {c['budget']}"
+    return f"sequence, cover {c['cover']}, budget {c['budget']}"
+
+
+def _setting_order(key: str) -> tuple:
+    keys = list(SETTING_TITLES)
+    return (keys.index(key) if key in keys else len(keys), key)
+
+
 def table_seeds(count: int, seed_list: str | None = None) -> list[int]:
     """Seeds 0..count-1, or only those of a comma list such as "1,2" (to split seeds over processes)."""
     if not seed_list:
@@ -109,18 +139,21 @@ def collect(runs, datasets, models) -> pd.DataFrame:
     (dataset, model, seed)."""
     df = frame(runs)
     if df.empty or "sweep_id" not in df:
-        return pd.DataFrame(columns=["dataset", "model", "seed"])
+        return pd.DataFrame(columns=["dataset", "model", "seed", "setting"])
     for col in ("readout", "readout_opts"):
         df[col] = df[col] if col in df else ""
     df = df[(df["sweep_id"] == TABLE_ID) & (df["status"] == "ok") & df["dataset"].isin(datasets)]
     inv = {_row_key(*_spec(k)): k for k in MODELS}
     key = [_row_key(m, r or "last", json.loads(o or "{}")) for m, r, o in zip(df["mixer"], df["readout"], df["readout_opts"])]
-    df = df.assign(model=[inv.get(k) for k in key])
-    return df[df["model"].isin(models)].drop_duplicates(["dataset", "model", "seed"], keep="last")
+    df = df.assign(model=[inv.get(k) for k in key],
+                   setting=[setting_of(c if isinstance(c, dict) else json.loads(c or "{}"))
+                            for c in (df["config"] if "config" in df else [{}] * len(df))])
+    return df[df["model"].isin(models)].drop_duplicates(["setting", "dataset", "model", "seed"], keep="last")
 
 
-def build_tables(runs, datasets, models, prefix="test_") -> tuple[list[dict], list[str]]:
+def build_tables(runs, datasets, models, prefix="test_", setting: str = OLD_SETTING) -> tuple[list[dict], list[str]]:
     data = collect(runs, datasets, models)
+    data = data[data["setting"] == setting]
     cols = [prefix + m for m in METRICS]
     full = "full" in prefix
     csv_rows, md = [], []
@@ -140,7 +173,7 @@ def build_tables(runs, datasets, models, prefix="test_") -> tuple[list[dict], li
             kind = ("full ranking (all items) with only the model's input window masked, not the whole history: "
                     "rows from before 2026-12-02. Items seen before the last max_len compete with the positive, "
                     "so these numbers are biased down where histories are longer than max_len")
-        md += [f"### {ds}{note}", "", f"Test metrics, {kind}; mean ± sd over seeds; study value and difference in "
+        md += [f"#### {ds}{note}", "", f"Test metrics, {kind}; mean ± sd over seeds; study value and difference in "
                "brackets; **bold** = best mean in the column; p = paired t-test of TTT4Rec against the row across seeds.", ""]
         md += ["| model | seeds | " + " | ".join(m.upper() for m in METRICS) + " | p (NDCG@10 vs TTT4Rec) | wall s/run |",
                "|---|---|" + "---|" * len(METRICS) + "---|---|"]
@@ -157,7 +190,7 @@ def build_tables(runs, datasets, models, prefix="test_") -> tuple[list[dict], li
                 continue
             rs = got[got["model"] == name]
             mixer, readout, ropts = _spec(name)
-            rec = {"dataset": ds, "model": name, "mixer": mixer, "readout": readout,
+            rec = {"setting": setting, "dataset": ds, "model": name, "mixer": mixer, "readout": readout,
                    "readout_opts": json.dumps(ropts, sort_keys=True), "metric_kind": "full" if full else "sampled",
                    "seeds": len(rs), "wall_seconds_mean": (rs["train_seconds"] + rs["eval_seconds"]).mean()}
             cells = []
@@ -183,6 +216,38 @@ def build_tables(runs, datasets, models, prefix="test_") -> tuple[list[dict], li
     return csv_rows, md
 
 
+def side_by_side(rows: pd.DataFrame, datasets, models, settings) -> list[str]:
+    """Per dataset: test NDCG@10 and HR@10 (sampled) of every model under every setting, beside the study."""
+    out = ["## Side by side: test NDCG@10 / HR@10 (1:99 sampled), mean over seeds (n seeds); [difference to the study]",
+           ""]
+    short = {k: chr(ord("A") + i) for i, k in enumerate(settings)}
+    out += [f"- {short[k]}: {SETTING_TITLES.get(k, k)}" for k in settings] + [""]
+    for ds in datasets:
+        got = rows[rows["dataset"] == ds]
+        if got.empty:
+            continue
+        out += [f"#### {ds}" + (" (2018 sample: the study's values are not comparable)" if ds == "electronics" else ""),
+                "", "| model | study | " + " | ".join(short[k] for k in settings) + " |",
+                "|---|---|" + "---|" * len(settings)]
+        for name in models:
+            study = STUDY.get(ds, {}).get(name)
+            cells = [f"{study[1]:.4f} / {study[3]:.4f}" if study else "-"]
+            for k in settings:
+                g = got[(got["model"] == name) & (got["setting"] == k)]
+                if g.empty:
+                    cells.append("-")
+                    continue
+                n, h = g["test_ndcg@10"].mean(), g["test_hr@10"].mean()
+                cell = f"{n:.4f} / {h:.4f} ({len(g)})"
+                if study and ds != "electronics":
+                    cell += f" [{n - study[1]:+.4f} / {h - study[3]:+.4f}]"
+                cells.append(cell)
+            if any(c != "-" for c in cells[1:]):
+                out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
 def write_table(results_dir, datasets, models=tuple(MODELS)) -> tuple[Path, Path]:
     """table1.md/csv for ``datasets`` plus every other dataset with Table 1 results (a run of one
     dataset must not drop the others), in the study's order, then any other dataset by name."""
@@ -190,20 +255,37 @@ def write_table(results_dir, datasets, models=tuple(MODELS)) -> tuple[Path, Path
     done = set(runs.loc[runs["sweep_id"] == TABLE_ID, "dataset"]) - {""} if "sweep_id" in runs else set()
     order = list(STUDY)
     datasets = sorted(set(datasets) | done, key=lambda d: (order.index(d) if d in order else len(order), d))
-    sampled, md = build_tables(runs, datasets, models, "test_")
-    full, md_full = build_tables(runs, datasets, models, "test_full_")
+    rows = collect(runs, datasets, models)
+    settings = sorted(set(rows["setting"]) if len(rows) else {OLD_SETTING}, key=_setting_order)
     text = ["# Table 1 (benchbox)", "", "Models of the TTT4Rec study's Table 1 (plus benchbox's extra rows: TTT-MLP, Mamba, and "
             "ComiDR+, ComiRec-DR with `inputs=unit select=max`), trained with benchbox's "
-            "one protocol; generated from results/runs.csv by `benchbox table`.", "",
-            "## Sampled metrics", ""] + md
-    if md_full:
-        text += ["## Full-ranking metrics (secondary; sampled metrics can rank models differently: Krichene & "
-                 "Rendle, KDD 2020). DIN is absent: scoring every item with target attention is O(items x history).",
-                 ""] + md_full
+            "one protocol; generated from results/runs.csv by `benchbox table`.", ""]
+    if len(settings) > 1:
+        text += side_by_side(rows, datasets, models, settings)
+    notes = Path(results_dir) / "table1_notes.md"  # hand-written: what the study says, causes of gaps
+    if notes.exists():
+        text += [notes.read_text().rstrip(), ""]
+    csv = []
+    for setting in settings:
+        sampled, md = build_tables(runs, datasets, models, "test_", setting)
+        full, md_full = build_tables(runs, datasets, models, "test_full_", setting)
+        csv += sampled + full
+        if len(settings) > 1:
+            text += [f"## {SETTING_TITLES.get(setting, setting)}", ""]
+        text += ["### Sampled metrics", ""] + md
+        if md_full:
+            text += ["### Full-ranking metrics (secondary; sampled metrics can rank models differently: Krichene & "
+                     "Rendle, KDD 2020). DIN is absent: scoring every item with target attention is O(items x history).",
+                     ""] + md_full
+    if len(settings) > 1:
+        from .plots import plot_table1
+        for ds in datasets:
+            if (rows["dataset"] == ds).any():
+                plot_table1(rows, ds, settings, Path(results_dir) / "figures" / f"table1_{ds}.png")
     out_md, out_csv = Path(results_dir) / "table1.md", Path(results_dir) / "table1.csv"
     out_md.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(out_md, "\n".join(text) + "\n")
-    table = pd.DataFrame(sampled + full)
+    table = pd.DataFrame(csv)
     _write_atomic(out_csv, table.to_csv(index=False, lineterminator="\n") if len(table) else "dataset\n")
     return out_md, out_csv
 

@@ -26,6 +26,12 @@ def _run(args, capsys):
     (["run", "--mixer", "gru", "--dataset", "ml-1m", "--data-dir", "/nonexistent"], "no data for 'ml-1m': looked in"),
     (["run", "--mixer", "gru", "--dataset", "/nonexistent/x.txt"], "data file not found"),
     (["run", "--mixer", "gru", "--opt", "noequals"], "must look like key=value"),
+    (["run", "--mixer", "gru", "--regime", "instances", "--window", "0"], "window must be >= 1"),
+    (["run", "--mixer", "gru", "--window", "10"], "--window applies to --regime instances only"),
+    (["run", "--mixer", "gru", "--regime", "batch"], "'batch' is not one of"),
+    (["run", "--mixer", "gru", "--budget", "forever"], "'forever' is not one of"),
+    (["run", "--mixer", "gru", "--protocol", "duet"], "'duet' is not one of"),
+    (["run", "--mixer", "gru", "--cover", "all"], "'all' is not one of"),
 ])
 def test_bad_input_is_one_line_exit_2_and_keeps_results(tmp_path, capsys, args, msg):
     rdir = tmp_path / "res"
@@ -98,3 +104,46 @@ def test_datasets_and_mixers_listing(capsys, shared_data):
     assert code == 0 and "ml-1m" in out and "6,040" in out and "22,363" in out
     code, out, _ = _run(["mixers"], capsys)
     assert code == 0 and "attention" in out and "sdpa" in out
+
+
+def test_study_protocol_preset_yields_to_explicit_flags(tmp_path, capsys):
+    import json
+    import numpy as np
+    rdir = tmp_path / "r"
+    rng = np.random.default_rng(0)  # 300 users x 12..40 clicks of 200 items: a few thousand rows
+    seqs = write_seqs(tmp_path / "s.txt", [list(rng.choice(np.arange(1, 201), rng.integers(12, 40), replace=False))
+                                           for _ in range(300)])
+    small = ["--dataset", str(seqs), "--epochs", "1", "--d-model", "8", "--threads", "1"]
+    code, out, err = _run(["run", "--mixer", "gru", "--protocol", "study", "--results-dir", str(rdir)] + small, capsys)
+    assert code == 0, err
+    code, out2, err = _run(["run", "--mixer", "gru", "--protocol", "study", "--window", "5", "--batch-size", "500",
+                            "--results-dir", str(rdir)] + small, capsys)
+    assert code == 0, err
+    first, second = results.read_rows(rdir / "runs.csv")
+    c1, c2 = json.loads(first["config"]), json.loads(second["config"])
+    assert (c1["regime"], c1["window"], c1["batch_size"], c1["train_neg"], c1["protocol"]) == ("instances", 10, 1024, 4, "study")
+    assert (c2["window"], c2["batch_size"], c2["regime"]) == (5, 500, "instances")  # explicit flags win
+    # the row says how many steps and targets an epoch has, and the run printed it first
+    assert int(first["steps_per_epoch"]) == -(-int(first["train_targets_per_epoch"]) // (1024 // 5))
+    assert int(second["steps_per_epoch"]) == -(-int(second["train_targets_per_epoch"]) // (500 // 5))
+    assert f"{int(first['steps_per_epoch']):,} steps per epoch" in out
+    assert first["regime"] == "instances" and first["stop_reason"] == "budget done (1 epochs)"
+
+
+def test_converged_budget_stops_on_patience_or_cap_and_says_why(tmp_path, capsys):
+    rdir = tmp_path / "r"
+    code, out, err = _run(["run", "--mixer", "gru", "--budget", "converged", "--patience", "1", "--epochs", "3",
+                           "--lr", "0.05", "--d-model", "8", "--results-dir", str(rdir)], capsys)
+    assert code == 0, err
+    (row,) = results.read_rows(rdir / "runs.csv")
+    n = int(row["epochs_run"])
+    assert row["budget"] == "converged" and row["status"] == "ok"
+    if n < 3:
+        assert row["stop_reason"] == "no better validation NDCG@10 for 1 epochs" and n == int(row["best_epoch"]) + 1
+    else:
+        assert row["stop_reason"] == "epoch cap (3)"
+    from benchbox.config import make_config
+    from benchbox.train import budget_epochs
+    assert budget_epochs(make_config(budget="converged")) == (300, 10)
+    assert budget_epochs(make_config(budget="converged", epochs=7, patience=2)) == (7, 2)
+    assert budget_epochs(make_config(readout="comirec_sa")) == (50, 0)

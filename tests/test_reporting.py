@@ -143,3 +143,28 @@ def test_committed_table1_is_what_the_committed_runs_give(tmp_path):
     shutil.copy(ROOT / "results" / "runs.csv", tmp_path / "runs.csv")
     md, _ = write_table(tmp_path, [])
     assert md.read_text() == (ROOT / "results" / "table1.md").read_text()
+
+
+def test_table_keeps_protocols_apart_side_by_side_with_a_figure(tmp_path):
+    """Rows of different protocols are never averaged together: each setting gets its own section, a
+    side-by-side table holds them beside the study, and a figure per dataset is drawn."""
+    rows = []
+    settings = {"old": {}, "study": {"protocol": "study", "regime": "instances", "window": 10, "batch_size": 1024}}
+    for name, extra in settings.items():
+        for seed in range(2):
+            v = (0.20 if name == "old" else 0.28) + 0.01 * seed
+            cfg = {"mixer": "attention", "readout": "last", "seed": seed, **extra}
+            rows.append({"run_id": f"{name}{seed}", "status": "ok", "sweep_id": "table1", "dataset": "beauty",
+                         "mixer": "attention", "readout": "last", "seed": seed, "config": json.dumps(cfg),
+                         "train_seconds": 10, "eval_seconds": 1, **{f"test_{m}": v for m in ("ndcg@5", "ndcg@10", "hr@5", "hr@10")}})
+    results.append_rows(tmp_path / "runs.csv", rows)
+    md_path, csv_path = write_table(tmp_path, ["beauty"], ["SASRec"])
+    text = md_path.read_text()
+    assert "## Side by side" in text and "## Study protocol" in text and "## Sequence regime, last max_len" in text
+    # the side-by-side row: study 0.2849, A = study protocol mean 0.285, B = the old rows' 0.205
+    assert "| SASRec | 0.2849 / 0.4893 | 0.2850 / 0.2850 (2) [+0.0001 / -0.2043] | 0.2050 / 0.2050 (2) [-0.0799 / -0.2843] |" in text
+    table = {(r["setting"], r["model"]): r for r in results.read_rows(csv_path)}
+    assert float(table[("study", "SASRec")]["ndcg@10_mean"]) == pytest.approx(0.285)
+    assert float(table[("sequence, cover last, budget study", "SASRec")]["ndcg@10_mean"]) == pytest.approx(0.205)
+    png = tmp_path / "figures" / "table1_beauty.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
