@@ -303,6 +303,8 @@ class Card:
     filtering: str
     offline_sha256: str = ""
     notes: str = ""
+    # how the study trained and evaluated on this dataset: its own words, and what is reconstructed, from what
+    protocol: str = ""
     download: dict = field(default_factory=dict)
     kcore: int = 0  # parse settings for an interaction log (run options override them)
     dedup: bool = False
