@@ -283,9 +283,27 @@ def table_command(datasets: Annotated[str, _o("comma list of datasets", T)] = "m
                                                          metavar="S1,S2")] = None,
                   workers: Annotated[int, _o("parallel local processes", T)] = 1,
                   no_run: Annotated[bool, typer.Option("--no-run", help="only rebuild table1.md/csv from the results",
-                                                       rich_help_panel=T)] = False, *, options: dict):
+                                                       rich_help_panel=T)] = False,
+                  dry_run: Annotated[bool, typer.Option("--dry-run", help="print what would run and its cost estimated "
+                                                        "from the measured rows of runs.csv; run nothing",
+                                                        rich_help_panel=T)] = False, *, options: dict):
     """Run the study's Table 1 (every model, N seeds, resumable) and write it."""
     from .tables import table
+    if dry_run:
+        est = table(datasets, models, seeds, seed_list, workers, True, options.pop("results_dir"), dry_run=True,
+                    **options)
+        rows = [(g["dataset"], g["model"], g["setting"], g["points"], g["measured_rows"],
+                 "-" if g["sec_per_epoch"] is None else f"{g['sec_per_epoch']:.1f}", f"{g['epochs']:.0f}",
+                 "no measured row" if g["cpu_seconds"] is None else f"{g['cpu_seconds']:,.0f}") for g in est]
+        console.print(_table("Table 1 points to run (cost from the measured rows of the same kind)",
+                             ["dataset", "model", "setting", "points", "rows measured", "s/epoch", "epochs", "CPU-s"],
+                             rows))
+        known = [g["cpu_seconds"] for g in est if g["cpu_seconds"] is not None]
+        unknown = sum(g["points"] for g in est if g["cpu_seconds"] is None)
+        console.print(f"{sum(g['points'] for g in est)} points; estimated {sum(known):,.0f} CPU-s, about "
+                      f"{sum(known) / max(workers, 1) / 3600:.1f} h wall with {workers} worker(s)"
+                      + (f"; {unknown} point(s) without an estimate" if unknown else ""))
+        return
     md, csv_path = table(datasets, models, seeds, seed_list, workers, no_run, options.pop("results_dir"),
                          log=console.print, **options)
     console.print(Path(md).read_text())

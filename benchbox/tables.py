@@ -17,7 +17,7 @@ import pandas as pd
 from . import BenchboxError
 from .config import RunConfig, make_config
 from .results import _write_atomic, frame, load_runs
-from .sweeps import run_sweep
+from .sweeps import pending, run_sweep
 
 METRICS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10")
 TABLE_ID = "table1"
@@ -294,13 +294,54 @@ def _names(v) -> list[str]:
     return [x.strip() for x in (v.split(",") if isinstance(v, str) else v) if x.strip()]
 
 
+def estimate_cost(points: list[RunConfig], runs) -> list[dict]:
+    """The measured cost of ``points`` (not yet run) from the finished rows of runs.csv: per (dataset,
+    model, setting), the median seconds per epoch (train + eval) of rows of that same kind times the
+    epochs the budget gives (converged: the measured rows' median epochs run, else the cap). A kind with
+    no measured row has no estimate (None)."""
+    from .train import budget_epochs
+    df = frame(runs)
+    if len(df) and "config" in df:
+        df = df[df["status"] == "ok"].copy()
+        cfgs = [c if isinstance(c, dict) else json.loads(c or "{}") for c in df["config"]]
+        df["setting"] = [setting_of(c) for c in cfgs]
+        df["readout"] = [c.get("readout", "last") for c in cfgs]
+        df["per_epoch"] = (df["train_seconds"] + df["eval_seconds"]) / df["epochs_run"]
+    inv = {(m, r): name for name, (m, r, *_) in MODELS.items()}
+    groups: dict[tuple, dict] = {}
+    for p in points:
+        setting = setting_of(json.loads(p.to_json()))
+        key = (p.dataset, inv.get((p.mixer, p.readout), p.mixer), setting)
+        g = groups.setdefault(key, {"dataset": key[0], "model": key[1], "setting": setting, "points": 0,
+                                    "sec_per_epoch": None, "epochs": None, "cpu_seconds": None, "measured_rows": 0})
+        g["points"] += 1
+        if g["points"] > 1:
+            continue
+        epochs, patience = budget_epochs(p)
+        same = df[(df["dataset"] == p.dataset) & (df["mixer"] == p.mixer) & (df["readout"] == p.readout)
+                  & (df["setting"] == setting)] if len(df) and "setting" in df else df.iloc[:0]
+        if len(same):
+            g["measured_rows"] = len(same)
+            g["sec_per_epoch"] = float(same["per_epoch"].median())
+            g["epochs"] = float(same["epochs_run"].median()) if patience else epochs
+        else:
+            g["epochs"] = epochs
+    for g in groups.values():
+        if g["sec_per_epoch"] is not None:
+            g["cpu_seconds"] = g["sec_per_epoch"] * g["epochs"] * g["points"]
+    return list(groups.values())
+
+
 def table(datasets="ml-1m,beauty,electronics", models=tuple(MODELS), seeds: int = 3, seed_list=None, workers: int = 1,
-          no_run: bool = False, results_dir: str = "results", log=print, **options) -> tuple[Path, Path]:
+          no_run: bool = False, results_dir: str = "results", log=print, dry_run: bool = False,
+          **options) -> tuple[Path, Path] | list[dict]:
     """Run the study's Table 1 (every model x dataset x seed, resumable) and write table1.md/csv.
     ``options``: run options as in ``benchbox.run`` (full ranking is on unless ``eval="sampled"``)."""
     base = make_config(**{"eval_full": True, **options, "mixer": "gru", "dataset": "synthetic", "seed": 0})
     datasets, models = _names(datasets), _names(models)
     points = table_points(base, datasets, models, table_seeds(seeds, seed_list))
+    if dry_run:  # what would run, and what it would cost by the rows measured so far
+        return estimate_cost(pending(points, results_dir), load_runs(results_dir))
     if not no_run:
         run_sweep(points, results_dir, workers, log=log)
     return write_table(results_dir, datasets)

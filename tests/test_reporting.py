@@ -168,3 +168,19 @@ def test_table_keeps_protocols_apart_side_by_side_with_a_figure(tmp_path):
     assert float(table[("sequence, cover last, budget study", "SASRec")]["ndcg@10_mean"]) == pytest.approx(0.205)
     png = tmp_path / "figures" / "table1_beauty.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_dry_run_estimates_from_measured_rows_of_the_same_kind(tmp_path):
+    from benchbox.config import make_config
+    from benchbox.tables import estimate_cost, table_points
+    cfg = {"mixer": "attention", "readout": "last", "dataset": "beauty", "seed": 0}
+    rows = [{"run_id": f"r{i}", "status": "ok", "sweep_id": "table1", "dataset": "beauty", "mixer": "attention",
+             "readout": "last", "seed": i, "config": json.dumps({**cfg, "seed": i}), "train_seconds": t,
+             "eval_seconds": 10, "epochs_run": 10} for i, t in enumerate((90, 190, 290))]  # 10, 20, 30 s/epoch
+    pts = table_points(make_config(cover="last"), ["beauty"], ["SASRec", "GRU4Rec"], [5, 6])
+    est = {g["model"]: g for g in estimate_cost(pts, rows)}
+    assert est["SASRec"]["sec_per_epoch"] == 20 and est["SASRec"]["cpu_seconds"] == 20 * 10 * 2
+    assert est["GRU4Rec"]["cpu_seconds"] is None  # nothing measured for it
+    # another protocol is another kind: the sequence rows say nothing about the study protocol's cost
+    study = table_points(make_config(protocol="study"), ["beauty"], ["SASRec"], [0])
+    assert estimate_cost(study, rows)[0]["cpu_seconds"] is None
