@@ -191,7 +191,9 @@ def ttt_reference(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], 
     B, L, H, D = q.shape
     outs = []
     with torch.enable_grad():
-        p = {n: (t if t.requires_grad else t.detach().requires_grad_(True)) for n, t in params.items()}
+        # under no_grad (evaluation) a view of a parameter still says requires_grad but is in no graph:
+        # start from fresh leaves there, and only keep the outer graph when there is one
+        p = {n: (t if outer_grad and t.requires_grad else t.detach().requires_grad_(True)) for n, t in params.items()}
         for start in range(0, L, mini_batch_size):
             stop = min(start + mini_batch_size, L)
             grads = []  # eta_j * grad l_j(W0), token by token

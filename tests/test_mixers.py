@@ -71,3 +71,22 @@ def test_attention_backends_agree():
         torch.manual_seed(1)
         ys.append(mixers.build("attention", D, 32, backend=backend).double().eval()(x))
     torch.testing.assert_close(ys[0], ys[1], rtol=1e-10, atol=1e-10)
+
+
+def test_every_backend_of_every_mixer_runs_the_whole_protocol(tmp_path):
+    """A backend is only a reference if it can train and be evaluated (under no_grad) like the fast path:
+    a full tiny run (training, validation, test, full ranking) with each CPU backend of each mixer."""
+    import numpy as np
+    import benchbox
+    import mixers
+    from conftest import write_seqs
+    rng = np.random.default_rng(0)
+    seqs = write_seqs(tmp_path / "s.txt", [list(rng.choice(np.arange(1, 41), 9, replace=False)) for _ in range(12)])
+    ran = []
+    for name in mixers.names():
+        for backend in mixers.get_class(name).available_backends("cpu"):
+            res = benchbox.run(mixer=name, dataset=str(seqs), opt=[f"backend={backend}"], epochs=1, d_model=8,
+                               n_layers=1, max_len=8, eval="full", eval_neg=20, results_dir=None, log=lambda *a, **k: None)
+            assert res.row["status"] == "ok" and 0 <= res.metrics["test_full_ndcg@10"] <= 1, (name, backend)
+            ran.append((name, backend))
+    assert ("ttt_linear", "reference") in ran and ("ttt_mlp", "reference") in ran and ("mamba", "torch") in ran
