@@ -141,6 +141,8 @@ def test_committed_table1_is_what_the_committed_runs_give(tmp_path):
     import shutil
     from conftest import ROOT
     shutil.copy(ROOT / "results" / "runs.csv", tmp_path / "runs.csv")
+    if (ROOT / "results" / "table1_notes.md").exists():  # the hand-written part it includes
+        shutil.copy(ROOT / "results" / "table1_notes.md", tmp_path / "table1_notes.md")
     md, _ = write_table(tmp_path, [])
     assert md.read_text() == (ROOT / "results" / "table1.md").read_text()
 
