@@ -37,9 +37,11 @@ materialised inner-weight state in the fast path), ``backend="auto"``.
 ``h = RMSNorm_seq(u + conv(RMSNorm_conv(u)))`` (the official residual conv followed by the block's
 ``seq_norm``), and the TTT layer then runs on ``h``. The official residual stream would carry
 ``u + conv(...)``; a mixer cannot change its caller's residual, which is the one deviation.
-Numerical details that differ below float32 resolution: RoPE angles are computed in float64 (the
-official code uses float32 cos/sin) and the GELU derivative uses exact sqrt(2/pi) (official: 0.79788456).
-With those two aligned, outputs equal a transcription of the official layer to ~1e-14 in float64.
+Numerical details that differ below float32 resolution, and must be aligned to compare with the official
+layer in float64 (then the two agree to ~1e-15; otherwise only to float32 resolution): (1) RoPE angles
+are computed in float64 (the official code builds float32 cos/sin); (2) the token factor base 1/i is
+computed in the run's dtype (the official ``token_idx`` is a float32 buffer); (3) the GELU derivative uses
+exact sqrt(2/pi) (official: the float32 literal 0.79788456).
 
 Backends (same parameters, same maths):
 - ``torch``: the fast path. Everything that does not depend on the inner weights (projections,
