@@ -306,12 +306,13 @@ def estimate_cost(points: list[RunConfig], runs) -> list[dict]:
         cfgs = [c if isinstance(c, dict) else json.loads(c or "{}") for c in df["config"]]
         df["setting"] = [setting_of(c) for c in cfgs]
         df["readout"] = [c.get("readout", "last") for c in cfgs]
+        df["readout_opts"] = [json.dumps(c.get("readout_opts", {}), sort_keys=True) for c in cfgs]
         df["per_epoch"] = (df["train_seconds"] + df["eval_seconds"]) / df["epochs_run"]
-    inv = {(m, r): name for name, (m, r, *_) in MODELS.items()}
+    inv = {_row_key(*_spec(k)): k for k in MODELS}
     groups: dict[tuple, dict] = {}
     for p in points:
         setting = setting_of(json.loads(p.to_json()))
-        key = (p.dataset, inv.get((p.mixer, p.readout), p.mixer), setting)
+        key = (p.dataset, inv.get(_row_key(p.mixer, p.readout, p.readout_opts), p.mixer), setting)
         g = groups.setdefault(key, {"dataset": key[0], "model": key[1], "setting": setting, "points": 0,
                                     "sec_per_epoch": None, "epochs": None, "cpu_seconds": None, "measured_rows": 0})
         g["points"] += 1
@@ -319,6 +320,7 @@ def estimate_cost(points: list[RunConfig], runs) -> list[dict]:
             continue
         epochs, patience = budget_epochs(p)
         same = df[(df["dataset"] == p.dataset) & (df["mixer"] == p.mixer) & (df["readout"] == p.readout)
+                  & (df["readout_opts"] == json.dumps(p.readout_opts, sort_keys=True))
                   & (df["setting"] == setting)] if len(df) and "setting" in df else df.iloc[:0]
         if len(same):
             g["measured_rows"] = len(same)

@@ -179,8 +179,9 @@ def test_table_dry_run_estimates_from_measured_rows_of_the_same_kind(tmp_path):
     rows = [{"run_id": f"r{i}", "status": "ok", "sweep_id": "table1", "dataset": "beauty", "mixer": "attention",
              "readout": "last", "seed": i, "config": json.dumps({**cfg, "seed": i}), "train_seconds": t,
              "eval_seconds": 10, "epochs_run": 10} for i, t in enumerate((90, 190, 290))]  # 10, 20, 30 s/epoch
-    pts = table_points(make_config(cover="last"), ["beauty"], ["SASRec", "GRU4Rec"], [5, 6])
+    pts = table_points(make_config(cover="last"), ["beauty"], ["SASRec", "GRU4Rec", "ComiDR", "ComiDR+"], [5, 6])
     est = {g["model"]: g for g in estimate_cost(pts, rows)}
+    assert est["ComiDR"]["points"] == est["ComiDR+"]["points"] == 2  # same readout, other options: two kinds
     assert est["SASRec"]["sec_per_epoch"] == 20 and est["SASRec"]["cpu_seconds"] == 20 * 10 * 2
     assert est["GRU4Rec"]["cpu_seconds"] is None  # nothing measured for it
     # another protocol is another kind: the sequence rows say nothing about the study protocol's cost
