@@ -130,7 +130,7 @@ class Batch:
     @property
     def n_targets(self) -> int:
         """Trained targets (the sequence regime: every real position; instances: one per row)."""
-        return len(self.users) if self.targets is None else int((self.targets > 0).sum())
+        return len(self.users) if self.targets is None else self.n_tokens  # a real position is a target
 
 
 def _gather_windows(data: Sequences, users: np.ndarray, ends: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -158,6 +158,11 @@ def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def _index_within_groups(counts: np.ndarray) -> np.ndarray:
+    """0, 1, ..., counts[0]-1, 0, 1, ..., counts[1]-1, ...: each element's index within its group."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 class TrainLoader:
     """The sequence regime: one causal pass per row, every position a target. A user with >= 2 training
     items yields rows of inputs s[e-l-1:e-1] -> targets s[e-l:e] (l <= max_len), plus ``n_neg`` negatives
@@ -175,7 +180,7 @@ class TrainLoader:
         else:  # window j (0 = the last) ends j * max_len targets before the end of the training part
             n_win = (n_pred + max_len - 1) // max_len
             self.users = np.repeat(users, n_win)
-            j = np.arange(len(self.users)) - np.repeat(np.cumsum(n_win) - n_win, n_win)
+            j = _index_within_groups(n_win)
             left = np.repeat(n_pred, n_win) - j * max_len  # targets not yet covered by later windows
             self.lengths, self.ends = np.minimum(left, max_len), train_len[self.users] - j * max_len
         self.index = InteractionIndex(data)
@@ -216,7 +221,7 @@ class InstanceLoader:
         n_pred = np.maximum(train_len - 1, 0)
         self.users = np.repeat(np.arange(data.n_users), n_pred)
         # t = 1..train_len-1 within each user's sequence: the target's position = its history's length
-        self.t = np.arange(len(self.users)) - np.repeat(np.cumsum(n_pred) - n_pred, n_pred) + 1
+        self.t = _index_within_groups(n_pred) + 1
         self.index = InteractionIndex(data)
         self.seed = seed
         self.epoch = 0

@@ -47,6 +47,11 @@ def _spec(name: str) -> tuple[str, str, dict]:
 def _row_key(mixer: str, readout: str, readout_opts: dict) -> str:
     return json.dumps([mixer, readout, readout_opts], sort_keys=True)
 
+
+def model_name(mixer: str, readout: str, readout_opts: dict) -> str | None:
+    """The Table 1 model a (mixer, readout, options) triple is, or None."""
+    return {_row_key(*_spec(k)): k for k in MODELS}.get(_row_key(mixer, readout or "last", readout_opts))
+
 # the study's Table 1 (its data): NDCG@5, NDCG@10, HR@5, HR@10
 STUDY = {
     "beauty": {"DIN": (.2466, .2684, .3546, .4223), "GRU4Rec": (.2390, .2692, .3645, .4571),
@@ -143,16 +148,17 @@ def collect(runs, datasets, models) -> pd.DataFrame:
     for col in ("readout", "readout_opts"):
         df[col] = df[col] if col in df else ""
     df = df[(df["sweep_id"] == TABLE_ID) & (df["status"] == "ok") & df["dataset"].isin(datasets)]
-    inv = {_row_key(*_spec(k)): k for k in MODELS}
-    key = [_row_key(m, r or "last", json.loads(o or "{}")) for m, r, o in zip(df["mixer"], df["readout"], df["readout_opts"])]
-    df = df.assign(model=[inv.get(k) for k in key],
+    df = df.assign(model=[model_name(m, r, json.loads(o or "{}"))
+                          for m, r, o in zip(df["mixer"], df["readout"], df["readout_opts"])],
                    setting=[setting_of(c if isinstance(c, dict) else json.loads(c or "{}"))
                             for c in (df["config"] if "config" in df else [{}] * len(df))])
     return df[df["model"].isin(models)].drop_duplicates(["setting", "dataset", "model", "seed"], keep="last")
 
 
-def build_tables(runs, datasets, models, prefix="test_", setting: str = OLD_SETTING) -> tuple[list[dict], list[str]]:
-    data = collect(runs, datasets, models)
+def build_tables(runs, datasets, models, prefix="test_", setting: str = OLD_SETTING,
+                 collected: pd.DataFrame | None = None) -> tuple[list[dict], list[str]]:
+    """``collected``: ``collect(runs, datasets, models)`` when the caller has it already."""
+    data = collect(runs, datasets, models) if collected is None else collected
     data = data[data["setting"] == setting]
     cols = [prefix + m for m in METRICS]
     full = "full" in prefix
@@ -267,8 +273,8 @@ def write_table(results_dir, datasets, models=tuple(MODELS)) -> tuple[Path, Path
         text += [notes.read_text().rstrip(), ""]
     csv = []
     for setting in settings:
-        sampled, md = build_tables(runs, datasets, models, "test_", setting)
-        full, md_full = build_tables(runs, datasets, models, "test_full_", setting)
+        sampled, md = build_tables(runs, datasets, models, "test_", setting, rows)
+        full, md_full = build_tables(runs, datasets, models, "test_full_", setting, rows)
         csv += sampled + full
         if len(settings) > 1:
             text += [f"## {SETTING_TITLES.get(setting, setting)}", ""]
@@ -295,39 +301,31 @@ def _names(v) -> list[str]:
 
 
 def estimate_cost(points: list[RunConfig], runs) -> list[dict]:
-    """The measured cost of ``points`` (not yet run) from the finished rows of runs.csv: per (dataset,
-    model, setting), the median seconds per epoch (train + eval) of rows of that same kind times the
-    epochs the budget gives (converged: the measured rows' median epochs run, else the cap). A kind with
-    no measured row has no estimate (None)."""
+    """The measured cost of ``points`` (not yet run) from the finished Table 1 rows of runs.csv: per
+    (dataset, model, setting), the median seconds per epoch (train + eval) of rows of that same kind
+    times the epochs the budget gives (converged: the measured rows' median epochs run, else the cap).
+    A kind with no measured row has no estimate (None)."""
     from .train import budget_epochs
-    df = frame(runs)
-    if len(df) and "config" in df:
-        df = df[df["status"] == "ok"].copy()
-        cfgs = [c if isinstance(c, dict) else json.loads(c or "{}") for c in df["config"]]
-        df["setting"] = [setting_of(c) for c in cfgs]
-        df["readout"] = [c.get("readout", "last") for c in cfgs]
-        df["readout_opts"] = [json.dumps(c.get("readout_opts", {}), sort_keys=True) for c in cfgs]
-        df["per_epoch"] = (df["train_seconds"] + df["eval_seconds"]) / df["epochs_run"]
-    inv = {_row_key(*_spec(k)): k for k in MODELS}
+    done = collect(runs, sorted({p.dataset for p in points}), list(MODELS))
+    if len(done):
+        done = done.assign(per_epoch=(done["train_seconds"] + done["eval_seconds"]) / done["epochs_run"])
     groups: dict[tuple, dict] = {}
     for p in points:
-        setting = setting_of(json.loads(p.to_json()))
-        key = (p.dataset, inv.get(_row_key(p.mixer, p.readout, p.readout_opts), p.mixer), setting)
-        g = groups.setdefault(key, {"dataset": key[0], "model": key[1], "setting": setting, "points": 0,
+        key = (p.dataset, model_name(p.mixer, p.readout, p.readout_opts) or p.mixer, setting_of(json.loads(p.to_json())))
+        g = groups.setdefault(key, {"dataset": key[0], "model": key[1], "setting": key[2], "points": 0,
                                     "sec_per_epoch": None, "epochs": None, "cpu_seconds": None, "measured_rows": 0})
         g["points"] += 1
         if g["points"] > 1:
             continue
         epochs, patience = budget_epochs(p)
-        same = df[(df["dataset"] == p.dataset) & (df["mixer"] == p.mixer) & (df["readout"] == p.readout)
-                  & (df["readout_opts"] == json.dumps(p.readout_opts, sort_keys=True))
-                  & (df["setting"] == setting)] if len(df) and "setting" in df else df.iloc[:0]
+        same = done[(done["dataset"] == key[0]) & (done["model"] == key[1]) & (done["setting"] == key[2])] \
+            if len(done) else done
+        g["epochs"] = epochs
         if len(same):
             g["measured_rows"] = len(same)
             g["sec_per_epoch"] = float(same["per_epoch"].median())
-            g["epochs"] = float(same["epochs_run"].median()) if patience else epochs
-        else:
-            g["epochs"] = epochs
+            if patience:
+                g["epochs"] = float(same["epochs_run"].median())
     for g in groups.values():
         if g["sec_per_epoch"] is not None:
             g["cpu_seconds"] = g["sec_per_epoch"] * g["epochs"] * g["points"]
