@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .pipeline import eval_batches
+
 KS = (5, 10)
 
 
@@ -19,6 +21,11 @@ def ranks_from_scores(scores: torch.Tensor, valid: torch.Tensor | None = None) -
     if valid is not None:
         beats &= valid[:, 1:]
     return beats.sum(dim=1)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Scores are ranked in float32 at least (bf16 ties count against the positive); float64 stays."""
+    return t.float() if t.element_size() < 4 else t
 
 
 def metrics_from_ranks(ranks: np.ndarray | torch.Tensor, ks=KS) -> dict[str, float]:
@@ -39,7 +46,7 @@ def evaluate(model, batches, n_items: int, full: bool = False, device="cpu", aut
     The sequence is encoded once per batch (under autocast when asked) and both rankings score that one
     encoding in float32: bf16 scores tie often, and a tie counts against the positive."""
     model.eval()
-    table = model.item_table().float()  # F_t for every item, computed once
+    table = _wide(model.item_table())  # F_t for every item, computed once
     dev_type = torch.device(device).type
     sampled, full_ranks = [], []
     for batch in batches:
@@ -47,7 +54,7 @@ def evaluate(model, batches, n_items: int, full: bool = False, device="cpu", aut
         with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             h = model.encode(batch.inputs, batch.lengths)
         with torch.autocast(dev_type, enabled=False):
-            h = h.float()
+            h = _wide(h)
             scores = model.readout.scores(h, batch.lengths, table[batch.candidates])
             sampled.append(ranks_from_scores(scores).cpu())
             if full:
@@ -56,6 +63,43 @@ def evaluate(model, batches, n_items: int, full: bool = False, device="cpu", aut
     if full:
         out.update({f"full_{k}": v for k, v in metrics_from_ranks(torch.cat(full_ranks)).items()})
     return out
+
+
+@torch.no_grad()
+def evaluate_splits(model, data, max_len: int, valid_cand, test_cand, device="cpu", autocast_dtype=None,
+                    batch_size: int = 256) -> tuple[dict, dict]:
+    """Sampled validation and test metrics with one encode per user where that is exact.
+
+    The validation input s[:n-2] is a prefix of the test input s[:n-1] whenever the test input fits in
+    ``max_len`` (nothing cut): a causal model's H over the test input then holds the validation H too,
+    so both are scored from one encode (validation at length - 1). Users whose test input is cut have a
+    validation window that starts one item earlier; they are encoded once per split. ``evaluate`` on
+    each split is the reference that this equals (tests hold them together)."""
+    model.eval()
+    table = _wide(model.item_table())
+    dev_type = torch.device(device).type
+    ends = data.lengths - 1
+    fits, cut = np.flatnonzero(ends <= max_len), np.flatnonzero(ends > max_len)
+    ranks = {"valid": [], "test": []}
+
+    def encode(batch):
+        with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            h = model.encode(batch.inputs, batch.lengths)
+        return _wide(h)
+
+    with torch.autocast(dev_type, enabled=False):
+        for batch in eval_batches(data, "test", max_len, batch_size, test_cand, users=fits):
+            batch = batch.to(device)
+            h = encode(batch)
+            valid = torch.as_tensor(valid_cand[batch.users.cpu().numpy()], device=h.device)
+            for split, lengths, cand in (("test", batch.lengths, batch.candidates), ("valid", batch.lengths - 1, valid)):
+                ranks[split].append(ranks_from_scores(model.readout.scores(h, lengths, table[cand])).cpu())
+        for split, cand in (("valid", valid_cand), ("test", test_cand)):
+            for batch in eval_batches(data, split, max_len, batch_size, cand, users=cut):
+                batch = batch.to(device)
+                h = encode(batch)
+                ranks[split].append(ranks_from_scores(model.readout.scores(h, batch.lengths, table[batch.candidates])).cpu())
+    return metrics_from_ranks(torch.cat(ranks["valid"])), metrics_from_ranks(torch.cat(ranks["test"]))
 
 
 def full_ranks_masked(all_scores: torch.Tensor, batch) -> torch.Tensor:

@@ -252,12 +252,17 @@ class InstanceLoader:
 
 
 def eval_batches(data: Sequences, split: str, max_len: int, batch_size: int, candidates: np.ndarray | None,
-                 history: bool = False):
+                 history: bool = False, users: np.ndarray | None = None):
     """Validation (history s[:n-2]) or test (history s[:n-1]) batches, sorted by length; the model reads
-    the last ``max_len`` items. ``history`` also attaches the whole history (for full-ranking masks)."""
+    the last ``max_len`` items. ``history`` also attaches the whole history (for full-ranking masks);
+    ``users`` restricts the batches to those users (default: all)."""
     ends = data.lengths - (2 if split == "valid" else 1)
     lengths = np.minimum(ends, max_len)
-    for users in length_buckets(lengths, batch_size, None):
+    pool = np.arange(data.n_users) if users is None else np.asarray(users)
+    if len(pool) == 0:
+        return
+    for rows in length_buckets(lengths[pool], batch_size, None):
+        users = pool[rows]
         inputs = _gather_windows(data, users, ends[users], lengths[users])
         cand = None if candidates is None else torch.from_numpy(candidates[users])
         seen = torch.from_numpy(_gather_windows(data, users, ends[users], ends[users])) if history else None

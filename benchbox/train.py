@@ -23,7 +23,7 @@ import torch
 from . import BenchboxError, Diverged, __version__
 from . import data as data_mod
 from .config import ConfigError, RunConfig
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_splits
 from .model import Recommender, bce_loss
 from .paths import PROJECT_ROOT
 from .config import CONVERGED
@@ -171,8 +171,7 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
             dt = time.perf_counter() - t0
             train_s += dt
             t0 = time.perf_counter()
-            val = evaluate(model, eval_batches(data, "valid", read_len, 256, valid_cand), data.n_items, False, dev, amp)
-            test = evaluate(model, eval_batches(data, "test", read_len, 256, test_cand), data.n_items, False, dev, amp)
+            val, test = evaluate_splits(model, data, read_len, valid_cand, test_cand, dev, amp)
             eval_s += time.perf_counter() - t0
             point = {"run_id": run_id, "epoch": epoch, "train_loss": t_loss, "epoch_seconds": round(dt, 3),
                      "tokens_per_s": round(n_tok / dt, 1)}

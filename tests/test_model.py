@@ -61,3 +61,24 @@ def test_untrained_model_scores_near_chance():
     m = Recommender(d.n_items, "gru", d_model=16, n_layers=1, max_len=50)
     res = evaluate(m, eval_batches(d, "test", 50, 256, cand), d.n_items)
     assert 0.06 < res["hr@10"] < 0.14  # chance is 0.10 (2,000 users)
+
+
+@pytest.mark.parametrize("mixer,readout", [("gru", "last"), ("attention", "last"), ("ttt_linear", "last"),
+                                           ("ttt_mlp", "last"), ("mamba", "last"), ("none", "din"),
+                                           ("none", "comirec_sa"), ("none", "comirec_dr"), ("gru", "din")])
+def test_one_encode_for_both_splits_equals_each_split_alone(mixer, readout):
+    """evaluate_splits scores validation from the test encode where the test input is not cut; the
+    per-split evaluate is its reference. max_len 30 cuts about half of the users (those are encoded twice)."""
+    from benchbox.evaluate import evaluate_splits
+    d = data.synthetic(seed=1, n_users=120, n_items=200, max_seq=45)
+    max_len = 30
+    assert 0 < ((d.lengths - 1) > max_len).sum() < d.n_users
+    vc, tc = eval_candidates(d, "valid", 20, 3), eval_candidates(d, "test", 20, 3)
+    torch.manual_seed(0)
+    m = Recommender(d.n_items, mixer, d_model=16, n_layers=2 if mixer != "none" else 0, max_len=max_len,
+                    dropout=0.0, readout=readout).double()
+    val, test = evaluate_splits(m, d, max_len, vc, tc, batch_size=16)
+    ref_val = evaluate(m, eval_batches(d, "valid", max_len, 16, vc), d.n_items)
+    ref_test = evaluate(m, eval_batches(d, "test", max_len, 16, tc), d.n_items)
+    assert val == pytest.approx(ref_val, abs=1e-12) and test == pytest.approx(ref_test, abs=1e-12)
+    assert val != test  # two splits really were scored (a mix-up of candidates would show here)

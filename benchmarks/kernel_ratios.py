@@ -1,0 +1,182 @@
+"""Our mixers against the public reference implementations, side by side in one process.
+
+Forward + backward of the mixer alone (gradient w.r.t. the input and every parameter), float32, the
+same sizes for both, interleaved ours / reference / ours / ... so that machine noise hits both alike;
+the median of ``--repeats`` after ``--warmup``. tokens/s = batch * L / median seconds.
+
+References (never dependencies of benchbox, never committed):
+- TTT-Linear / TTT-MLP: the official layer, ``ttt.py`` of test-time-training/ttt-lm-pytorch. Fetched into
+  a temporary folder from ``--official-url`` (pinned commit), or read from ``--official-ttt PATH``.
+  ``transformers`` is not needed: where it is missing, the few names ttt.py imports from it are stubbed
+  (only its config base class and logger are used by the layer).
+- Mamba: ``mambapy`` (PyPI) ``MambaBlock`` with its parallel scan (``pscan=True``). Install it into a
+  scratch folder and name it: ``pip install --no-deps --target /tmp/mambapy_pkg mambapy`` then
+  ``--mambapy-path /tmp/mambapy_pkg``.
+
+    python benchmarks/kernel_ratios.py --official-ttt /tmp/official/ttt.py --mambapy-path /tmp/mambapy_pkg \
+        --threads 2 --out results/kernel_ratios.csv
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import types
+import urllib.request
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mixers  # noqa: E402
+
+OFFICIAL_URL = ("https://raw.githubusercontent.com/test-time-training/ttt-lm-pytorch/"
+                "6990c68c979a0dd4d8fca41cc93e11e83d89914e/ttt.py")
+
+# (kernel, L, mini_batch_size): the issue's table plus the study's window (L 10)
+CASES = [("ttt_linear", 200, 16), ("ttt_linear", 200, 1), ("ttt_linear", 50, 16), ("ttt_linear", 10, 1),
+         ("ttt_linear", 10, 10), ("ttt_mlp", 200, 16), ("mamba", 200, None), ("mamba", 50, None)]
+
+
+def _stub_transformers() -> None:
+    """Just enough of ``transformers`` for ttt.py to import: its layer uses only the config base class."""
+    if importlib.util.find_spec("transformers") is not None:
+        return
+
+    class PretrainedConfig:
+        def __init__(self, **kwargs):
+            for k, v in kwargs.items():
+                setattr(self, k, v)
+
+    class PreTrainedModel(torch.nn.Module):
+        def __init__(self, config, *args, **kwargs):
+            super().__init__()
+            self.config = config
+
+    class ModelOutput(dict):
+        pass
+
+    log = types.SimpleNamespace(get_logger=logging.getLogger)
+    mods = {
+        "transformers": dict(PretrainedConfig=PretrainedConfig),
+        "transformers.activations": dict(ACT2FN={"silu": torch.nn.functional.silu,
+                                                 "gelu": torch.nn.functional.gelu}),
+        "transformers.modeling_outputs": dict(BaseModelOutputWithPast=ModelOutput,
+                                              CausalLMOutputWithPast=ModelOutput),
+        "transformers.modeling_utils": dict(PreTrainedModel=PreTrainedModel),
+        "transformers.utils": dict(ModelOutput=ModelOutput, logging=log),
+        "transformers.utils.import_utils": dict(is_causal_conv1d_available=lambda: False),
+    }
+    for name, attrs in mods.items():
+        m = types.ModuleType(name)
+        m.__dict__.update(attrs)
+        sys.modules[name] = m
+
+
+def load_official(path: str | None, url: str):
+    _stub_transformers()
+    if path is None:
+        path = os.path.join(tempfile.mkdtemp(prefix="official_ttt_"), "ttt.py")
+        try:
+            urllib.request.urlretrieve(url, path)
+        except OSError as e:
+            sys.exit(f"cannot fetch the official ttt.py ({e}); pass --official-ttt PATH")
+    spec = importlib.util.spec_from_file_location("official_ttt", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build_pair(kernel, L, mbs, d_model, heads, official, mambapy):
+    """(ours, reference, call(module, x) -> y) for one case, same sizes, float32."""
+    if kernel.startswith("ttt"):
+        ours = mixers.build(kernel, d_model, L, num_heads=heads, mini_batch_size=mbs)
+        cfg = official.TTTConfig(hidden_size=d_model, num_attention_heads=heads, mini_batch_size=mbs,
+                                 ttt_layer_type=kernel.split("_")[1], max_position_embeddings=L)
+        ref = (official.TTTLinear if kernel == "ttt_linear" else official.TTTMLP)(cfg, layer_idx=0)
+        pos = torch.arange(L)[None]
+        return ours, ref, (lambda m, x: m(x)), (lambda m, x: m(x, position_ids=pos))
+    ours = mixers.build("mamba", d_model, L)
+    ref = mambapy.MambaBlock(mambapy.MambaConfig(d_model=d_model, n_layers=1, d_state=ours.d_state,
+                                                 expand_factor=ours.d_inner // d_model, d_conv=4, pscan=True))
+    return ours, ref, (lambda m, x: m(x)), (lambda m, x: m(x))
+
+
+def time_pair(ours, ref, call_ours, call_ref, x, warmup, repeats):
+    def once(m, call):
+        xi = x.detach().requires_grad_(True)
+        t0 = time.perf_counter()
+        y = call(m, xi)
+        y.backward(torch.ones_like(y))
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        once(ours, call_ours), once(ref, call_ref)
+    t_ours, t_ref = [], []
+    for _ in range(repeats):  # interleaved: A B A B
+        t_ours.append(once(ours, call_ours))
+        t_ref.append(once(ref, call_ref))
+    return statistics.median(t_ours), statistics.median(t_ref)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--official-ttt", help="path of the official ttt.py (default: fetch --official-url)")
+    p.add_argument("--official-url", default=OFFICIAL_URL)
+    p.add_argument("--mambapy-path", help="folder where mambapy is installed (pip --target)")
+    p.add_argument("--kernels", default="ttt_linear,ttt_mlp,mamba")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", help="append the rows to this CSV")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    kernels = set(a.kernels.split(","))
+    official = load_official(a.official_ttt, a.official_url) if kernels & {"ttt_linear", "ttt_mlp"} else None
+    mambapy = None
+    if "mamba" in kernels:
+        if a.mambapy_path:
+            sys.path.insert(0, a.mambapy_path)
+        try:
+            import mambapy.mamba as mambapy
+        except ImportError:
+            sys.exit("mambapy is not importable: pip install --no-deps --target DIR mambapy; --mambapy-path DIR")
+    rows = []
+    print(f"| layer | L | mbs | ours tok/s | reference tok/s | ours / reference |\n|---|---|---|---|---|---|")
+    for kernel, L, mbs in CASES:
+        if kernel not in kernels:
+            continue
+        torch.manual_seed(0)
+        ours, ref, call_ours, call_ref = build_pair(kernel, L, mbs, a.d_model, a.heads, official, mambapy)
+        x = torch.randn(a.batch_size, L, a.d_model)
+        t_ours, t_ref = time_pair(ours, ref, call_ours, call_ref, x, a.warmup, a.repeats)
+        tok = a.batch_size * L
+        row = dict(kernel=kernel, seq_len=L, mini_batch_size=mbs or "", batch_size=a.batch_size, d_model=a.d_model,
+                   heads=a.heads, threads=a.threads, ours_tok_s=round(tok / t_ours), reference_tok_s=round(tok / t_ref),
+                   ratio=round(t_ref / t_ours, 2), reference="official ttt.py" if kernel != "mamba" else "mambapy pscan",
+                   torch=torch.__version__, cpu=platform.processor() or platform.machine(),
+                   time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        rows.append(row)
+        print(f"| {kernel} | {L} | {mbs or '-'} | {row['ours_tok_s']:,} | {row['reference_tok_s']:,} | {row['ratio']:.2f}x |",
+              flush=True)
+    if a.out and rows:
+        new = not os.path.exists(a.out)
+        with open(a.out, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
