@@ -106,9 +106,22 @@ def budget_epochs(cfg: RunConfig) -> tuple[int, int]:
     return cfg.epochs or default_epochs(cfg.readout), cfg.patience
 
 
-def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progress=None, log=print) -> RunResult:
-    """Train and evaluate one configuration. Raises BenchboxError on bad input (nothing written) and
-    Diverged (after writing a ``diverged`` row) when the loss stops being finite."""
+@dataclass
+class Training:
+    """What one run trains: the data, model, optimiser and training loader, on their device."""
+    cfg: RunConfig
+    data: data_mod.Sequences
+    model: Recommender
+    opt: torch.optim.Optimizer
+    loader: TrainLoader | InstanceLoader
+    dev: torch.device
+    amp: torch.dtype | None  # autocast dtype (bf16) or None
+    max_len: int  # the dataset's (or --max-len) cut
+    read_len: int  # what the model reads: max_len, or the window of the instance regime
+
+
+def build_training(cfg: RunConfig) -> Training:
+    """Validate ``cfg``, load its data, seed torch and build model, optimiser and loader as ``run`` does."""
     cfg.validate()
     check_names(cfg)
     if cfg.threads:
@@ -120,11 +133,8 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
     max_len = cfg.max_len or data.max_len
     # instances: the model reads (and is evaluated on) the last `window` items
     read_len = (cfg.window or max_len) if cfg.regime == "instances" else max_len
-    epochs, patience = budget_epochs(cfg)
     if cfg.train_neg >= data.n_items:
         raise ConfigError(f"train_neg={cfg.train_neg} is impossible with {data.n_items} items")
-    valid_cand = eval_candidates(data, "valid", cfg.eval_neg, cfg.eval_seed)
-    test_cand = eval_candidates(data, "test", cfg.eval_neg, cfg.eval_seed)
 
     torch.manual_seed(cfg.seed)
     model = Recommender(data.n_items, cfg.mixer, cfg.mixer_opts, cfg.d_model, cfg.n_layers, read_len, cfg.dropout,
@@ -134,6 +144,36 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
         loader = InstanceLoader(data, read_len, max(1, cfg.batch_size // (1 + cfg.train_neg)), cfg.train_neg, cfg.seed)
     else:
         loader = TrainLoader(data, max_len, cfg.batch_size, cfg.train_neg, cfg.seed, cfg.cover)
+    return Training(cfg, data, model, opt, loader, dev, amp, max_len, read_len)
+
+
+def train_step(model, opt, batch, dev, amp) -> float:
+    """One optimiser step on one batch; the batch's mean loss. Raises Diverged on a non-finite loss."""
+    batch = batch.to(dev)
+    with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+        if batch.targets is None:  # instances: one target per row, scored at the last position
+            logits = model.score_candidates(batch.inputs, batch.lengths, batch.candidates)
+        else:
+            logits = model.train_logits(batch.inputs, batch.lengths, batch.targets, batch.negatives)
+    loss = bce_loss(logits.float(), batch.targets)
+    value = loss.item()
+    if not math.isfinite(value):
+        raise Diverged(f"non-finite loss ({value})")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return value
+
+
+def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progress=None, log=print) -> RunResult:
+    """Train and evaluate one configuration. Raises BenchboxError on bad input (nothing written) and
+    Diverged (after writing a ``diverged`` row) when the loss stops being finite."""
+    tr = build_training(cfg)
+    data, model, opt, loader, dev, amp, max_len, read_len = (tr.data, tr.model, tr.opt, tr.loader, tr.dev, tr.amp,
+                                                             tr.max_len, tr.read_len)
+    epochs, patience = budget_epochs(cfg)
+    valid_cand = eval_candidates(data, "valid", cfg.eval_neg, cfg.eval_seed)
+    test_cand = eval_candidates(data, "test", cfg.eval_neg, cfg.eval_seed)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -246,19 +286,11 @@ def _train_epoch(model, opt, loader, dev, amp, progress, epoch, epochs):
     t0 = time.perf_counter()
     for step, batch in enumerate(loader):
         tok = batch.n_targets
-        batch = batch.to(dev)
-        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            if batch.targets is None:  # instances: one target per row, scored at the last position
-                logits = model.score_candidates(batch.inputs, batch.lengths, batch.candidates)
-            else:
-                logits = model.train_logits(batch.inputs, batch.lengths, batch.targets, batch.negatives)
-        loss = bce_loss(logits.float(), batch.targets)
-        if not torch.isfinite(loss):
-            raise Diverged(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step + 1}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += loss.item() * tok
+        try:
+            value = train_step(model, opt, batch, dev, amp)
+        except Diverged as e:
+            raise Diverged(f"{e} at epoch {epoch}, step {step + 1}") from None
+        total += value * tok
         n_tok += tok
         if task is not None:
             progress.update(task, advance=1, loss=total / n_tok, tps=n_tok / (time.perf_counter() - t0))
