@@ -67,6 +67,11 @@ def mamba_ssm_ops():
 #: exp(-40) ~ 4e-18 is far from fp32 underflow and exp(40) * |grad| far from overflow; the relative
 #: rounding error of the closed form grows like MAX_LOG_RANGE * eps (~2e-6 in fp32 at worst).
 MAX_LOG_RANGE = {torch.float32: 40.0, torch.float64: 200.0}
+# The chunked scan's backward needs every chunk's states h_t and decays exp(A rest_t), (b, T, d_inner, d_state)
+# each. Below this many bytes (both, per scan call) the forward keeps them for the backward; above it the
+# backward recomputes them chunk by chunk (six passes over each chunk's (b, T, d, n) numbers) to save memory.
+# Batch 128, length 200, d_inner 128, d_state 16 in float32: 420 MB, kept.
+SAVED_STATES_MAX_BYTES = 512 * 2**20
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -178,8 +183,9 @@ def _chunk_states(u, dt, A, B, h0, winv, hs):
 class _ChunkedScan(torch.autograd.Function):
     """y_t = C_t . h_t (no D skip, no gate) and the last state, for dt already positive.
 
-    Saves only the inputs and the state entering each chunk; the backward pass recomputes each
-    chunk's states and runs the adjoint recurrence G_t = C_t dy_t + exp(dt_{t+1} A) G_{t+1} with the
+    Saves the inputs and the state entering each chunk, plus each chunk's states and decays where they
+    fit in SAVED_STATES_MAX_BYTES (otherwise the backward recomputes them chunk by chunk), and runs the
+    adjoint recurrence G_t = C_t dy_t + exp(dt_{t+1} A) G_{t+1} with the
     same closed form (a reverse cumulative sum, so again no cancellation).
     """
 
@@ -191,13 +197,24 @@ class _ChunkedScan(torch.autograd.Function):
             y = u.new_empty(bsz, length, d_inner)
             bounds = _chunk_bounds(dt, A, chunk_size, max_range)
             tmax = max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
-            winv_buf, h_buf = (u.new_empty(bsz, tmax, d_inner, A.shape[1]) for _ in range(2))
-            starts = []
+            keep = 2 * bsz * length * d_inner * A.shape[1] * u.element_size() <= SAVED_STATES_MAX_BYTES
+            h_buf = u.new_empty(bsz, tmax, d_inner, A.shape[1])
+            winv_buf = None if keep else torch.empty_like(h_buf)
+            starts, kept = [], []
             for s, e in zip(bounds[:-1], bounds[1:]):
                 starts.append(h)
-                hs = _chunk_states(u[:, s:e], dt[:, s:e], A, B[:, s:e], h, winv_buf[:, :e - s], h_buf[:, :e - s])
+                if keep:  # each chunk's own tensors, kept for the backward
+                    winv_c, h_c = (u.new_empty(bsz, e - s, d_inner, A.shape[1]) for _ in range(2))
+                else:
+                    winv_c, h_c = winv_buf[:, :e - s], h_buf[:, :e - s]
+                hs = _chunk_states(u[:, s:e], dt[:, s:e], A, B[:, s:e], h, winv_c, h_c)
                 h = hs[:, -1].clone()
-                y[:, s:e] = hs.mul_(C[:, s:e].unsqueeze(2)).sum(-1)
+                if keep:
+                    kept.append((winv_c, h_c))
+                    y[:, s:e] = torch.mul(hs, C[:, s:e].unsqueeze(2), out=h_buf[:, :e - s]).sum(-1)
+                else:
+                    y[:, s:e] = hs.mul_(C[:, s:e].unsqueeze(2)).sum(-1)
+            ctx.kept = kept if keep else None
             ctx.bounds = bounds
             ctx.has_h0 = h0 is not None
             ctx.save_for_backward(u, dt, A, B, C, torch.stack(starts, 1))
@@ -214,13 +231,19 @@ class _ChunkedScan(torch.autograd.Function):
             carry = dh_last if dh_last is not None else u.new_zeros(starts.shape[0], *A.shape)
             dy = dy.to(u.dtype)
             tmax = max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
-            winv_buf, h_buf, g_buf, tmp_buf = (u.new_empty(u.shape[0], tmax, *A.shape) for _ in range(4))
+            h_buf, g_buf, tmp_buf = (u.new_empty(u.shape[0], tmax, *A.shape) for _ in range(3))
+            winv_buf = torch.empty_like(h_buf) if ctx.kept is None else None
             for i in reversed(range(len(bounds) - 1)):
                 s, e = bounds[i], bounds[i + 1]
                 T = e - s
                 uc, dtc, Bc, Cc, dyc = u[:, s:e], dt[:, s:e], B[:, s:e], C[:, s:e], dy[:, s:e]
-                winv, tmp = winv_buf[:, :T], tmp_buf[:, :T]
-                hs = _chunk_states(uc, dtc, A, Bc, starts[:, i], winv, h_buf[:, :T])
+                tmp = tmp_buf[:, :T]
+                if ctx.kept is not None:  # states kept by the forward: copy (the code below works in place)
+                    winv = ctx.kept[i][0]
+                    hs = h_buf[:, :T].copy_(ctx.kept[i][1])
+                else:
+                    winv = winv_buf[:, :T]
+                    hs = _chunk_states(uc, dtc, A, Bc, starts[:, i], winv, h_buf[:, :T])
                 # G_t = dL/dh_t = sum_{k>=t} exp(A (r_k - r_t)) c_k, c_k = C_k dy_k (+ carry at the end)
                 #     = winv_t * sum_{k>=t} c_k / winv_k
                 G = torch.mul(dyc.unsqueeze(-1), Cc.unsqueeze(2), out=g_buf[:, :T])

@@ -38,7 +38,10 @@ def _run(scan, ins, seed=1, **kw):
     (37, 8, 40.0),    # huge steps: range-limited chunks, many of length 1
     (50, 64, 3.0),
 ])
-def test_chunked_matches_reference_float64(length, chunk, dt_scale):
+@pytest.mark.parametrize("kept", [True, False], ids=["states-kept", "states-recomputed"])
+def test_chunked_matches_reference_float64(length, chunk, dt_scale, kept, monkeypatch):
+    if not kept:  # the backward recomputes each chunk's states (what large batches do)
+        monkeypatch.setattr(mixers.mamba, "SAVED_STATES_MAX_BYTES", 0)
     ins = _scan_inputs(2, length, 5, 6, dt_scale)
     y_ref, h_ref, g_ref = _run(selective_scan_reference, ins)
     y, h, g = _run(selective_scan_chunked, ins, chunk_size=chunk)
@@ -49,6 +52,15 @@ def test_chunked_matches_reference_float64(length, chunk, dt_scale):
     for k in g_ref:
         gs = max(1.0, g_ref[k].abs().max().item())
         torch.testing.assert_close(g[k], g_ref[k], rtol=0, atol=1e-11 * gs, msg=f"grad of {k}")
+
+
+def test_kept_states_survive_a_second_backward():
+    """retain_graph: the kept states are read, never modified, by a backward."""
+    ins = _scan_inputs(2, 20, 3, 4, seed=4)
+    y = selective_scan_chunked(**ins, delta_softplus=True, chunk_size=8)
+    g1 = torch.autograd.grad(y.sum(), [ins["u"], ins["A"]], retain_graph=True)
+    g2 = torch.autograd.grad(y.sum(), [ins["u"], ins["A"]])
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
 def test_chunked_gradcheck():
