@@ -28,6 +28,13 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.element_size() < 4 else t
 
 
+def _encode(model, batch, dev_type: str, autocast_dtype) -> torch.Tensor:
+    """H of a batch, under autocast when asked, widened for ranking."""
+    with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        h = model.encode(batch.inputs, batch.lengths)
+    return _wide(h)
+
+
 def metrics_from_ranks(ranks: np.ndarray | torch.Tensor, ks=KS) -> dict[str, float]:
     r = torch.as_tensor(ranks, dtype=torch.float64)
     out = {}
@@ -51,10 +58,8 @@ def evaluate(model, batches, n_items: int, full: bool = False, device="cpu", aut
     sampled, full_ranks = [], []
     for batch in batches:
         batch = batch.to(device)
-        with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            h = model.encode(batch.inputs, batch.lengths)
+        h = _encode(model, batch, dev_type, autocast_dtype)
         with torch.autocast(dev_type, enabled=False):
-            h = _wide(h)
             scores = model.readout.scores(h, batch.lengths, table[batch.candidates])
             sampled.append(ranks_from_scores(scores).cpu())
             if full:
@@ -81,23 +86,17 @@ def evaluate_splits(model, data, max_len: int, valid_cand, test_cand, device="cp
     ends = data.lengths - 1
     fits, cut = np.flatnonzero(ends <= max_len), np.flatnonzero(ends > max_len)
     ranks = {"valid": [], "test": []}
-
-    def encode(batch):
-        with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            h = model.encode(batch.inputs, batch.lengths)
-        return _wide(h)
-
     with torch.autocast(dev_type, enabled=False):
         for batch in eval_batches(data, "test", max_len, batch_size, test_cand, users=fits):
+            valid = torch.from_numpy(valid_cand[batch.users.numpy()]).to(device)
             batch = batch.to(device)
-            h = encode(batch)
-            valid = torch.as_tensor(valid_cand[batch.users.cpu().numpy()], device=h.device)
+            h = _encode(model, batch, dev_type, autocast_dtype)
             for split, lengths, cand in (("test", batch.lengths, batch.candidates), ("valid", batch.lengths - 1, valid)):
                 ranks[split].append(ranks_from_scores(model.readout.scores(h, lengths, table[cand])).cpu())
         for split, cand in (("valid", valid_cand), ("test", test_cand)):
             for batch in eval_batches(data, split, max_len, batch_size, cand, users=cut):
                 batch = batch.to(device)
-                h = encode(batch)
+                h = _encode(model, batch, dev_type, autocast_dtype)
                 ranks[split].append(ranks_from_scores(model.readout.scores(h, batch.lengths, table[batch.candidates])).cpu())
     return metrics_from_ranks(torch.cat(ranks["valid"])), metrics_from_ranks(torch.cat(ranks["test"]))
 

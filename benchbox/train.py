@@ -109,7 +109,6 @@ def budget_epochs(cfg: RunConfig) -> tuple[int, int]:
 @dataclass
 class Training:
     """What one run trains: the data, model, optimiser and training loader, on their device."""
-    cfg: RunConfig
     data: data_mod.Sequences
     model: Recommender
     opt: torch.optim.Optimizer
@@ -144,7 +143,7 @@ def build_training(cfg: RunConfig) -> Training:
         loader = InstanceLoader(data, read_len, max(1, cfg.batch_size // (1 + cfg.train_neg)), cfg.train_neg, cfg.seed)
     else:
         loader = TrainLoader(data, max_len, cfg.batch_size, cfg.train_neg, cfg.seed, cfg.cover)
-    return Training(cfg, data, model, opt, loader, dev, amp, max_len, read_len)
+    return Training(data, model, opt, loader, dev, amp, max_len, read_len)
 
 
 def train_step(model, opt, batch, dev, amp) -> float:

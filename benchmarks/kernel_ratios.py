@@ -95,7 +95,7 @@ def load_official(path: str | None, url: str):
 
 
 def build_pair(kernel, L, mbs, d_model, heads, official, mambapy):
-    """(ours, reference, call(module, x) -> y) for one case, same sizes, float32."""
+    """(ours, reference, call_ours, call_ref) for one case, same sizes, float32; call_*(module, x) -> y."""
     if kernel.startswith("ttt"):
         ours = mixers.build(kernel, d_model, L, num_heads=heads, mini_batch_size=mbs)
         cfg = official.TTTConfig(hidden_size=d_model, num_attention_heads=heads, mini_batch_size=mbs,
