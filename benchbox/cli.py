@@ -31,6 +31,8 @@ Dtype = enum.StrEnum("Dtype", ["float32", "bfloat16"])
 Regime = enum.StrEnum("Regime", ["sequence", "instances"])
 Cover = enum.StrEnum("Cover", ["windows", "last"])
 Budget = enum.StrEnum("Budget", ["study", "converged"])
+TrainOrder = enum.StrEnum("TrainOrder", ["shuffled", "user"])
+TrainNegatives = enum.StrEnum("TrainNegatives", ["redrawn", "fixed"])
 Protocol = enum.StrEnum("Protocol", ["study"])
 Executor = enum.StrEnum("Executor", ["local", "ray"])
 Backends = enum.StrEnum("Backends", ["auto", "all"])
@@ -64,6 +66,12 @@ RUN_OPTIONS = {
     "window": (Optional[int], None, _o("instances: history items per row (default: max_len)", "Protocol")),
     "cover": (Cover, "windows", _o("sequence regime, histories over max_len: 'windows' trains every target, "
                                    "'last' only the last max_len (rows before 2026-12-02)", "Protocol")),
+    "train_order": (TrainOrder, "shuffled", _o("instances: 'shuffled' = a new random row order each epoch; 'user' = by "
+                                               "user, then time, every epoch (the study lineage's unshuffled file; a "
+                                               "sensitivity row)", "Protocol")),
+    "train_negatives": (TrainNegatives, "redrawn", _o("instances: training negatives 'redrawn' each epoch, or 'fixed' "
+                                                      "once per run (the study lineage's file; a sensitivity row)",
+                                                      "Protocol")),
     "budget": (Budget, "study", _o("'study': 10 epochs (50 ComiRec); 'converged': early stopping on validation "
                                    "NDCG@10, patience 10, at most 300 epochs", "Protocol")),
     "epochs": (Optional[int], None, _o("default: the budget's (study 10, 50 for ComiRec readouts; converged 300)")),

@@ -34,6 +34,10 @@ class RunConfig:
     # sequence regime, histories longer than max_len: "windows" cuts them into max_len windows so that every
     # training target is trained each epoch; "last" trains only the last max_len targets (rows before 2026-12-02)
     cover: str = "windows"
+    # instances only, for sensitivity rows (see pipeline.InstanceLoader): "user" = rows by user, then time, every
+    # epoch (the study lineage's unshuffled file); "fixed" = negatives drawn once per run (the lineage's file)
+    train_order: str = "shuffled"
+    train_negatives: str = "redrawn"
     # "study": the study's epochs (10; 50 for ComiRec); "converged": early stopping on validation NDCG@10,
     # patience 10, at most 300 epochs. --epochs and --patience still override either.
     budget: str = "study"
@@ -74,6 +78,12 @@ class RunConfig:
             (self.window is None or self.regime == "instances",
              "--window applies to --regime instances only (the sequence regime reads max_len items)"),
             (self.cover in COVERS, f"cover must be one of {', '.join(COVERS)}, got {self.cover!r}"),
+            (self.train_order in TRAIN_ORDERS,
+             f"train_order must be one of {', '.join(TRAIN_ORDERS)}, got {self.train_order!r}"),
+            (self.train_negatives in TRAIN_NEGATIVES,
+             f"train_negatives must be one of {', '.join(TRAIN_NEGATIVES)}, got {self.train_negatives!r}"),
+            (self.regime == "instances" or (self.train_order, self.train_negatives) == ("shuffled", "redrawn"),
+             "--train-order and --train-negatives apply to --regime instances only"),
             (self.budget in BUDGETS, f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}"),
             (self.protocol in ("",) + tuple(PROTOCOLS),
              f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"),
@@ -111,8 +121,10 @@ class RunConfig:
 # them out at that value, so that an older row and a new run of the same point have one identity (sweep
 # resume, Table 1, rerun), and a config read back without them gets that value (not today's default).
 LATER_OPTIONS = {"kcore": 0, "dedup": False, "columns": {}, "regime": "sequence", "window": None, "cover": "last",
-                 "budget": "study", "protocol": ""}
+                 "budget": "study", "protocol": "", "train_order": "shuffled", "train_negatives": "redrawn"}
 REGIMES = ("sequence", "instances")
+TRAIN_ORDERS = ("shuffled", "user")
+TRAIN_NEGATIVES = ("redrawn", "fixed")
 COVERS = ("windows", "last")
 BUDGETS = ("study", "converged")
 CONVERGED = {"patience": 10, "epochs": 300}  # RecBole's and SASRec's practice

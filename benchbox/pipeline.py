@@ -213,10 +213,22 @@ class InstanceLoader:
     history the last ``window`` items s[t-w:t], 1 positive and ``n_neg`` negatives, every row once per
     epoch in a new random order. A batch holds the right-padded histories and ``candidates`` (B, 1 + n_neg),
     positive first: the model scores them as it scores evaluation candidates (readout.scores at the last
-    position), so every mixer and readout works unchanged. ``batch_size`` counts rows: targets per step."""
+    position), so every mixer and readout works unchanged. ``batch_size`` counts rows: targets per step.
 
-    def __init__(self, data: Sequences, window: int, batch_size: int, n_neg: int, seed: int):
+    ``order="user"`` takes the rows by user id, then time, the same every epoch, and ``negatives="fixed"``
+    draws the negatives once for the whole run: both as the study lineage's loader reads its training file
+    (HelloZicky/DUET: written once by user, negatives drawn while writing, read line by line, no shuffle).
+    They exist for sensitivity rows; the defaults (shuffled, redrawn) are the main protocol."""
+
+    ORDERS = ("shuffled", "user")
+    NEGATIVES = ("redrawn", "fixed")
+
+    def __init__(self, data: Sequences, window: int, batch_size: int, n_neg: int, seed: int,
+                 order: str = "shuffled", negatives: str = "redrawn"):
+        if order not in self.ORDERS or negatives not in self.NEGATIVES:
+            raise BenchboxError(f"order must be one of {self.ORDERS} and negatives one of {self.NEGATIVES}")
         self.data, self.window, self.batch_size, self.n_neg = data, window, batch_size, n_neg
+        self.order, self.negatives, self._fixed_neg = order, negatives, None
         train_len = data.lengths - 2
         n_pred = np.maximum(train_len - 1, 0)
         self.users = np.repeat(np.arange(data.n_users), n_pred)
@@ -236,13 +248,19 @@ class InstanceLoader:
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
         self.epoch += 1
-        order = rng.permutation(len(self.users))
+        order = rng.permutation(len(self.users)) if self.order == "shuffled" else np.arange(len(self.users))
         # the epoch's targets and negatives in one draw each (not one small draw per step)
         users = self.users[order]
         t = self.t[order]
         cand = np.empty((len(order), 1 + self.n_neg), dtype=self.data.items.dtype)
         cand[:, 0] = self.data.items[self.data.offsets[users] + t]
-        cand[:, 1:] = sample_negatives(self.index, users, (len(order), self.n_neg), rng)
+        if self.negatives == "fixed":  # drawn once, in row order, from a stream of their own
+            if self._fixed_neg is None:
+                fixed_rng = np.random.default_rng([self.seed, 2**32 - 1])
+                self._fixed_neg = sample_negatives(self.index, self.users, (len(self.users), self.n_neg), fixed_rng)
+            cand[:, 1:] = self._fixed_neg[order]
+        else:
+            cand[:, 1:] = sample_negatives(self.index, users, (len(order), self.n_neg), rng)
         lengths = np.minimum(t, self.window)
         for start in range(0, len(order), self.batch_size):
             rows = slice(start, start + self.batch_size)

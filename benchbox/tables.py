@@ -89,20 +89,34 @@ SETTING_TITLES = {
              "per user window, early stopping on validation NDCG@10 (patience 10, at most 300 epochs)",
     "sequence, cover windows, budget study": "Sequence regime, every training target (`--cover windows`), the "
              "study's epochs",
+    "study, train_order user, train_negatives fixed": "Sensitivity (an extra row, not the main result): the study "
+             "protocol with the training rows as the lineage's loader reads them, by user then time every epoch, "
+             "negatives drawn once (`--train-order user --train-negatives fixed`)",
     OLD_SETTING: "Sequence regime, last max_len targets only, the study's epochs (benchbox's protocol before "
                  "2026-12-02: every model still improving at its last epoch)",
 }
 
 
+# settings that change what is trained but are not part of a regime's name: a row that moves one away from
+# its preset (or from the default) is a setting of its own (a sensitivity row), never averaged into the main one
+SENSITIVITY_KNOBS = ("train_order", "train_negatives", "train_neg", "eval_neg", "batch_size", "lr", "weight_decay",
+                     "dropout", "d_model", "n_layers", "ffn_mult", "max_len", "dtype", "epochs", "patience", "eval_seed")
+
+
 def setting_of(cfg: dict) -> str:
-    """The protocol part of a stored config, as one key (the ``SETTING_TITLES`` keys, or a spelled-out one)."""
-    from .config import LATER_OPTIONS
+    """The protocol part of a stored config, as one key (the ``SETTING_TITLES`` keys, or a spelled-out one,
+    with ", knob value" for every sensitivity knob away from its preset or default)."""
+    from .config import LATER_OPTIONS, PROTOCOLS, RunConfig
     c = {**LATER_OPTIONS, **cfg}
+    preset = PROTOCOLS.get(c["protocol"], {})
+    defaults = {**RunConfig().__dict__, **LATER_OPTIONS, **preset}
+    extra = "".join(f", {k} {c[k]}" for k in SENSITIVITY_KNOBS if k in c and c[k] != defaults[k])
     if c["protocol"]:
-        return c["protocol"]
+        extra = "".join(f", {k} {c[k]}" for k in ("regime", "window", "budget") if c[k] != preset.get(k, c[k])) + extra
+        return c["protocol"] + extra
     if c["regime"] == "instances":
-        return f"instances, window {c['window'] or 'max_len'}, budget {c['budget']}"
-    return f"sequence, cover {c['cover']}, budget {c['budget']}"
+        return f"instances, window {c['window'] or 'max_len'}, budget {c['budget']}" + extra
+    return f"sequence, cover {c['cover']}, budget {c['budget']}" + extra
 
 
 def _setting_order(key: str) -> tuple:

@@ -140,7 +140,8 @@ def build_training(cfg: RunConfig) -> Training:
                         cfg.ffn_mult, cfg.readout, cfg.readout_opts).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     if cfg.regime == "instances":  # batch_size counts the study's rows: 1 positive + train_neg negatives each
-        loader = InstanceLoader(data, read_len, max(1, cfg.batch_size // (1 + cfg.train_neg)), cfg.train_neg, cfg.seed)
+        loader = InstanceLoader(data, read_len, max(1, cfg.batch_size // (1 + cfg.train_neg)), cfg.train_neg, cfg.seed,
+                                cfg.train_order, cfg.train_negatives)
     else:
         loader = TrainLoader(data, max_len, cfg.batch_size, cfg.train_neg, cfg.seed, cfg.cover)
     return Training(data, model, opt, loader, dev, amp, max_len, read_len)
@@ -194,7 +195,8 @@ def run(cfg: RunConfig, results_dir: str | os.PathLike | None = "results", progr
         log(f"data {data.name}: {data.n_users:,} users, {data.n_items:,} items ({data.raw_users:,} raw user ids, "
             f"{data.raw_items:,} raw item ids, {'renumbered 1..n in first-seen order' if data.remapped else 'dense already, kept'}"
             f"{'; ' + data.settings if data.settings else ''}; {data.dropped_users:,} users with < 3 items dropped)")
-    log(f"{cfg.regime} regime" + (f", window {read_len}" if cfg.regime == "instances" else f", max_len {max_len}, "
+    log(f"{cfg.regime} regime" + (f", window {read_len}, rows {cfg.train_order}, negatives {cfg.train_negatives}"
+                                  if cfg.regime == "instances" else f", max_len {max_len}, "
         f"cover {cfg.cover}") + f": {loader.n_targets:,} training targets, {len(loader):,} steps per epoch of "
         f"{loader.batch_size} rows; budget {cfg.budget}: at most {epochs} epochs"
         + (f", patience {patience}" if patience else ""))

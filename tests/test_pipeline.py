@@ -148,3 +148,40 @@ def test_instance_rows_one_per_target_with_the_last_window_items(tmp_path):
     assert not index.contains(users, b.candidates[:, 1:].numpy()).any()
     # a new order every epoch
     assert [tuple(x.users.tolist()) for x in loader] != [tuple(x.users.tolist()) for x in loader]
+
+
+def test_instance_rows_in_the_lineage_order_with_fixed_negatives(tmp_path):
+    """--train-order user / --train-negatives fixed (the study lineage's file): the same rows as the default
+    loader, by user then time, the same every epoch; negatives drawn once, still never in the history."""
+    from benchbox.pipeline import InstanceLoader
+    d = _data(tmp_path, SEQS)
+
+    def epoch(loader):
+        return [(int(b.users[r]), tuple(b.inputs[r, :int(b.lengths[r])].tolist()), tuple(b.candidates[r].tolist()))
+                for b in loader for r in range(len(b.users))]
+
+    lineage = InstanceLoader(d, window=3, batch_size=4, n_neg=2, seed=0, order="user", negatives="fixed")
+    first, second = epoch(lineage), epoch(lineage)
+    assert first == second
+    want = [(u, tuple(s[max(0, t - 3):t]), s[t]) for u, s in enumerate(SEQS) for t in range(1, len(s) - 2)]
+    assert [(u, h, c[0]) for u, h, c in first] == want  # user-major, time order within a user
+    index = InteractionIndex(d)
+    users = np.array([u for u, _, _ in first])[:, None].repeat(2, 1)
+    assert not index.contains(users, np.array([c[1:] for _, _, c in first])).any()
+    # redrawn negatives in user order: same rows and positives every epoch, new negatives
+    redrawn = InstanceLoader(d, window=3, batch_size=4, n_neg=2, seed=0, order="user")
+    a, b = epoch(redrawn), epoch(redrawn)
+    assert [r[:2] + r[2][:1] for r in a] == [r[:2] + r[2][:1] for r in b] and a != b
+    # fixed negatives in a shuffled order: each row keeps its negatives across epochs
+    shuffled = InstanceLoader(d, window=3, batch_size=4, n_neg=2, seed=0, negatives="fixed")
+    a, b = epoch(shuffled), epoch(shuffled)
+    assert a != b and sorted(a) == sorted(b)
+    # the defaults draw what they drew before the options existed: permutation, then negatives, one stream
+    from benchbox.pipeline import sample_negatives
+    default = InstanceLoader(d, 3, 4, 2, 0)
+    rng = np.random.default_rng([0, 0])
+    order = rng.permutation(len(default.users))
+    neg = sample_negatives(index, default.users[order], (len(order), 2), rng)
+    got = epoch(default)
+    assert [u for u, _, _ in got] == default.users[order].tolist()
+    assert [list(c[1:]) for _, _, c in got] == neg.tolist()
