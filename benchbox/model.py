@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixers
-from .readouts import build_readout
+from .readouts import LastReadout, build_readout, last_position
 
 
 class Block(nn.Module):
@@ -32,6 +32,29 @@ class Block(nn.Module):
 
     def forward(self, x, lengths=None):
         return self._ffn(x + self.drop(self.mixer(self.norm1(x), lengths)))
+
+    def forward_last(self, x, lengths):
+        """(B, L, D) -> (B, D): ``forward`` at each row's last real position, computing only that row of
+        the mixer output, the residuals and the FFN. Dropout draws its masks over the whole (B, L, D), as
+        ``forward`` does, and keeps their last rows: the same draws, so the same training run."""
+        rows = (torch.arange(x.shape[0], device=x.device), lengths - 1)
+        h = self.norm1(x)
+        if type(self.mixer).forward_last is mixers.Mixer.forward_last:
+            # no cheaper last output: the full one, dropped as in forward (its mask follows the output's
+            # memory layout, e.g. nn.GRU's transposed batch_first output)
+            y = x[rows] + self.drop(self.mixer(h, lengths))[rows]
+        else:
+            y = x[rows] + self._drop_rows(self.mixer.forward_last(h, lengths), x.shape, rows)
+        return y if self.ffn is None else y + self._drop_rows(self.ffn(self.norm2(y)), x.shape, rows)
+
+    def _drop_rows(self, y, full_shape, rows):
+        p = self.drop.p
+        if not self.training or p == 0:
+            return y
+        # as torch's CPU dropout: a Bernoulli(1 - p) mask of the input's shape, divided by 1 - p, times input
+        noise = y.new_empty(full_shape).bernoulli_(1 - p)  # contiguous, as the Linear outputs it stands for
+        noise.div_(1 - p)
+        return y * noise[rows]
 
     def step(self, x, state):
         y, state = self.mixer.step(self.norm1(x), state)
@@ -68,6 +91,16 @@ class Recommender(nn.Module):
             x = block(x, lengths)
         return self.norm(x)
 
+    def encode_last(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, D) = ``encode`` at each row's last real position (lengths - 1), the last block computing
+        that position only. The reference is last_position(encode(...)); tests hold them together."""
+        if not self.blocks:
+            return last_position(self.encode(inputs, lengths), lengths)
+        x = self.emb_drop(self.item_emb(inputs) * self.emb_scale)
+        for block in self.blocks[:-1]:
+            x = block(x, lengths)
+        return self.norm(self.blocks[-1].forward_last(x, lengths))
+
     def item_features(self, ids: torch.Tensor) -> torch.Tensor:
         return self.target_mlp(self.item_emb(ids) * self.emb_scale)
 
@@ -91,8 +124,12 @@ class Recommender(nn.Module):
         return self.readout.train_scores(h, lengths, cand)
 
     def score_candidates(self, inputs, lengths, candidates, table=None) -> torch.Tensor:
-        h = self.encode(inputs, lengths)
-        return self.readout.scores(h, lengths, self._candidate_features(candidates, table))
+        """(B, C) logits of candidates (B, C) at each row's last position (evaluation, and the instance
+        regime's training rows). The "last" readout needs H there only: ``encode_last``."""
+        cand = self._candidate_features(candidates, table)
+        if isinstance(self.readout, LastReadout):
+            return (cand @ self.encode_last(inputs, lengths).unsqueeze(-1)).squeeze(-1)
+        return self.readout.scores(self.encode(inputs, lengths), lengths, cand)
 
     def score_all(self, inputs, lengths, table=None) -> torch.Tensor:
         """(B, n_items + 1) scores of every item (column 0 is padding)."""

@@ -39,6 +39,12 @@ def attention_math(q, k, v, causal_offset: int = 0, dropout_p: float = 0.0, trai
     return probs @ v
 
 
+def attention_math_masked(q, k, v, visible):
+    """Reference attention with a boolean (broadcastable) mask of the keys each query may see."""
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype) @ v
+
+
 class AttentionMixer(Mixer):
     BACKENDS = ("sdpa", "flash_attn", "math")
 
@@ -97,6 +103,28 @@ class AttentionMixer(Mixer):
                 raise ValueError(f"backend {backend!r} unavailable")
             y = y.transpose(1, 2)
         return self.out(y.reshape(b, t, d))
+
+    def forward_last(self, x, lengths):
+        """The query at lengths - 1 only, over the keys 0..lengths - 1 (what causal attention gives that
+        position): the readout of the last block reads nothing else. Attention dropout draws per score,
+        so with it on the full forward is taken (the same dropout draws as a training step without this)."""
+        if self.dropout > 0 and self.training:
+            return super().forward_last(x, lengths)
+        b, t, d = x.shape
+        if self.pos is not None:
+            if t > self.max_len:
+                raise ValueError(f"sequence position {t} exceeds attention max_len={self.max_len}")
+            x = x + self.pos.weight[:t]
+        last = x[torch.arange(b, device=x.device), lengths - 1]  # (B, D)
+        w, bias = self.qkv.weight, self.qkv.bias
+        q = F.linear(last, w[:d], bias[:d]).view(b, self.num_heads, 1, self.head_dim)
+        k, v = F.linear(x, w[d:], bias[d:]).view(b, t, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        visible = (torch.arange(t, device=x.device)[None, :] < lengths[:, None])[:, None, None, :]  # (B,1,1,T)
+        if self.backend_for(x) == "math":
+            y = attention_math_masked(q, k, v, visible)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        return self.out(y.reshape(b, d))
 
     # streaming with a key/value cache
     def init_state(self, batch_size, device=None, dtype=None):

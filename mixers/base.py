@@ -32,6 +32,11 @@ class Mixer(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def forward_last(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, D): the output at each row's last real position (lengths - 1) only. A mixer whose last
+        output is cheaper than all of them overrides it; ``forward`` stays the reference."""
+        return self.forward(x, lengths)[torch.arange(x.shape[0], device=x.device), lengths - 1]
+
     # ---- streaming -------------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None, dtype=None) -> Any:
         raise NotImplementedError(f"{type(self).__name__} does not support streaming")

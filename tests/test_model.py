@@ -82,3 +82,35 @@ def test_one_encode_for_both_splits_equals_each_split_alone(mixer, readout):
     ref_test = evaluate(m, eval_batches(d, "test", max_len, 16, tc), d.n_items)
     assert val == pytest.approx(ref_val, abs=1e-12) and test == pytest.approx(ref_test, abs=1e-12)
     assert val != test  # two splits really were scored (a mix-up of candidates would show here)
+
+
+@pytest.mark.parametrize("mixer,opts", [("attention", {}), ("attention", {"dropout": 0.1}), ("gru", {}),
+                                        ("ttt_linear", {}), ("ttt_mlp", {}), ("mamba", {})])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_last_position_encode_is_the_full_encode_at_the_last_position(mixer, opts, dtype):
+    """score_candidates runs the last block at each row's last position only (encode_last); the reference
+    is the full encode read there. Same logits and gradients, and in training mode the same dropout
+    draws (a different mask would move the logits by O(1), not by float noise)."""
+    torch.manual_seed(0)
+    m = Recommender(50, mixer, opts, d_model=16, n_layers=2, max_len=10, dropout=0.2).to(dtype)
+    lengths = torch.tensor([1, 3, 10, 5, 10, 2, 7])
+    x = torch.randint(1, 51, (7, 10))
+    x[torch.arange(10)[None] >= lengths[:, None]] = 0
+    cand = torch.randint(1, 51, (7, 5))
+    tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=2e-6)
+    for training in (False, True):
+        m.train(training)
+        got = []
+        for path in ("reference", "last"):
+            torch.manual_seed(1)
+            m.zero_grad()
+            if path == "reference":
+                s = m.readout.scores(m.encode(x, lengths), lengths, m._candidate_features(cand))
+            else:
+                s = m.score_candidates(x, lengths, cand)
+            bce_loss(s).backward()
+            got.append((s.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+        torch.testing.assert_close(got[1][0], got[0][0], **tol)
+        assert len(got[1][1]) == len(got[0][1])
+        for a, b in zip(got[1][1], got[0][1]):
+            torch.testing.assert_close(a, b, **tol)
