@@ -775,6 +775,29 @@ class _TTTBase(Mixer):
         z, _ = self._scan(q, k, v, eta, self._token_factors(), self._inner_params(x.shape[0], x.dtype))
         return self._finish(h, z)
 
+    def forward_last(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, d_model): the output at lengths - 1 only. TTT-Linear with the whole sequence in one
+        mini-batch (the study's window of 10 <= mbs 16): every key still takes its inner gradient G, but
+        only the last query is read out (one row of the dual form's P, of the inner LN, post-norm and
+        o_proj). Otherwise the full forward; ``forward`` is the reference."""
+        B, L, C = x.shape
+        if self.backend != "torch" or self.KIND != "linear" or not 0 < L <= self.mini_batch_size:
+            return super().forward_last(x, lengths)
+        h, q, k, v, eta, _ = self._prepare(x, 0, None, False)
+        dt = q.dtype
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+        gam, bet = (t.to(dt)[None, :, None, :] for t in (self.ttt_norm_weight, self.ttt_norm_bias))
+        W, b = self.W1.to(dt), self.b1.to(dt)
+        G = ln_l2_grad(k @ W + b, gam, gam * (v - k - bet))  # (B, H, L, D)
+        rows, last = torch.arange(B, device=x.device), lengths - 1
+        ql = q[rows, :, last].unsqueeze(2)  # (B, H, 1, D)
+        # coefficient of key s for the query at t = last: tok[t] * eta[s] for s <= t
+        visible = torch.arange(L, device=x.device)[None, :] <= last[:, None]  # (B, L)
+        coef = (self._token_factors().to(dt)[last][:, None, None] * eta.transpose(1, 2) * visible[:, None, :]).unsqueeze(2)
+        P = (ql @ k.transpose(-1, -2) + 1.0) * coef  # (B, H, 1, L)
+        z = ql + ttt_layer_norm(ql @ W + b - P @ G, gam, bet)
+        return self._finish(h[rows, last].unsqueeze(1), z.transpose(1, 2)).squeeze(1)
+
     def init_state(self, batch_size: int, device=None, dtype=None) -> dict[str, Any]:
         dtype = dtype or self.W1.dtype
         params = {n: t.to(device=device).clone() for n, t in self._inner_params(batch_size, dtype).items()}

@@ -85,7 +85,9 @@ def test_one_encode_for_both_splits_equals_each_split_alone(mixer, readout):
 
 
 @pytest.mark.parametrize("mixer,opts", [("attention", {}), ("attention", {"dropout": 0.1}), ("gru", {}),
-                                        ("ttt_linear", {}), ("ttt_mlp", {}), ("mamba", {})])
+                                        ("ttt_linear", {}), ("ttt_linear", {"use_gate": True, "pre_conv": True}),
+                                        ("ttt_linear", {"mini_batch_size": 4}), ("ttt_linear", {"backend": "reference"}),
+                                        ("ttt_mlp", {}), ("mamba", {})])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_last_position_encode_is_the_full_encode_at_the_last_position(mixer, opts, dtype):
     """score_candidates runs the last block at each row's last position only (encode_last); the reference
@@ -97,7 +99,7 @@ def test_last_position_encode_is_the_full_encode_at_the_last_position(mixer, opt
     x = torch.randint(1, 51, (7, 10))
     x[torch.arange(10)[None] >= lengths[:, None]] = 0
     cand = torch.randint(1, 51, (7, 5))
-    tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=2e-6)
+    tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     for training in (False, True):
         m.train(training)
         got = []
