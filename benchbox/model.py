@@ -126,10 +126,11 @@ class Recommender(nn.Module):
     def score_candidates(self, inputs, lengths, candidates, table=None) -> torch.Tensor:
         """(B, C) logits of candidates (B, C) at each row's last position (evaluation, and the instance
         regime's training rows). The "last" readout needs H there only: ``encode_last``."""
-        cand = self._candidate_features(candidates, table)
         if isinstance(self.readout, LastReadout):
+            cand = self._candidate_features(candidates, table)
             return (cand @ self.encode_last(inputs, lengths).unsqueeze(-1)).squeeze(-1)
-        return self.readout.scores(self.encode(inputs, lengths), lengths, cand)
+        h = self.encode(inputs, lengths)
+        return self.readout.scores(h, lengths, self._candidate_features(candidates, table))
 
     def score_all(self, inputs, lengths, table=None) -> torch.Tensor:
         """(B, n_items + 1) scores of every item (column 0 is padding)."""
