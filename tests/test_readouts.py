@@ -154,3 +154,29 @@ def test_comirec_sa_prefix_softmax_equals_masked_softmax():
     g1, = torch.autograd.grad((fast * valid).sum(), h)
     g2, = torch.autograd.grad((ref * valid).sum(), h)
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)
+
+
+def test_din_batched_matmul_form_equals_the_einsum_reference():
+    """DIN's scores run as one baddbmm (_pool_chunk); _pool's plain einsum is the reference: the same
+    scores and gradients, for training (causal, every position) and evaluation (the last position)."""
+    torch.manual_seed(0)
+    r = build_readout("din", D).double()
+    h = torch.randn(4, 9, D, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([9, 5, 1, 3])
+    train = (lambda c: r.train_scores(h, lengths, c), lambda c: (r._pool(h, lengths, c, causal=True) * c).sum(-1))
+    # 9 x 3 candidates < 36 hidden units: h_s * cand first; 9 x 5 > 36: h_s * r_h first (both forms)
+    for cand, fast, ref in (
+            (torch.randn(4, 9, 3, D, dtype=torch.float64, requires_grad=True), *train),
+            (torch.randn(4, 9, 5, D, dtype=torch.float64, requires_grad=True), *train),
+            (torch.randn(4, 6, D, dtype=torch.float64, requires_grad=True),
+             lambda c: r.scores(h, lengths, c),
+             lambda c: (r._pool(h, lengths, c.unsqueeze(1), causal=False).squeeze(1) * c).sum(-1))):
+        outs = []
+        for f in (fast, ref):
+            out = f(cand)
+            grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                                        [h, cand, *r.parameters()])
+            outs.append((out, grads))
+        torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=1e-12)
+        for a, b in zip(outs[0][1], outs[1][1]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
