@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import BenchboxError, Diverged
+from .config import TRAIN_NEGATIVES, TRAIN_ORDERS
 from .tables import MODELS
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # logs (CI) get whole tables
@@ -31,8 +32,8 @@ Dtype = enum.StrEnum("Dtype", ["float32", "bfloat16"])
 Regime = enum.StrEnum("Regime", ["sequence", "instances"])
 Cover = enum.StrEnum("Cover", ["windows", "last"])
 Budget = enum.StrEnum("Budget", ["study", "converged"])
-TrainOrder = enum.StrEnum("TrainOrder", ["shuffled", "user"])
-TrainNegatives = enum.StrEnum("TrainNegatives", ["redrawn", "fixed"])
+TrainOrder = enum.StrEnum("TrainOrder", list(TRAIN_ORDERS))
+TrainNegatives = enum.StrEnum("TrainNegatives", list(TRAIN_NEGATIVES))
 Protocol = enum.StrEnum("Protocol", ["study"])
 Executor = enum.StrEnum("Executor", ["local", "ray"])
 Backends = enum.StrEnum("Backends", ["auto", "all"])

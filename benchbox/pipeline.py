@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .config import TRAIN_NEGATIVES, TRAIN_ORDERS
 from .data import Sequences, load_checked, save_checked
 from .paths import cache_dir
 from . import BenchboxError
@@ -220,13 +221,10 @@ class InstanceLoader:
     (HelloZicky/DUET: written once by user, negatives drawn while writing, read line by line, no shuffle).
     They exist for sensitivity rows; the defaults (shuffled, redrawn) are the main protocol."""
 
-    ORDERS = ("shuffled", "user")
-    NEGATIVES = ("redrawn", "fixed")
-
     def __init__(self, data: Sequences, window: int, batch_size: int, n_neg: int, seed: int,
                  order: str = "shuffled", negatives: str = "redrawn"):
-        if order not in self.ORDERS or negatives not in self.NEGATIVES:
-            raise BenchboxError(f"order must be one of {self.ORDERS} and negatives one of {self.NEGATIVES}")
+        if order not in TRAIN_ORDERS or negatives not in TRAIN_NEGATIVES:
+            raise BenchboxError(f"order must be one of {TRAIN_ORDERS} and negatives one of {TRAIN_NEGATIVES}")
         self.data, self.window, self.batch_size, self.n_neg = data, window, batch_size, n_neg
         self.order, self.negatives, self._fixed_neg = order, negatives, None
         train_len = data.lengths - 2

@@ -29,20 +29,18 @@ def _flash_attn_func():
 
 def attention_math(q, k, v, causal_offset: int = 0, dropout_p: float = 0.0, training: bool = False):
     """Reference attention. q: (B,H,Tq,E), k/v: (B,H,Tk,E); query i sits at key position offset+i."""
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     tq, tk = q.shape[-2], k.shape[-2]
     allowed = torch.arange(tk, device=q.device)[None, :] <= (torch.arange(tq, device=q.device)[:, None] + causal_offset)
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    return attention_math_masked(q, k, v, allowed, dropout_p, training)
+
+
+def attention_math_masked(q, k, v, visible, dropout_p: float = 0.0, training: bool = False):
+    """Reference attention with a boolean (broadcastable) mask of the keys each query may see."""
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
     if dropout_p > 0 and training:
         probs = F.dropout(probs, dropout_p)
     return probs @ v
-
-
-def attention_math_masked(q, k, v, visible):
-    """Reference attention with a boolean (broadcastable) mask of the keys each query may see."""
-    scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype) @ v
 
 
 class AttentionMixer(Mixer):
@@ -77,12 +75,17 @@ class AttentionMixer(Mixer):
             return "flash_attn"
         return "sdpa"
 
+    def _positioned(self, x, start: int):
+        t = x.shape[1]
+        if self.pos is None:
+            return x
+        if start + t > self.max_len:
+            raise ValueError(f"sequence position {start + t} exceeds attention max_len={self.max_len}")
+        return x + self.pos.weight[start:start + t]
+
     def _heads(self, x, start: int):
         b, t, _ = x.shape
-        if self.pos is not None:
-            if start + t > self.max_len:
-                raise ValueError(f"sequence position {start + t} exceeds attention max_len={self.max_len}")
-            x = x + self.pos.weight[start:start + t]
+        x = self._positioned(x, start)
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).unbind(2)
         return q, k, v  # (B, T, H, E)
 
@@ -111,10 +114,7 @@ class AttentionMixer(Mixer):
         if self.dropout > 0 and self.training:
             return super().forward_last(x, lengths)
         b, t, d = x.shape
-        if self.pos is not None:
-            if t > self.max_len:
-                raise ValueError(f"sequence position {t} exceeds attention max_len={self.max_len}")
-            x = x + self.pos.weight[:t]
+        x = self._positioned(x, 0)
         last = x[torch.arange(b, device=x.device), lengths - 1]  # (B, D)
         w, bias = self.qkv.weight, self.qkv.bias
         q = F.linear(last, w[:d], bias[:d]).view(b, self.num_heads, 1, self.head_dim)
