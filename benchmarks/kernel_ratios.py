@@ -109,13 +109,13 @@ def build_pair(kernel, L, mbs, d_model, heads, official, mambapy):
     return ours, ref, (lambda m, x: m(x)), (lambda m, x: m(x))
 
 
-def time_pair(ours, ref, call_ours, call_ref, x, warmup, repeats):
+def time_pair(ours, ref, call_ours, call_ref, x, warmup, repeats, clock=time.perf_counter):
     def once(m, call):
         xi = x.detach().requires_grad_(True)
-        t0 = time.perf_counter()
+        t0 = clock()
         y = call(m, xi)
         y.backward(torch.ones_like(y))
-        return time.perf_counter() - t0
+        return clock() - t0
 
     for _ in range(warmup):
         once(ours, call_ours), once(ref, call_ref)
@@ -138,8 +138,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: perf_counter; cpu: this process's CPU time (with --threads 1, immune to other "
+                        "processes taking turns on the cores, e.g. training runs in the background)")
     p.add_argument("--out", help="append the rows to this CSV")
     a = p.parse_args(argv)
+    if a.clock == "cpu" and a.threads != 1:
+        sys.exit("--clock cpu sums the CPU time of all threads: use it with --threads 1")
+    clock = time.perf_counter if a.clock == "wall" else time.process_time
     torch.set_num_threads(a.threads)
     kernels = set(a.kernels.split(","))
     official = load_official(a.official_ttt, a.official_url) if kernels & {"ttt_linear", "ttt_mlp"} else None
@@ -159,11 +165,17 @@ def main(argv=None):
         torch.manual_seed(0)
         ours, ref, call_ours, call_ref = build_pair(kernel, L, mbs, a.d_model, a.heads, official, mambapy)
         x = torch.randn(a.batch_size, L, a.d_model)
-        t_ours, t_ref = time_pair(ours, ref, call_ours, call_ref, x, a.warmup, a.repeats)
+        if kernel.startswith("ttt"):  # the same weights give the same outputs: the reference is the same maths
+            ref.load_state_dict(ours.state_dict())
+            with torch.no_grad():
+                diff = (call_ours(ours, x[:4]) - call_ref(ref, x[:4])).abs().max().item()
+            if diff > 1e-4:
+                sys.exit(f"{kernel} L{L} mbs{mbs}: ours and the official layer differ by {diff:.2e}")
+        t_ours, t_ref = time_pair(ours, ref, call_ours, call_ref, x, a.warmup, a.repeats, clock)
         tok = a.batch_size * L
         row = dict(kernel=kernel, seq_len=L, mini_batch_size=mbs or "", batch_size=a.batch_size, d_model=a.d_model,
                    heads=a.heads, threads=a.threads, ours_tok_s=round(tok / t_ours), reference_tok_s=round(tok / t_ref),
-                   ratio=round(t_ref / t_ours, 2), reference="official ttt.py" if kernel != "mamba" else "mambapy pscan",
+                   ratio=round(t_ref / t_ours, 2), clock=a.clock, reference="official ttt.py" if kernel != "mamba" else "mambapy pscan",
                    torch=torch.__version__, cpu=platform.processor() or platform.machine(),
                    time=time.strftime("%Y-%m-%dT%H:%M:%S"))
         rows.append(row)

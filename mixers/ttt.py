@@ -478,6 +478,112 @@ class _MLPChunk(torch.autograd.Function):
         return (dkq, dW1, db1, dW2, db2, dgt, dgam2, dP, dcoef, dM, de.transpose(1, 2), None, None, None)
 
 
+class _LinearChunks(torch.autograd.Function):
+    """The whole TTT-Linear scan over ``nc`` chunks (g mini-batches of K tokens, S = g K), per (batch, head)
+    row, with a hand-written backward: autograd would record ~15 small ops per chunk and materialise
+    zero-filled gradients for every chunk view; here the backward is one reverse sweep.
+
+    Inputs: kc, qc (nc, BH, S, D) keys and queries; W0 (BH, D, D), b0 (BH, 1, D) at the sequence start;
+    gt = gamma (target - beta) (nc, BH, S, D); gam2 = gamma^2 (BH, 1, D); P (nc, BH, S, S) the Q-side dual
+    coefficients (already times Q.K + 1); M (nc, BH, S, S) the K-side coefficients of earlier mini-batches
+    of the chunk (None when g == 1); e (nc, BH, S, 1) = tok_last * lr. Returns the pre-norm Q-side output
+    (nc, BH, S, D) and, with ``need_state``, the weights after the last chunk."""
+
+    @staticmethod
+    def forward(ctx, kc, qc, W0, b0, gt, gam2, P, M, e, K, g, need_state):
+        nc, BH, S, D = kc.shape
+        Zq = kc.new_empty(nc, BH, S, D)
+        Ws, Gs, saved = [], [], []  # per chunk: weights at its start, G, what lnl2's backward needs
+        W, b = W0, b0
+        for c in range(nc):
+            Ws.append(W)
+            Zk = torch.baddbmm(b, kc[c], W)
+            if g == 1:
+                G, *rest = _lnl2_fwd(Zk, gam2, gt[c])
+                saved.append(rest)
+            else:  # the mini-batches of the chunk one after the other, in dual form
+                G, xh, gxl = torch.empty_like(Zk), torch.empty_like(Zk), torch.empty_like(Zk)
+                rstd = Zk.new_empty(BH, S, 1)
+                for m in range(g):
+                    R, E = slice(m * K, (m + 1) * K), m * K
+                    z = Zk[:, R]
+                    if m:
+                        z = z - torch.bmm(M[c, :, R, :E], G[:, :E])
+                    G[:, R], xh[:, R], rstd[:, R], gxl[:, R] = _lnl2_fwd(z, gam2, gt[c, :, R])
+                saved.append((xh, rstd, gxl))
+            Gs.append(G)
+            torch.baddbmm(b, qc[c], W, out=Zq[c]).baddbmm_(P[c], G, alpha=-1.0)
+            if c < nc - 1 or need_state:
+                eG = e[c] * G
+                W = torch.baddbmm(W, kc[c].transpose(1, 2), eG, alpha=-1.0)
+                b = b - eG.sum(1, keepdim=True)
+        ctx.K, ctx.g, ctx.need_state = K, g, need_state
+        ctx.Ws, ctx.Gs, ctx.lnl2 = Ws, Gs, saved  # intermediates (not inputs/outputs): plain attributes
+        ctx.save_for_backward(kc, qc, gam2, P, M, e)
+        if need_state:
+            return Zq, W, b
+        return Zq
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dZq, dWn=None, dbn=None):
+        kc, qc, gam2, P, M, e = ctx.saved_tensors
+        K, g = ctx.K, ctx.g
+        nc, BH, S, D = kc.shape
+        # an expanded incoming gradient (e.g. of a sum) would send every bmm below to a per-matrix loop
+        dZq = kc.new_zeros(nc, BH, S, D) if dZq is None else dZq.contiguous()
+        dk, dq, dgt = torch.empty_like(kc), torch.empty_like(qc), torch.empty_like(kc)
+        dP = torch.empty_like(P)
+        dM = torch.zeros_like(M) if M is not None else None
+        de = torch.zeros_like(e)
+        dgam2 = torch.zeros_like(gam2)
+        upd_last = ctx.need_state and (dWn is not None or dbn is not None)
+        if upd_last:
+            dWn = torch.zeros_like(ctx.Ws[0]) if dWn is None else dWn
+            dbn = kc.new_zeros(BH, 1, D) if dbn is None else dbn
+        dW = db = None  # gradient w.r.t. the weights at the start of chunk c + 1
+        for c in reversed(range(nc)):
+            W, G, dZc = ctx.Ws[c], ctx.Gs[c], dZq[c]
+            # Zq = Q W + b - P G
+            torch.bmm(dZc, G.transpose(1, 2), out=dP[c]).neg_()
+            dG = torch.bmm(P[c].transpose(1, 2), dZc).neg_()
+            torch.bmm(dZc, W.transpose(1, 2), out=dq[c])
+            dWc = torch.bmm(qc[c].transpose(1, 2), dZc)
+            dbc = dZc.sum(1, keepdim=True)
+            dWu = None
+            if c < nc - 1 or upd_last:  # W_next = W - K^T (e G), b_next = b - sum(e G)
+                dWu, dbu = (dW, db) if c < nc - 1 else (dWn, dbn)
+                dEG = torch.baddbmm(dbu, kc[c], dWu).neg_()
+                dG.addcmul_(e[c], dEG)
+                de[c] = (G * dEG).sum(-1, keepdim=True)
+                eG = e[c] * G
+                dWc.add_(dWu)
+                dbc.add_(dbu)
+            # G = lnl2(Zk) (mini-batch by mini-batch in reverse when g > 1)
+            if g == 1:
+                dZk, dgt[c], dg2 = _lnl2_bwd(dG, G, *ctx.lnl2[c], gam2)
+                dgam2.add_(dg2.sum(1, keepdim=True))
+            else:
+                xh, rstd, gxl = ctx.lnl2[c]
+                dZk = torch.empty_like(dG)
+                for m in reversed(range(g)):
+                    R, E = slice(m * K, (m + 1) * K), m * K
+                    dz, dgt[c, :, R], dg2 = _lnl2_bwd(dG[:, R], G[:, R], xh[:, R], rstd[:, R], gxl[:, R], gam2)
+                    dgam2.add_(dg2.sum(1, keepdim=True))
+                    dZk[:, R] = dz
+                    if m:
+                        dM[c, :, R, :E] = torch.bmm(dz, G[:, :E].transpose(1, 2)).neg_()
+                        _acc_bmm_(dG[:, :E], M[c, :, R, :E].transpose(1, 2), dz, alpha=-1.0)
+            # Zk = K W + b
+            dWc.baddbmm_(kc[c].transpose(1, 2), dZk)
+            dbc.add_(dZk.sum(1, keepdim=True))
+            dkc = torch.bmm(dZk, W.transpose(1, 2), out=dk[c])
+            if dWu is not None:
+                dkc.baddbmm_(eG, dWu.transpose(1, 2), alpha=-1.0)
+            dW, db = dWc, dbc
+        return dk, dq, dW, db, dgt, dgam2, dP, dM, de, None, None, None
+
+
 def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma, beta,
              mini_batch_size: int, mb_per_chunk: int, need_state: bool = False):
     """Same contract as ``ttt_reference``. With ``need_state`` L must be a multiple of mini_batch_size
@@ -509,7 +615,6 @@ def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma
 
     kc, qc, vc = (_to_chunks(t, nc, S) for t in (k, q, v))
     lrc = _to_chunks(lr.unsqueeze(-1), nc, S)  # (nc, BH, S, 1)
-    kq = torch.cat([kc, qc], 2)  # (nc, BH, 2S, D): one bmm gives both the K side and the Q side
     gam = gamma.to(dt).repeat(B, 1).unsqueeze(1)  # (BH, 1, D)
     bet = beta.to(dt).repeat(B, 1).unsqueeze(1)
     gt = gam * (vc - kc - bet)  # gamma * (target - beta)
@@ -533,35 +638,21 @@ def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma
     if g > 1:
         M = (torch.bmm(flat(kc), flat(kc).transpose(1, 2)).view(nc, BH, S, S) + 1.0) * (cross.to(dt) * e.transpose(-1, -2))
 
-    # per-chunk views via unbind (one backward node) rather than indexing (one full-size zero tensor per index)
-    kq_, kc_, gt_, P_, e_ = kq.unbind(0), kc.unbind(0), gt.unbind(0), P.unbind(0), e.unbind(0)
-    coef_ = coef.unbind(0) if kind == "mlp" else None
-    M_ = M.unbind(0) if g > 1 else None
     p = {n: t.reshape(BH, *t.shape[2:]) for n, t in params.items()}
-    zs = []
     if kind == "linear":
-        W, b = p["W1"], p["b1"]
-        for c in range(nc):
-            Zk, Zq = torch.baddbmm(b, kq_[c], W).split(S, 1)
-            if g == 1:
-                G = ln_l2_grad(Zk, gam, gt_[c])
-            else:  # mini-batches of the chunk one after the other, in dual form (split: one backward node)
-                Gs = []
-                for m, (z, gtm, Mm) in enumerate(zip(Zk.split(K, 1), gt_[c].split(K, 1), M_[c].split(K, 1))):
-                    if m:
-                        z = z - torch.bmm(Mm[:, :, : m * K], torch.cat(Gs, 1))
-                    Gs.append(ln_l2_grad(z, gam, gtm))
-                G = torch.cat(Gs, 1)
-            zs.append(Zq - torch.bmm(P_[c], G))
-            if c < nc - 1 or need_state:
-                eG = e_[c] * G
-                W = torch.baddbmm(W, kc_[c].transpose(1, 2), eG, alpha=-1.0)
-                b = b - eG.sum(1, keepdim=True)
-        new = {"W1": W, "b1": b}
+        res = _LinearChunks.apply(kc, qc, p["W1"], p["b1"], gt, gam * gam, P, M if g > 1 else None, e, K, g,
+                                  need_state)
+        Zq = res[0] if need_state else res
+        new = {"W1": res[1], "b1": res[2]} if need_state else params
     else:
+        # per-chunk views via unbind (one backward node) rather than indexing (one full-size zero tensor per index)
+        kq = torch.cat([kc, qc], 2)  # (nc, BH, 2S, D): one bmm gives both the K side and the Q side
+        kq_, gt_, P_, coef_ = kq.unbind(0), gt.unbind(0), P.unbind(0), coef.unbind(0)
+        M_ = M.unbind(0) if g > 1 else None
         W1, b1, W2, b2 = p["W1"], p["b1"], p["W2"], p["b2"]
         gam2 = gam * gam
         eT_ = e.transpose(-1, -2).unbind(0)
+        zs = []
         for c in range(nc):
             upd = c < nc - 1 or need_state
             res = _MLPChunk.apply(kq_[c], W1, b1, W2, b2, gt_[c], gam2, P_[c], coef_[c],
@@ -571,9 +662,9 @@ def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma
             else:
                 zq = res
             zs.append(zq)
-        new = {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
+        Zq = torch.stack(zs)  # (nc, BH, S, D)
+        new = {"W1": W1, "b1": b1, "W2": W2, "b2": b2} if need_state else params
 
-    Zq = torch.stack(zs)  # (nc, BH, S, D)
     out = qc + ttt_layer_norm(Zq, gam, bet)
     out = _from_chunks(out, B, H, L)
     new = {n: t.reshape(B, H, *t.shape[1:]) for n, t in new.items()} if need_state else params

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mixers
-from mixers.ttt import (TTTLinear, TTTMLP, _gelu_p, _gelu_pp, _gelu_t, _lnl2_bwd, _lnl2_fwd, gelu_tanh,
+from mixers.ttt import (TTTLinear, TTTMLP, _LinearChunks, _gelu_p, _gelu_pp, _gelu_t, _lnl2_bwd, _lnl2_fwd, gelu_tanh,
                         ln_l2_grad, rope_fast, rope_reference, _rope_factors)
 
 D = 8  # d_model; 2 heads of 4
@@ -200,6 +200,22 @@ def test_ln_l2_grad_is_the_gradient():
     torch.testing.assert_close(dz, auto[0])
     torch.testing.assert_close(dgt.sum((0, 1)), auto[1])
     torch.testing.assert_close(dg2.sum((0, 1)), auto[2])
+
+
+@pytest.mark.parametrize("need_state", [False, True])
+@pytest.mark.parametrize("K,g,S", [(4, 1, 4), (2, 3, 6), (2, 3, 5), (1, 4, 4)])
+def test_linear_chunks_backward_is_the_gradient(K, g, S, need_state):
+    """The hand-written backward of the TTT-Linear scan, every input, with and without the final state
+    (the state's gradient is what streaming training would use); S = 5 is a shorter last mini-batch."""
+    torch.manual_seed(S + 10 * g)
+    nc, BH, Dh = 2, 2, 3
+    r = lambda *shape, s=1.0: (torch.randn(*shape, dtype=torch.float64) * s).requires_grad_(True)  # noqa: E731
+    args = (r(nc, BH, S, Dh), r(nc, BH, S, Dh), r(BH, Dh, Dh, s=0.3), r(BH, 1, Dh), r(nc, BH, S, Dh),
+            (torch.rand(BH, 1, Dh, dtype=torch.float64) + 0.5).requires_grad_(True), r(nc, BH, S, S),
+            r(nc, BH, S, S, s=0.3) if g > 1 else None,
+            (torch.rand(nc, BH, S, 1, dtype=torch.float64) * 0.3).requires_grad_(True))
+    fn = lambda *a: _LinearChunks.apply(*a, K, g, need_state)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args)
 
 
 def ln_l2_grad_sq(z, gam2, gt, eps=1e-6):
