@@ -303,9 +303,10 @@ def table_command(datasets: Annotated[str, _o("comma list of datasets", T)] = "m
                     **options)
         rows = [(g["dataset"], g["model"], g["setting"], g["points"], g["measured_rows"],
                  "-" if g["sec_per_epoch"] is None else f"{g['sec_per_epoch']:.1f}", f"{g['epochs']:.0f}",
-                 "no measured row" if g["cpu_seconds"] is None else f"{g['cpu_seconds']:,.0f}") for g in est]
-        console.print(_table("Table 1 points to run (cost from the measured rows of the same kind)",
-                             ["dataset", "model", "setting", "points", "rows measured", "s/epoch", "epochs", "CPU-s"],
+                 "no measured row" if g["cpu_seconds"] is None else f"{g['cpu_seconds']:,.0f}", g["basis"]) for g in est]
+        console.print(_table("Table 1 points to run (cost from the measured rows of runs.csv)",
+                             ["dataset", "model", "setting", "points", "rows measured", "s/epoch", "epochs", "CPU-s",
+                              "basis"],
                              rows))
         known = [g["cpu_seconds"] for g in est if g["cpu_seconds"] is not None]
         unknown = sum(g["points"] for g in est if g["cpu_seconds"] is None)

@@ -317,29 +317,55 @@ def _names(v) -> list[str]:
 def estimate_cost(points: list[RunConfig], runs) -> list[dict]:
     """The measured cost of ``points`` (not yet run) from the finished Table 1 rows of runs.csv: per
     (dataset, model, setting), the median seconds per epoch (train + eval) of rows of that same kind
-    times the epochs the budget gives (converged: the measured rows' median epochs run, else the cap).
-    A kind with no measured row has no estimate (None)."""
+    times the epochs the budget gives. An epoch costs the same under either budget, so a converged
+    point with no converged row of its own takes the per-epoch cost of its study-budget rows (of the
+    cover-last kind when none of its own cover exists: a lower bound); its epochs
+    are the median epochs run by its own converged rows, else by the other models' converged rows on that
+    dataset, else the cap. ``basis`` says which; a kind with nothing measured has no estimate (None)."""
     from .train import budget_epochs
     done = collect(runs, sorted({p.dataset for p in points}), list(MODELS))
     if len(done):
         done = done.assign(per_epoch=(done["train_seconds"] + done["eval_seconds"]) / done["epochs_run"])
+
+    def rows_of(dataset, model, setting):
+        if not len(done):
+            return done
+        sel = (done["dataset"] == dataset) & (done["setting"] == setting)
+        return done[sel & (done["model"] == model)] if model else done[sel]
+
     groups: dict[tuple, dict] = {}
     for p in points:
         key = (p.dataset, model_name(p.mixer, p.readout, p.readout_opts) or p.mixer, setting_of(json.loads(p.to_json())))
         g = groups.setdefault(key, {"dataset": key[0], "model": key[1], "setting": key[2], "points": 0,
-                                    "sec_per_epoch": None, "epochs": None, "cpu_seconds": None, "measured_rows": 0})
+                                    "sec_per_epoch": None, "epochs": None, "cpu_seconds": None, "measured_rows": 0,
+                                    "basis": "nothing measured"})
         g["points"] += 1
         if g["points"] > 1:
             continue
         epochs, patience = budget_epochs(p)
-        same = done[(done["dataset"] == key[0]) & (done["model"] == key[1]) & (done["setting"] == key[2])] \
-            if len(done) else done
         g["epochs"] = epochs
-        if len(same):
-            g["measured_rows"] = len(same)
-            g["sec_per_epoch"] = float(same["per_epoch"].median())
+        same = rows_of(*key)
+        per_epoch, basis = same, "same kind"
+        if not len(same) and patience:  # the study-budget rows of the same regime cost the same per epoch
+            study = key[2].replace(", budget converged", ", budget study")
+            for sibling, basis in ((study, "per epoch: study-budget rows"),
+                                   (key[2].replace(", budget converged", ""), "per epoch: study-budget rows"),
+                                   (study.replace("cover windows", "cover last"),
+                                    "per epoch: cover-last study rows (a lower bound where histories pass max_len)")):
+                per_epoch = rows_of(key[0], key[1], sibling)
+                if len(per_epoch):
+                    break
+        if len(per_epoch):
+            g["measured_rows"] = len(per_epoch)
+            g["sec_per_epoch"] = float(per_epoch["per_epoch"].median())
+            g["basis"] = basis
             if patience:
-                g["epochs"] = float(same["epochs_run"].median())
+                conv = same if len(same) else rows_of(key[0], None, key[2])
+                if len(conv):
+                    g["epochs"] = float(conv["epochs_run"].median())
+                    g["basis"] += "" if len(same) else f"; epochs: {len(conv)} other converged row(s)"
+                else:
+                    g["basis"] += "; epochs: the cap"
     for g in groups.values():
         if g["sec_per_epoch"] is not None:
             g["cpu_seconds"] = g["sec_per_epoch"] * g["epochs"] * g["points"]

@@ -187,3 +187,23 @@ def test_table_dry_run_estimates_from_measured_rows_of_the_same_kind(tmp_path):
     # another protocol is another kind: the sequence rows say nothing about the study protocol's cost
     study = table_points(make_config(protocol="study"), ["beauty"], ["SASRec"], [0])
     assert estimate_cost(study, rows)[0]["cpu_seconds"] is None
+
+
+def test_dry_run_prices_a_converged_point_from_its_study_budget_epochs(tmp_path):
+    """An epoch costs the same under either budget: a converged point without converged rows of its own
+    takes its per-epoch cost from the study-budget rows, and its epochs from other models' converged rows."""
+    from benchbox.config import make_config
+    from benchbox.tables import estimate_cost, table_points
+    base = {"dataset": "beauty", "readout": "last", "cover": "windows"}
+    rows = [{"run_id": "s0", "status": "ok", "sweep_id": "table1", "dataset": "beauty", "mixer": "attention",
+             "readout": "last", "seed": 0, "config": json.dumps({**base, "mixer": "attention", "seed": 0}),
+             "train_seconds": 90, "eval_seconds": 10, "epochs_run": 10},  # SASRec: 10 s/epoch, study budget
+            {"run_id": "g0", "status": "ok", "sweep_id": "table1", "dataset": "beauty", "mixer": "gru",
+             "readout": "last", "seed": 0, "config": json.dumps({**base, "mixer": "gru", "seed": 0, "budget": "converged"}),
+             "train_seconds": 100, "eval_seconds": 0, "epochs_run": 40}]  # GRU4Rec converged after 40 epochs
+    pts = table_points(make_config(budget="converged"), ["beauty"], ["SASRec", "GRU4Rec", "TTT4Rec"], [1])
+    est = {g["model"]: g for g in estimate_cost(pts, rows)}
+    assert est["SASRec"]["sec_per_epoch"] == 10 and est["SASRec"]["epochs"] == 40
+    assert est["SASRec"]["cpu_seconds"] == 400 and "study-budget" in est["SASRec"]["basis"]
+    assert est["GRU4Rec"]["sec_per_epoch"] == 2.5 and est["GRU4Rec"]["basis"] == "same kind"
+    assert est["TTT4Rec"]["cpu_seconds"] is None and est["TTT4Rec"]["basis"] == "nothing measured"
