@@ -33,7 +33,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--profile-steps", type=int, default=50)
     p.add_argument("--rows", type=int, default=25, help="operators shown")
+    p.add_argument("--shapes", action="store_true", help="group the operators by input shapes")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: this process's CPU time (with --threads 1, immune to background runs)")
     a = p.parse_args(argv)
+    clock = time.perf_counter if a.clock == "wall" else time.process_time
     cfg = make_config(mixer="none" if a.readout != "last" else a.mixer, readout=a.readout, dataset=a.dataset,
                       protocol=a.protocol or None, threads=a.threads)
     torch.set_num_threads(a.threads)
@@ -45,22 +49,24 @@ def main(argv=None):
         train_step(model, opt, next(batches), dev, amp)
     step_ms, load_ms = [], []
     for _ in range(a.steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         batch = next(batches)
-        t1 = time.perf_counter()
+        t1 = clock()
         train_step(model, opt, batch, dev, amp)
-        t2 = time.perf_counter()
+        t2 = clock()
         load_ms.append((t1 - t0) * 1e3)
         step_ms.append((t2 - t0) * 1e3)
     med = statistics.median(step_ms)
     print(f"{cfg.mixer}/{cfg.readout} {cfg.dataset} {cfg.regime} (window {cfg.window}): {loader.batch_size} rows "
           f"per step, {len(loader):,} steps per epoch; median step {med:.1f} ms (batch production "
-          f"{statistics.median(load_ms):.1f} ms), {a.threads} thread(s) -> {med * len(loader) / 1e3:.0f} s per epoch")
+          f"{statistics.median(load_ms):.1f} ms), {a.threads} thread(s), {a.clock} clock -> {med * len(loader) / 1e3:.0f} s "
+          f"per epoch")
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=a.shapes) as prof:
         for _ in range(a.profile_steps):
             train_step(model, opt, next(batches), dev, amp)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows))
+    print(prof.key_averages(group_by_input_shape=a.shapes).table(sort_by="self_cpu_time_total", row_limit=a.rows,
+                                                                  max_shapes_column_width=70))
 
 
 if __name__ == "__main__":
