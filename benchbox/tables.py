@@ -195,8 +195,9 @@ def build_tables(runs, datasets, models, prefix="test_", setting: str = OLD_SETT
                     "so these numbers are biased down where histories are longer than max_len")
         md += [f"#### {ds}{note}", "", f"Test metrics, {kind}; mean ± sd over seeds; study value and difference in "
                "brackets; **bold** = best mean in the column; p = paired t-test of TTT4Rec against the row across seeds.", ""]
-        md += ["| model | seeds | " + " | ".join(m.upper() for m in METRICS) + " | p (NDCG@10 vs TTT4Rec) | wall s/run |",
-               "|---|---|" + "---|" * len(METRICS) + "---|---|"]
+        md += ["| model | seeds | " + " | ".join(m.upper() for m in METRICS)
+               + " | p (NDCG@10 vs TTT4Rec) | steps/epoch | epochs | s/epoch | wall s/run |",
+               "|---|---|" + "---|" * len(METRICS) + "---|---|---|---|---|"]
         ttt = got[got["model"] == "TTT4Rec"].set_index("seed")[cols[1]]
         for name in models:
             study = STUDY.get(ds, {}).get(name) if not full else None
@@ -206,13 +207,23 @@ def build_tables(runs, datasets, models, prefix="test_", setting: str = OLD_SETT
                     continue
                 missing = "not run yet" if name not in set(data.loc[data["dataset"] == ds, "model"]) else "no result"
                 cells = [f"{missing} (study {v:.4f})" for v in study] if study else [missing] * len(METRICS)
-                md.append(f"| {name} | 0 | " + " | ".join(cells) + " | - | - |")
+                md.append(f"| {name} | 0 | " + " | ".join(cells) + " | - | - | - | - | - |")
                 continue
             rs = got[got["model"] == name]
             mixer, readout, ropts = _spec(name)
             rec = {"setting": setting, "dataset": ds, "model": name, "mixer": mixer, "readout": readout,
                    "readout_opts": json.dumps(ropts, sort_keys=True), "metric_kind": "full" if full else "sampled",
                    "seeds": len(rs), "wall_seconds_mean": (rs["train_seconds"] + rs["eval_seconds"]).mean()}
+            # the cost of this regime: steps and wall seconds per epoch (train + eval), epochs run
+            num = lambda c: pd.to_numeric(rs[c], errors="coerce") if c in rs else pd.Series(float("nan"), index=rs.index)  # noqa: E731
+            epochs = num("epochs_run")
+            rec["steps_per_epoch"] = num("steps_per_epoch").median()
+            rec["epochs_run_mean"] = epochs.mean()
+            rec["seconds_per_epoch_mean"] = ((num("train_seconds") + num("eval_seconds")) / epochs).mean()
+            span = "-" if epochs.isna().all() else (f"{epochs.min():.0f}" if epochs.min() == epochs.max()
+                                                     else f"{epochs.min():.0f}-{epochs.max():.0f}")
+            fmt = lambda v, spec: "-" if v != v else format(v, spec)  # noqa: E731  (NaN: not in older rows)
+            cost = f"{fmt(rec['steps_per_epoch'], ',.0f')} | {span} | {fmt(rec['seconds_per_epoch_mean'], '.1f')}"
             cells = []
             for i, (m, c) in enumerate(zip(METRICS, cols)):
                 mu, sd = stats.loc[name, (c, "mean")], stats.loc[name, (c, "std")]
@@ -230,7 +241,7 @@ def build_tables(runs, datasets, models, prefix="test_", setting: str = OLD_SETT
             p = paired_t_test(list(ttt[common]), list(mine[common])) if name != "TTT4Rec" else float("nan")
             rec["p_ndcg@10_vs_ttt4rec"] = p
             md.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + f" | {'-' if p != p else f'{p:.3g}'} | "
-                      f"{rec['wall_seconds_mean']:.0f} |")
+                      f"{cost} | {rec['wall_seconds_mean']:.0f} |")
             csv_rows.append(rec)
         md.append("")
     return csv_rows, md
