@@ -205,6 +205,21 @@ def _describe(cfg_json: str) -> str:
     return f"{d['mixer']}{readout} {d['dataset']} seed={d['seed']} {d['mixer_opts']}"
 
 
+def _cost_line(todo: list[RunConfig], results_dir) -> str:
+    """What the points left would cost, priced like ``table --dry-run`` from the measured Table 1 rows of
+    the same dataset, model and protocol (their mixer options may differ from the swept ones)."""
+    from .results import load_runs
+    from .tables import estimate_cost
+    if not todo:
+        return "nothing left to run"
+    est = estimate_cost(todo, load_runs(results_dir))
+    known = sum(g["cpu_seconds"] for g in est if g["cpu_seconds"] is not None)
+    unknown = sum(g["points"] for g in est if g["cpu_seconds"] is None)
+    return (f"{len(todo)} point(s) to run; estimated {known:,.0f} CPU-s from the Table 1 rows of the same model "
+            f"and protocol (other mixer options can cost more or less)"
+            + (f"; {unknown} point(s) without a measured row of their kind" if unknown else ""))
+
+
 @dataclass
 class SweepResult:
     sweep_id: str
@@ -241,6 +256,7 @@ def sweep(grid: dict | list[str] | None = None, *, file: str | None = None, seed
         waiting = {id(p) for p in todo}
         for p in points:
             log(f"{'todo' if id(p) in waiting else 'done'}  {_describe(p.to_json())}")
+        log(_cost_line(todo, results_dir))
         return SweepResult(sid, points, todo, {"ok": 0, "diverged": 0, "failed": 0})
     return SweepResult(sid, points, todo, run_sweep(points, results_dir, workers, executor, address, log=log))
 

@@ -100,6 +100,11 @@ def test_api_sweep_table_and_report(tmp_path):
     assert res.counts == {"ok": 2, "diverged": 0, "failed": 0} and len(res.points) == 2
     assert benchbox.sweep(["num_layers=1,2"], mixer="gru", results_dir=str(tmp_path), log=logs.append, dry_run=True,
                           **TINY).todo == []
+    assert logs[-1] == "nothing left to run"
+    more = benchbox.sweep(["num_layers=1,2,3"], mixer="gru", results_dir=str(tmp_path), log=logs.append, dry_run=True,
+                          name=res.sweep_id, **TINY)
+    assert len(more.todo) == 1 and logs[-1].startswith("1 point(s) to run; estimated 0 CPU-s")
+    assert logs[-1].endswith("1 point(s) without a measured row of their kind")  # sweep rows are not Table 1 rows
     report = benchbox.write_report(tmp_path).read_text()
     assert f"### {res.sweep_id}: gru on synthetic over num_layers (2), 1 seed: 2 ok" in report
     md, csv_path = benchbox.table(datasets="beauty", models=["GRU4Rec"], no_run=True, results_dir=tmp_path)
