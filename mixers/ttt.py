@@ -587,7 +587,15 @@ class _LinearChunks(torch.autograd.Function):
 def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma, beta,
              mini_batch_size: int, mb_per_chunk: int, need_state: bool = False):
     """Same contract as ``ttt_reference``. With ``need_state`` L must be a multiple of mini_batch_size
-    (the state after a shorter last mini-batch is never needed by ``forward``)."""
+    (the state after a shorter last mini-batch is never needed by ``forward``). Under autocast the scan
+    runs in float32: the hand-written chunks need one dtype throughout, and the inner gradient steps
+    are the precision-sensitive part."""
+    dev_type = q.device.type
+    if torch.is_autocast_enabled(dev_type):
+        with torch.autocast(dev_type, enabled=False):
+            f = lambda t: t.float()  # noqa: E731
+            return ttt_fast(kind, f(q), f(k), f(v), f(lr), f(tok), {n: f(t) for n, t in params.items()}, f(gamma),
+                            f(beta), mini_batch_size, mb_per_chunk, need_state)
     B, L, H, D = q.shape
     K = mini_batch_size
     n_mb = -(-L // K)

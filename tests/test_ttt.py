@@ -218,6 +218,23 @@ def test_linear_chunks_backward_is_the_gradient(K, g, S, need_state):
     assert torch.autograd.gradcheck(fn, args)
 
 
+@pytest.mark.parametrize("name", list(KINDS))
+def test_autocast_bfloat16_trains(name):
+    """``--dtype bfloat16`` runs the model under autocast: the scan (hand-written chunks) stays float32
+    and forward + backward work, close to float32."""
+    torch.manual_seed(0)
+    m = KINDS[name](D, mini_batch_size=4)
+    x = torch.randn(2, 19, D, requires_grad=True)
+    y32 = m(x)
+    (g32,) = torch.autograd.grad(y32.sum(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = m(x)
+    (g16,) = torch.autograd.grad(y16.float().sum(), x)
+    assert torch.isfinite(g16).all()
+    torch.testing.assert_close(y16.float(), y32, rtol=0.1, atol=0.1)
+    torch.testing.assert_close(g16, g32, rtol=0.1, atol=0.1)
+
+
 def ln_l2_grad_sq(z, gam2, gt, eps=1e-6):
     """ln_l2_grad written with gamma^2 as the input, for checking _lnl2_bwd's gamma^2 gradient."""
     mu = z.mean(-1, keepdim=True)
