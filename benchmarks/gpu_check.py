@@ -37,7 +37,7 @@ import mixers  # noqa: E402
 
 COLUMNS = ["device", "mixer", "backend", "dtype", "batch", "length", "d_model", "fwd_ms", "fwd_tok_s",
            "fwdbwd_ms", "fwdbwd_tok_s", "peak_mem_mb", "out_max_abs", "out_max_rel", "grad_max_abs",
-           "grad_max_rel", "status"]
+           "grad_max_rel", "compile_s", "status"]
 SIZES = {  # device -> defaults (the cpu dry run exercises the same code path with tiny sizes)
     "cuda": dict(batch=64, lengths=[200, 1000], d_model=64, repeats=10, warmup=3, ref_batch=8),
     "cpu": dict(batch=2, lengths=[16, 40], d_model=16, repeats=2, warmup=1, ref_batch=2),
@@ -58,6 +58,13 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int)
     p.add_argument("--ref-batch", type=int, help="sequences compared with the CPU fp32 reference")
     p.add_argument("--time-budget", type=float, default=270.0, help="seconds; later cases are skipped")
+    p.add_argument("--reference-max-len", type=int, default=200,
+                   help="plain reference backends (token by token) only up to this length")
+    p.add_argument("--compile", action="store_true",
+                   help="also torch.compile each mixer's default backend (lengths up to --compile-max-len)")
+    p.add_argument("--compile-max-len", type=int, default=200)
+    p.add_argument("--compile-dtypes", nargs="+", default=["bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--compile-budget", type=float, default=90.0, help="seconds for all compiled cases")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     for k, v in SIZES[a.device].items():
@@ -129,6 +136,7 @@ def check(a) -> list[dict]:
     t_start = time.perf_counter()
     max_len = max(a.lengths)
     rows: list[dict] = []
+    t_compile = [0.0]  # seconds spent in compiled cases (their own budget)
     base = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 batch=a.batch, d_model=a.d_model)
     for name in names:
@@ -156,32 +164,59 @@ def check(a) -> list[dict]:
                                  status="cpu reference " + one_line(e)))
                 print(format_row(rows[-1]), flush=True)
                 continue
-            for backend in backends:
-                for dtype in a.dtypes:
-                    row = dict(base, mixer=name, backend=backend, dtype=dtype, length=length)
+            cases = [(b, False) for b in backends]
+            if a.compile and length <= a.compile_max_len:
+                cases.append((backends[0], True))
+            for backend, compiled in cases:
+                for dtype in (a.compile_dtypes if compiled else a.dtypes):
+                    label = f"compile:{backend}" if compiled else backend
+                    row = dict(base, mixer=name, backend=label, dtype=dtype, length=length)
                     rows.append(row)
-                    if time.perf_counter() - t_start > a.time_budget:
+                    if compiled and t_compile[0] > a.compile_budget:
+                        row["status"] = "skipped: compile budget"
+                        continue
+                    if not compiled and time.perf_counter() - t_start - t_compile[0] > a.time_budget:
                         row["status"] = "skipped: time budget"
                         continue
+                    if backend == "reference" and length > a.reference_max_len:
+                        row["status"] = f"skipped: reference above L {a.reference_max_len}"
+                        continue
                     stage = ["build"]
+                    t_case = time.perf_counter()
                     try:
                         run_case(row, stage, name, backend, dtype, length, state, x, dy, ref_y, ref_grads,
-                                 max_len, device, timer, a)
+                                 max_len, device, timer, a, compiled)
                         row["status"] = "ok"
                     except Exception as e:  # noqa: BLE001 - keep what was measured, say where it failed
                         row["status"] = f"{stage[0]}: {one_line(e)}"
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
+                    if compiled:
+                        t_compile[0] += time.perf_counter() - t_case
+                        torch._dynamo.reset()  # each compiled case starts from a clean cache
                     print(format_row(row), flush=True)
     return rows
 
 
-def run_case(out, stage, name, backend, dtype, length, state, x, dy, ref_y, ref_grads, max_len, device, timer, a):
-    """Fill ``out`` with errors and timings; ``stage[0]`` names the step in progress (for errors)."""
+def run_case(out, stage, name, backend, dtype, length, state, x, dy, ref_y, ref_grads, max_len, device, timer, a,
+             compiled=False):
+    """Fill ``out`` with errors and timings; ``stage[0]`` names the step in progress (for errors).
+    ``compiled``: the module under ``torch.compile`` (dynamic=False: one graph per shape); compile_s is the
+    first forward + backward on the full batch, compilation included."""
     opts = {} if backend == "default" else {"backend": backend}
     module = mixers.build(name, a.d_model, max_len=max_len, **opts).eval()
     module.load_state_dict(state)
     module.to(device)
+    if compiled:
+        stage[0] = "compile"
+        module = torch.compile(module, dynamic=False)
+        t0 = time.perf_counter()
+        forward_backward(module, x.to(device), dy.to(device), device, dtype, grads=False)
+        with torch.no_grad(), autocast(device, dtype):
+            module(x.to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out["compile_s"] = time.perf_counter() - t0
     # accuracy on the first ref_batch sequences
     stage[0] = "accuracy"
     y, grads = forward_backward(module, x[:a.ref_batch].to(device), dy[:a.ref_batch].to(device), device, dtype,
@@ -215,19 +250,19 @@ def run_case(out, stage, name, backend, dtype, length, state, x, dy, ref_y, ref_
     out["fwd_ms"], out["fwd_tok_s"] = t * 1e3, tokens / t
 
 
-HEADER = (f"{'mixer':<11} {'backend':<10} {'dtype':<5} {'length':>6} {'fwd ms':>9} {'fwd tok/s':>11} "
+HEADER = (f"{'mixer':<11} {'backend':<16} {'dtype':<5} {'length':>6} {'fwd ms':>9} {'fwd tok/s':>11} "
           f"{'f+b ms':>9} {'f+b tok/s':>11} {'peak MB':>8} {'out abs':>8} {'out rel':>8} {'grad abs':>8} "
-          f"{'grad rel':>8}  status")
+          f"{'grad rel':>8} {'comp s':>7}  status")
 
 
 def format_row(r: dict) -> str:
     def num(key, fmt):
         v = r.get(key)
         return format(v, fmt) if isinstance(v, (int, float)) else "-"
-    return (f"{r['mixer']:<11} {r['backend']:<10} {r['dtype']:<5} {str(r['length']):>6} {num('fwd_ms', '9.2f')} "
+    return (f"{r['mixer']:<11} {r['backend']:<16} {r['dtype']:<5} {str(r['length']):>6} {num('fwd_ms', '9.2f')} "
             f"{num('fwd_tok_s', '11.3g')} {num('fwdbwd_ms', '9.2f')} {num('fwdbwd_tok_s', '11.3g')} "
             f"{num('peak_mem_mb', '8.0f')} {num('out_max_abs', '8.1e')} {num('out_max_rel', '8.1e')} "
-            f"{num('grad_max_abs', '8.1e')} {num('grad_max_rel', '8.1e')}  {r.get('status', '')}")
+            f"{num('grad_max_abs', '8.1e')} {num('grad_max_rel', '8.1e')} {num('compile_s', '7.1f')}  {r.get('status', '')}")
 
 
 def main(argv=None) -> int:
