@@ -86,8 +86,14 @@ def speed(a) -> list[dict]:
                                                                        **kw))  # naive.py writes into q
         name = "cpu (dry run)"
     K = 16
-    shapes = [(64, L, 2, 32) for L in (200, 4000)] + [(16, 4000, 8, 64)] if dev.type == "cuda" else [(2, 32, 2, 8)]
+    shapes = [(64, L, 2, 32) for L in (4000, 200)] + [(16, 4000, 8, 64)] if dev.type == "cuda" else [(2, 32, 2, 8)]
     rows = []
+    writer = None
+    if a.out:  # row by row: fla autotunes each new shape on first call, and a capped run keeps what it measured
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        fh = a.out.open("w", newline="")
+        writer = csv.DictWriter(fh, fieldnames=SPEED_COLUMNS)
+        writer.writeheader()
 
     def timed(fn):
         times = []
@@ -143,8 +149,8 @@ def speed(a) -> list[dict]:
                 return call
 
             impls = [("fla chunk_ttt_linear", lambda: fla_call(chunk_ttt_linear)),
-                     ("fla fused_chunk_ttt_linear", lambda: fla_call(fused_chunk_ttt_linear)),
-                     ("benchbox ttt_fast (1 mb/chunk)", ours(1)), ("benchbox ttt_fast (4 mb/chunk)", ours(4))]
+                     ("benchbox ttt_fast (1 mb/chunk)", ours(1)), ("benchbox ttt_fast (4 mb/chunk)", ours(4)),
+                     ("fla fused_chunk_ttt_linear", lambda: fla_call(fused_chunk_ttt_linear))]
             ref_o = None
             if dtype == "fp32" and L <= 256:  # fla's naive reference, to see the kernels compute what it does
                 with torch.no_grad():
@@ -170,15 +176,13 @@ def speed(a) -> list[dict]:
                 for t_ in leaves:
                     t_.grad = None
                 rows.append(row)
+                if writer:
+                    writer.writerow({c: row.get(c, "") for c in SPEED_COLUMNS})
+                    fh.flush()
                 print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row.get(k, '')}"
                                for k in SPEED_COLUMNS[1:]), flush=True)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        with a.out.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=SPEED_COLUMNS)
-            w.writeheader()
-            for r in rows:
-                w.writerow({c: r.get(c, "") for c in SPEED_COLUMNS})
+    if writer:
+        fh.close()
         print(f"wrote {a.out}")
     return rows
 

@@ -207,6 +207,8 @@ def run_case(out, stage, name, backend, dtype, length, state, x, dy, ref_y, ref_
     module = mixers.build(name, a.d_model, max_len=max_len, **opts).eval()
     module.load_state_dict(state)
     module.to(device)
+    if device.type == "cuda" and any(isinstance(m, torch.nn.RNNBase) for m in module.modules()):
+        module.train()  # cuDNN's RNN backward refuses eval mode; the mixers have no dropout at these settings
     if compiled:
         stage[0] = "compile"
         module = torch.compile(module, dynamic=False)

@@ -136,9 +136,11 @@ def rope_fast(q: torch.Tensor, k: torch.Tensor, rot: torch.Tensor):
     rot = rot.to(ctype)
 
     def one(x):
-        shp = x.shape
-        xc = torch.view_as_complex(x.reshape(*shp[:-1], shp[-1] // 2, 2).contiguous())
-        return torch.view_as_real(xc * rot).reshape(shp)
+        # there is no bfloat16 complex type: a bf16 q/k (CUDA autocast) rotates in float32 and comes back bf16
+        shp, dt = x.shape, x.dtype
+        xf = x if dt in (torch.float32, torch.float64) else x.float()
+        xc = torch.view_as_complex(xf.reshape(*shp[:-1], shp[-1] // 2, 2).contiguous())
+        return torch.view_as_real(xc * rot).reshape(shp).to(dt)
 
     return one(q), one(k)
 

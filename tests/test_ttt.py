@@ -304,3 +304,17 @@ def test_no_nan_at_defaults(name, mbs):
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
     x0 = torch.zeros(2, 20, 64)  # a constant input: the inner LayerNorm sees (almost) zero variance
     assert torch.isfinite(m(x0)).all()
+
+
+def test_rope_fast_takes_bfloat16():
+    """Under CUDA autocast q and k arrive in bf16, which has no complex type: rope_fast rotates them in
+    float32 and returns bf16 (found by the GPU check: ``view_as_complex`` refused bf16)."""
+    from mixers.ttt import _rope_factors, rope_fast, rope_reference
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 7, 2, 8), torch.randn(2, 7, 2, 8)
+    pos = torch.arange(7) % 4
+    rq, rk = rope_reference(q, k, pos, 10000.0)
+    fq, fk = rope_fast(q.bfloat16(), k.bfloat16(), _rope_factors(pos, 8, 10000.0, "cpu"))
+    assert fq.dtype == fk.dtype == torch.bfloat16
+    torch.testing.assert_close(fq.float(), rq, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(fk.float(), rk, rtol=0.02, atol=0.02)
