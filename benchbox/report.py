@@ -127,6 +127,8 @@ def efficiency_section(results_dir: Path) -> list[str]:
                        f"{r['status']} | {_f(r.get('median_s') * 1000 if pd.notna(r.get('median_s')) else None, '.2f')} | "
                        f"{_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('peak_mem_mb'), '.0f')} |")
         out.append("")
+    if (results_dir / "gpu_notes.md").exists():  # the GPU check's own write-up (agreement, compile, fla)
+        out += ["See `gpu_notes.md` for the GPU check: agreement with CPU fp32, compiled paths, fla's kernels.", ""]
     return out if found else out + ["No efficiency results.", ""]
 
 
