@@ -297,7 +297,7 @@ def table_command(datasets: Annotated[str, _o("comma list of datasets", T)] = "m
                                                         "from the measured rows of runs.csv; run nothing",
                                                         rich_help_panel=T)] = False, *, options: dict):
     """Run the study's Table 1 (every model, N seeds, resumable) and write it."""
-    from .tables import table
+    from .tables import cost_summary, table
     if dry_run:
         est = table(datasets, models, seeds, seed_list, workers, True, options.pop("results_dir"), dry_run=True,
                     **options)
@@ -308,11 +308,10 @@ def table_command(datasets: Annotated[str, _o("comma list of datasets", T)] = "m
                              ["dataset", "model", "setting", "points", "rows measured", "s/epoch", "epochs", "CPU-s",
                               "basis"],
                              rows))
-        known = [g["cpu_seconds"] for g in est if g["cpu_seconds"] is not None]
-        unknown = sum(g["points"] for g in est if g["cpu_seconds"] is None)
-        console.print(f"{sum(g['points'] for g in est)} points; estimated {sum(known):,.0f} CPU-s, about "
-                      f"{sum(known) / max(workers, 1) / 3600:.1f} h wall with {workers} worker(s)"
-                      + (f"; {unknown} point(s) without an estimate" if unknown else ""))
+        tot = cost_summary(est)
+        console.print(f"{tot['points']} points; estimated {tot['cpu_seconds']:,.0f} CPU-s, about "
+                      f"{tot['cpu_seconds'] / max(workers, 1) / 3600:.1f} h wall with {workers} worker(s)"
+                      + (f"; {tot['unpriced_points']} point(s) without an estimate" if tot["unpriced_points"] else ""))
         return
     md, csv_path = table(datasets, models, seeds, seed_list, workers, no_run, options.pop("results_dir"),
                          log=console.print, **options)

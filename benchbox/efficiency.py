@@ -28,6 +28,22 @@ from . import BenchboxError
 
 MODES = ("train", "encode", "stream")
 
+# The clocks of the timing scripts under benchmarks/: wall time, or this process's CPU time, which is
+# immune to other processes taking turns on the cores (training runs in the background) but sums every
+# thread's time, so it only means step time with one thread.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK_HELP = ("wall: perf_counter; cpu: this process's CPU time (with --threads 1, immune to other processes "
+              "taking turns on the cores, e.g. training runs in the background)")
+
+
+def pick_clock(name: str, threads: int):
+    """The timer called ``name`` (wall | cpu); the cpu clock needs one thread."""
+    if name not in CLOCKS:
+        raise BenchboxError(f"unknown clock {name!r} (wall, cpu)")
+    if name == "cpu" and threads != 1:
+        raise BenchboxError("--clock cpu sums the CPU time of all threads: use it with --threads 1")
+    return CLOCKS[name]
+
 
 def _rss_mb(field: str) -> float:
     with open("/proc/self/status") as f:

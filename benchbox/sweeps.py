@@ -209,15 +209,14 @@ def _cost_line(todo: list[RunConfig], results_dir) -> str:
     """What the points left would cost, priced like ``table --dry-run`` from the measured Table 1 rows of
     the same dataset, model and protocol (their mixer options may differ from the swept ones)."""
     from .results import load_runs
-    from .tables import estimate_cost
+    from .tables import cost_summary, estimate_cost
     if not todo:
         return "nothing left to run"
-    est = estimate_cost(todo, load_runs(results_dir))
-    known = sum(g["cpu_seconds"] for g in est if g["cpu_seconds"] is not None)
-    unknown = sum(g["points"] for g in est if g["cpu_seconds"] is None)
-    return (f"{len(todo)} point(s) to run; estimated {known:,.0f} CPU-s from the Table 1 rows of the same model "
-            f"and protocol (other mixer options can cost more or less)"
-            + (f"; {unknown} point(s) without a measured row of their kind" if unknown else ""))
+    tot = cost_summary(estimate_cost(todo, load_runs(results_dir)))
+    return (f"{len(todo)} point(s) to run; estimated {tot['cpu_seconds']:,.0f} CPU-s from the Table 1 rows of the same "
+            f"model and protocol (other mixer options can cost more or less)"
+            + (f"; {tot['unpriced_points']} point(s) without a measured row of their kind" if tot["unpriced_points"]
+               else ""))
 
 
 @dataclass

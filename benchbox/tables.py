@@ -383,6 +383,14 @@ def estimate_cost(points: list[RunConfig], runs) -> list[dict]:
     return list(groups.values())
 
 
+def cost_summary(est: list[dict]) -> dict:
+    """Totals of an ``estimate_cost`` answer: the points, the CPU-seconds of those with an estimate, and
+    how many points have none (never priced as 0)."""
+    return {"points": sum(g["points"] for g in est),
+            "cpu_seconds": sum(g["cpu_seconds"] for g in est if g["cpu_seconds"] is not None),
+            "unpriced_points": sum(g["points"] for g in est if g["cpu_seconds"] is None)}
+
+
 def table(datasets="ml-1m,beauty,electronics", models=tuple(MODELS), seeds: int = 3, seed_list=None, workers: int = 1,
           no_run: bool = False, results_dir: str = "results", log=print, dry_run: bool = False,
           **options) -> tuple[Path, Path] | list[dict]:

@@ -36,6 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mixers  # noqa: E402
+from benchbox import BenchboxError  # noqa: E402
+from benchbox.efficiency import CLOCK_HELP, CLOCKS, pick_clock  # noqa: E402
 
 OFFICIAL_URL = ("https://raw.githubusercontent.com/test-time-training/ttt-lm-pytorch/"
                 "6990c68c979a0dd4d8fca41cc93e11e83d89914e/ttt.py")
@@ -138,14 +140,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="wall: perf_counter; cpu: this process's CPU time (with --threads 1, immune to other "
-                        "processes taking turns on the cores, e.g. training runs in the background)")
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall", help=CLOCK_HELP)
     p.add_argument("--out", help="append the rows to this CSV")
     a = p.parse_args(argv)
-    if a.clock == "cpu" and a.threads != 1:
-        sys.exit("--clock cpu sums the CPU time of all threads: use it with --threads 1")
-    clock = time.perf_counter if a.clock == "wall" else time.process_time
+    try:
+        clock = pick_clock(a.clock, a.threads)
+    except BenchboxError as e:
+        sys.exit(str(e))
     torch.set_num_threads(a.threads)
     kernels = set(a.kernels.split(","))
     official = load_official(a.official_ttt, a.official_url) if kernels & {"ttt_linear", "ttt_mlp"} else None

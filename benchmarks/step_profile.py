@@ -20,6 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchbox.config import make_config  # noqa: E402
 from benchbox.train import build_training, train_step  # noqa: E402
+from benchbox import BenchboxError  # noqa: E402
+from benchbox.efficiency import CLOCK_HELP, CLOCKS, pick_clock  # noqa: E402
 
 
 def main(argv=None):
@@ -34,10 +36,12 @@ def main(argv=None):
     p.add_argument("--profile-steps", type=int, default=50)
     p.add_argument("--rows", type=int, default=25, help="operators shown")
     p.add_argument("--shapes", action="store_true", help="group the operators by input shapes")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="cpu: this process's CPU time (with --threads 1, immune to background runs)")
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall", help=CLOCK_HELP)
     a = p.parse_args(argv)
-    clock = time.perf_counter if a.clock == "wall" else time.process_time
+    try:
+        clock = pick_clock(a.clock, a.threads)
+    except BenchboxError as e:
+        sys.exit(str(e))
     cfg = make_config(mixer="none" if a.readout != "last" else a.mixer, readout=a.readout, dataset=a.dataset,
                       protocol=a.protocol or None, threads=a.threads)
     torch.set_num_threads(a.threads)

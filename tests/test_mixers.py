@@ -90,3 +90,28 @@ def test_every_backend_of_every_mixer_runs_the_whole_protocol(tmp_path):
             assert res.row["status"] == "ok" and 0 <= res.metrics["test_full_ndcg@10"] <= 1, (name, backend)
             ran.append((name, backend))
     assert ("ttt_linear", "reference") in ran and ("ttt_mlp", "reference") in ran and ("mamba", "torch") in ran
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu_check.py (run by gpu_bench.sh on CUDA) runs its whole code path on CPU: every case
+    agrees with the CPU fp32 reference exactly, and the token-by-token references stop at
+    --reference-max-len."""
+    import csv
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    out = tmp_path / "gpu_check.csv"
+    assert gc.main(["--device", "cpu", "--mixers", "gru", "ttt_linear", "--lengths", "8", "12", "--dtypes", "fp32",
+                    "--reference-max-len", "8", "--repeats", "1", "--warmup", "1", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    status = {(r["mixer"], r["backend"], r["length"]): r["status"] for r in rows}
+    assert status[("ttt_linear", "reference", "12")] == "skipped: reference above L 8"
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {(r["mixer"], r["backend"]) for r in ok} == {("gru", "torch"), ("ttt_linear", "torch"),
+                                                         ("ttt_linear", "reference")}
+    for r in ok:
+        assert float(r["fwdbwd_ms"]) > 0
+        assert float(r["out_max_rel"]) < 1e-5 and float(r["grad_max_rel"]) < 1e-4, r

@@ -184,6 +184,10 @@ def test_table_dry_run_estimates_from_measured_rows_of_the_same_kind(tmp_path):
     assert est["ComiDR"]["points"] == est["ComiDR+"]["points"] == 2  # same readout, other options: two kinds
     assert est["SASRec"]["sec_per_epoch"] == 20 and est["SASRec"]["cpu_seconds"] == 20 * 10 * 2
     assert est["GRU4Rec"]["cpu_seconds"] is None  # nothing measured for it
+    from benchbox.tables import cost_summary
+    tot = cost_summary(list(est.values()))  # the unpriced points are counted, never priced as 0 s
+    assert tot["points"] == 8 and tot["unpriced_points"] == 6  # only SASRec is measured
+    assert tot["cpu_seconds"] == 20 * 10 * 2
     # another protocol is another kind: the sequence rows say nothing about the study protocol's cost
     study = table_points(make_config(protocol="study"), ["beauty"], ["SASRec"], [0])
     assert estimate_cost(study, rows)[0]["cpu_seconds"] is None
@@ -207,3 +211,16 @@ def test_dry_run_prices_a_converged_point_from_its_study_budget_epochs(tmp_path)
     assert est["SASRec"]["cpu_seconds"] == 400 and "study-budget" in est["SASRec"]["basis"]
     assert est["GRU4Rec"]["sec_per_epoch"] == 2.5 and est["GRU4Rec"]["basis"] == "same kind"
     assert est["TTT4Rec"]["cpu_seconds"] is None and est["TTT4Rec"]["basis"] == "nothing measured"
+
+
+def test_timing_scripts_share_one_clock_choice():
+    """benchmarks/kernel_ratios.py and step_profile.py take their --clock from benchbox.efficiency: the
+    CPU clock sums every thread's time, so it is refused with more than one thread."""
+    import time
+    from benchbox import BenchboxError
+    from benchbox.efficiency import pick_clock
+    assert pick_clock("wall", 2) is time.perf_counter and pick_clock("cpu", 1) is time.process_time
+    with pytest.raises(BenchboxError, match="--threads 1"):
+        pick_clock("cpu", 2)
+    with pytest.raises(BenchboxError, match="unknown clock"):
+        pick_clock("gpu", 1)
