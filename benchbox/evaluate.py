@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .pipeline import eval_batches
+from .readouts import gather_rows
 
 KS = (5, 10)
 
@@ -60,7 +61,7 @@ def evaluate(model, batches, n_items: int, full: bool = False, device="cpu", aut
         batch = batch.to(device)
         h = _encode(model, batch, dev_type, autocast_dtype)
         with torch.autocast(dev_type, enabled=False):
-            scores = model.readout.scores(h, batch.lengths, table[batch.candidates])
+            scores = model.readout.scores(h, batch.lengths, gather_rows(table, batch.candidates))
             sampled.append(ranks_from_scores(scores).cpu())
             if full:
                 full_ranks.append(full_ranks_masked(model.readout.scores_all(h, batch.lengths, table), batch))
@@ -92,12 +93,12 @@ def evaluate_splits(model, data, max_len: int, valid_cand, test_cand, device="cp
             batch = batch.to(device)
             h = _encode(model, batch, dev_type, autocast_dtype)
             for split, lengths, cand in (("test", batch.lengths, batch.candidates), ("valid", batch.lengths - 1, valid)):
-                ranks[split].append(ranks_from_scores(model.readout.scores(h, lengths, table[cand])).cpu())
+                ranks[split].append(ranks_from_scores(model.readout.scores(h, lengths, gather_rows(table, cand))).cpu())
         for split, cand in (("valid", valid_cand), ("test", test_cand)):
             for batch in eval_batches(data, split, max_len, batch_size, cand, users=cut):
                 batch = batch.to(device)
                 h = _encode(model, batch, dev_type, autocast_dtype)
-                ranks[split].append(ranks_from_scores(model.readout.scores(h, batch.lengths, table[batch.candidates])).cpu())
+                ranks[split].append(ranks_from_scores(model.readout.scores(h, batch.lengths, gather_rows(table, batch.candidates))).cpu())
     return metrics_from_ranks(torch.cat(ranks["valid"])), metrics_from_ranks(torch.cat(ranks["test"]))
 
 

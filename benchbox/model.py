@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixers
-from .readouts import LastReadout, build_readout, last_position
+from .readouts import LastReadout, build_readout, candidate_dot, gather_rows, last_position
 
 
 class Block(nn.Module):
@@ -110,10 +110,10 @@ class Recommender(nn.Module):
 
     def _candidate_features(self, ids: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         if table is not None:
-            return table[ids]
+            return gather_rows(table, ids)
         # many lookups: run the MLP once per item instead of once per lookup
         if ids.numel() > self.n_items + 1:
-            return self.item_table()[ids]
+            return gather_rows(self.item_table(), ids)
         return self.item_features(ids)
 
     # ---- scores ---------------------------------------------------------------------------
@@ -128,7 +128,7 @@ class Recommender(nn.Module):
         regime's training rows). The "last" readout needs H there only: ``encode_last``."""
         if isinstance(self.readout, LastReadout):
             cand = self._candidate_features(candidates, table)
-            return (cand @ self.encode_last(inputs, lengths).unsqueeze(-1)).squeeze(-1)
+            return candidate_dot(cand, self.encode_last(inputs, lengths))
         h = self.encode(inputs, lengths)
         return self.readout.scores(h, lengths, self._candidate_features(candidates, table))
 

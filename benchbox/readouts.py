@@ -20,6 +20,22 @@ def last_position(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return h[torch.arange(h.shape[0], device=h.device), lengths - 1]
 
 
+def gather_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``table[ids]`` (ids of any shape) as one index_select: on CPU 6x faster than advanced indexing for
+    evaluation's (256, 101) candidates, and its backward is an index_add rather than an index_put."""
+    return table.index_select(0, ids.reshape(-1)).view(*ids.shape, table.shape[-1])
+
+
+def candidate_dot(cand: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """(..., C, D) candidates . (..., D) features -> (..., C) logits; reference: ``(cand @ f[..., None])[..., 0]``.
+    A batched matrix-vector product is slow on CPU (one tiny gemv per row): with few candidates (training's
+    1 + 4) a multiply-and-sum is 2-3x faster forward + backward, with many (evaluation's 101) a
+    row-times-matrix product is 5x faster than the gemv."""
+    if cand.shape[-2] <= 16:
+        return (cand * f.unsqueeze(-2)).sum(-1)
+    return (f.unsqueeze(-2) @ cand.transpose(-1, -2)).squeeze(-2)
+
+
 class LastReadout(nn.Module):
     """TTT4Rec / SASRec / GRU4Rec: F_s = H at the last real position; score = F_s . F_t."""
 
@@ -27,10 +43,10 @@ class LastReadout(nn.Module):
         super().__init__()
 
     def train_scores(self, h, lengths, cand):
-        return (cand @ h.unsqueeze(-1)).squeeze(-1)  # (B,L,C,D) @ (B,L,D,1): one batched matmul
+        return candidate_dot(cand, h)  # (B,L,C,D) . (B,L,D)
 
     def scores(self, h, lengths, cand):
-        return (cand @ last_position(h, lengths).unsqueeze(-1)).squeeze(-1)
+        return candidate_dot(cand, last_position(h, lengths))
 
     def scores_all(self, h, lengths, table):
         return last_position(h, lengths) @ table.T
@@ -220,7 +236,7 @@ def _pick_interest(v, cand, select: str = "target"):
     sim = (v * cand[:, :, :1]).sum(-1)  # (B,T,K)
     k = sim.argmax(-1)  # (B,T)
     chosen = v.gather(2, k[..., None, None].expand(-1, -1, 1, v.shape[-1])).squeeze(2)  # (B,T,D)
-    return (cand @ chosen.unsqueeze(-1)).squeeze(-1)
+    return candidate_dot(cand, chosen)
 
 
 def _check_select(select: str) -> str:
