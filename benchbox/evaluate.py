@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .pipeline import eval_batches
-from .readouts import gather_rows
+from .readouts import LastReadout, candidate_dot, gather_rows
 
 KS = (5, 10)
 
@@ -33,6 +33,13 @@ def _encode(model, batch, dev_type: str, autocast_dtype) -> torch.Tensor:
     """H of a batch, under autocast when asked, widened for ranking."""
     with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         h = model.encode(batch.inputs, batch.lengths)
+    return _wide(h)
+
+
+def _encode_ends(model, batch, n: int, dev_type: str, autocast_dtype) -> torch.Tensor:
+    """(B, n, D): H at lengths - 1, ..., lengths - n only (``Recommender.encode_ends``), widened."""
+    with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        h = model.encode_ends(batch.inputs, batch.lengths, n)
     return _wide(h)
 
 
@@ -87,18 +94,29 @@ def evaluate_splits(model, data, max_len: int, valid_cand, test_cand, device="cp
     ends = data.lengths - 1
     fits, cut = np.flatnonzero(ends <= max_len), np.flatnonzero(ends > max_len)
     ranks = {"valid": [], "test": []}
+    # the "last" readout reads H at the test and validation positions only: encode those rows alone
+    last = isinstance(model.readout, LastReadout)
     with torch.autocast(dev_type, enabled=False):
         for batch in eval_batches(data, "test", max_len, batch_size, test_cand, users=fits):
             valid = torch.from_numpy(valid_cand[batch.users.numpy()]).to(device)
             batch = batch.to(device)
+            if last:
+                h2 = _encode_ends(model, batch, 2, dev_type, autocast_dtype)
+                for split, j, cand in (("test", 0, batch.candidates), ("valid", 1, valid)):
+                    ranks[split].append(ranks_from_scores(candidate_dot(gather_rows(table, cand), h2[:, j])).cpu())
+                continue
             h = _encode(model, batch, dev_type, autocast_dtype)
             for split, lengths, cand in (("test", batch.lengths, batch.candidates), ("valid", batch.lengths - 1, valid)):
                 ranks[split].append(ranks_from_scores(model.readout.scores(h, lengths, gather_rows(table, cand))).cpu())
         for split, cand in (("valid", valid_cand), ("test", test_cand)):
             for batch in eval_batches(data, split, max_len, batch_size, cand, users=cut):
                 batch = batch.to(device)
-                h = _encode(model, batch, dev_type, autocast_dtype)
-                ranks[split].append(ranks_from_scores(model.readout.scores(h, batch.lengths, gather_rows(table, batch.candidates))).cpu())
+                c = gather_rows(table, batch.candidates)
+                if last:
+                    scores = candidate_dot(c, _encode_ends(model, batch, 1, dev_type, autocast_dtype)[:, 0])
+                else:
+                    scores = model.readout.scores(_encode(model, batch, dev_type, autocast_dtype), batch.lengths, c)
+                ranks[split].append(ranks_from_scores(scores).cpu())
     return metrics_from_ranks(torch.cat(ranks["valid"])), metrics_from_ranks(torch.cat(ranks["test"]))
 
 

@@ -47,6 +47,16 @@ class Block(nn.Module):
             y = x[rows] + self._drop_rows(self.mixer.forward_last(h, lengths), x.shape, rows)
         return y if self.ffn is None else y + self._drop_rows(self.ffn(self.norm2(y)), x.shape, rows)
 
+    def forward_rows(self, x, lengths, n: int):
+        """(B, L, D) -> (B, n, D): ``forward`` at lengths - 1, ..., lengths - n (clamped at 0), the mixer
+        giving those rows (its ``forward_rows``) and the residuals and FFN computed there only. Evaluation
+        only (no dropout here): training reads ``forward_last``, whose dropout draws match ``forward``."""
+        if self.training and self.drop.p > 0:
+            raise RuntimeError("Block.forward_rows is for evaluation (no dropout)")
+        pos = (lengths[:, None] - 1 - torch.arange(n, device=x.device)).clamp_min(0)
+        y = x[torch.arange(x.shape[0], device=x.device)[:, None], pos] + self.mixer.forward_rows(self.norm1(x), lengths, n)
+        return y if self.ffn is None else y + self.ffn(self.norm2(y))
+
     def _drop_rows(self, y, full_shape, rows):
         p = self.drop.p
         if not self.training or p == 0:
@@ -90,6 +100,18 @@ class Recommender(nn.Module):
         for block in self.blocks:
             x = block(x, lengths)
         return self.norm(x)
+
+    def encode_ends(self, inputs: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
+        """(B, n, D) = ``encode`` at lengths - 1, ..., lengths - n (clamped at 0): evaluation's test and
+        validation rows from one encode, the last block computing those rows only. Reference: ``encode``
+        read at those rows; tests hold them together."""
+        pos = (lengths[:, None] - 1 - torch.arange(n, device=inputs.device)).clamp_min(0)
+        if not self.blocks:
+            return self.encode(inputs, lengths)[torch.arange(inputs.shape[0], device=inputs.device)[:, None], pos]
+        x = self.emb_drop(self.item_emb(inputs) * self.emb_scale)
+        for block in self.blocks[:-1]:
+            x = block(x, lengths)
+        return self.norm(self.blocks[-1].forward_rows(x, lengths, n))
 
     def encode_last(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, D) = ``encode`` at each row's last real position (lengths - 1), the last block computing

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Mixer
+from .base import Mixer, rows_by_forward_last
 
 
 def _flash_attn_func():
@@ -106,6 +106,12 @@ class AttentionMixer(Mixer):
                 raise ValueError(f"backend {backend!r} unavailable")
             y = y.transpose(1, 2)
         return self.out(y.reshape(b, t, d))
+
+    def forward_rows(self, x, lengths, n):
+        """n queries (lengths - 1, ..., lengths - n) rather than all of them (evaluation's two rows)."""
+        if self.dropout > 0 and self.training:
+            return super().forward_rows(x, lengths, n)
+        return rows_by_forward_last(self, x, lengths, n)
 
     def forward_last(self, x, lengths):
         """The query at lengths - 1 only, over the keys 0..lengths - 1 (what causal attention gives that

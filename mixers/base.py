@@ -37,6 +37,13 @@ class Mixer(nn.Module):
         output is cheaper than all of them overrides it; ``forward`` stays the reference."""
         return self.forward(x, lengths)[torch.arange(x.shape[0], device=x.device), lengths - 1]
 
+    def forward_rows(self, x: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
+        """(B, n, D): the outputs at lengths - 1, lengths - 2, ..., lengths - n (clamped at 0), e.g. the
+        test and validation positions of evaluation. Here the full forward, read at those rows; a mixer
+        with a cheap ``forward_last`` overrides it (causal: the output at lengths - 1 - j is the last
+        output of the sequence cut to lengths - j)."""
+        return _rows(self.forward(x, lengths), lengths, n)
+
     # ---- streaming -------------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None, dtype=None) -> Any:
         raise NotImplementedError(f"{type(self).__name__} does not support streaming")
@@ -58,3 +65,18 @@ class Mixer(nn.Module):
     @classmethod
     def auto_backend(cls, device: str | torch.device = "cpu") -> str:
         return cls.available_backends(device)[0]
+
+
+def _end_positions(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n): lengths - 1, ..., lengths - n, clamped at 0."""
+    return (lengths[:, None] - 1 - torch.arange(n, device=lengths.device)).clamp_min(0)
+
+
+def _rows(y: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
+    return y[torch.arange(y.shape[0], device=y.device)[:, None], _end_positions(lengths, n)]
+
+
+def rows_by_forward_last(mixer, x, lengths, n: int) -> torch.Tensor:
+    """``forward_rows`` from n calls of a cheap ``forward_last`` on the lengths cut by 0..n-1."""
+    return torch.stack([mixer.forward_last(x, (lengths - j).clamp_min(1)) for j in range(n)], 1)
+

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Mixer
+from .base import Mixer, rows_by_forward_last
 
 LN_EPS = 1e-6
 _GELU_C = math.sqrt(2.0 / math.pi)
@@ -880,13 +880,21 @@ class _TTTBase(Mixer):
         z, _ = self._scan(q, k, v, eta, self._token_factors(), self._inner_params(x.shape[0], x.dtype))
         return self._finish(h, z)
 
+    def _cheap_last(self, x: torch.Tensor) -> bool:
+        return self.backend == "torch" and self.KIND == "linear" and 0 < x.shape[1] <= self.mini_batch_size
+
+    def forward_rows(self, x: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
+        if self._cheap_last(x):
+            return rows_by_forward_last(self, x, lengths, n)
+        return super().forward_rows(x, lengths, n)
+
     def forward_last(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, d_model): the output at lengths - 1 only. TTT-Linear with the whole sequence in one
         mini-batch (the study's window of 10 <= mbs 16): every key still takes its inner gradient G, but
         only the last query is read out (one row of the dual form's P, of the inner LN, post-norm and
         o_proj). Otherwise the full forward; ``forward`` is the reference."""
         B, L, C = x.shape
-        if self.backend != "torch" or self.KIND != "linear" or not 0 < L <= self.mini_batch_size:
+        if not self._cheap_last(x):
             return super().forward_last(x, lengths)
         h, q, k, v, eta, _ = self._prepare(x, 0, None, False)
         dt = q.dtype

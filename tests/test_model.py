@@ -116,3 +116,21 @@ def test_last_position_encode_is_the_full_encode_at_the_last_position(mixer, opt
         assert len(got[1][1]) == len(got[0][1])
         for a, b in zip(got[1][1], got[0][1]):
             torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("mixer,opts", [("attention", {}), ("gru", {}), ("ttt_linear", {}),
+                                        ("ttt_linear", {"mini_batch_size": 16}), ("ttt_mlp", {}), ("mamba", {})])
+def test_encode_ends_is_the_full_encode_at_the_end_rows(mixer, opts):
+    """Evaluation's encode_ends (the last block at the test and validation rows only: attention's and
+    one-mini-batch TTT-Linear's cheap forward_last, the FFN at those rows) against encode read there;
+    rows of length 1 clamp to position 0. L 12 <= mbs 16 takes TTT-Linear's one-mini-batch path."""
+    torch.manual_seed(0)
+    m = Recommender(50, mixer, mixer_opts=opts, d_model=16, n_layers=2, max_len=12, dropout=0.0).double().eval()
+    x = torch.randint(1, 51, (4, 12))
+    lengths = torch.tensor([12, 7, 2, 1])
+    x[torch.arange(12)[None, :] >= lengths[:, None]] = 0
+    with torch.no_grad():
+        h = m.encode(x, lengths)
+        ends = m.encode_ends(x, lengths, 2)
+    pos = (lengths[:, None] - 1 - torch.arange(2)).clamp_min(0)
+    torch.testing.assert_close(ends, h[torch.arange(4)[:, None], pos], rtol=1e-10, atol=1e-10)
