@@ -318,3 +318,45 @@ def test_rope_fast_takes_bfloat16():
     assert fq.dtype == fk.dtype == torch.bfloat16
     torch.testing.assert_close(fq.float(), rq, rtol=0.02, atol=0.02)
     torch.testing.assert_close(fk.float(), rk, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("L", [1, 5, 8])
+def test_one_minibatch_path_is_the_reference(L):
+    """ttt_linear_one_minibatch (a sequence within one mini-batch, W shared by every row: the study's
+    window of 10) against ttt_reference, values and every gradient, float64."""
+    from mixers.ttt import ttt_linear_one_minibatch, ttt_reference
+    torch.manual_seed(L)
+    B, H, Dh, K = 3, 2, 4, 8
+    dt = torch.float64
+    q, k, v = (torch.randn(B, L, H, Dh, dtype=dt, requires_grad=True) for _ in range(3))
+    lr = (torch.rand(B, L, H, dtype=dt) * 0.3).requires_grad_(True)
+    W = (torch.randn(H, Dh, Dh, dtype=dt) * 0.3).requires_grad_(True)
+    b = (torch.randn(H, 1, Dh, dtype=dt) * 0.1).requires_grad_(True)
+    gamma = (1 + 0.1 * torch.randn(H, Dh, dtype=dt)).requires_grad_(True)
+    beta = (0.1 * torch.randn(H, Dh, dtype=dt)).requires_grad_(True)
+    tok = 1.0 / torch.arange(1, K + 1, dtype=dt)
+    fast = ttt_linear_one_minibatch(q, k, v, lr, tok, W, b, gamma, beta)
+    ref = ttt_reference("linear", q, k, v, lr, tok, {"W1": W.unsqueeze(0).expand(B, -1, -1, -1),
+                                                     "b1": b.unsqueeze(0).expand(B, -1, -1, -1)}, gamma, beta, K)[0]
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+    go = torch.randn_like(ref)
+    leaves = [q, k, v, lr, W, b, gamma, beta]
+    for a, r in zip(torch.autograd.grad(fast, leaves, go), torch.autograd.grad(ref, leaves, go)):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9)
+
+
+def test_window_within_one_minibatch_matches_the_reference_backend():
+    """The whole layer on a window shorter than its mini-batch (forward takes the one-mini-batch path)
+    equals backend=reference, with the gate, RoPE and pre-conv on."""
+    torch.manual_seed(0)
+    opts = dict(mini_batch_size=16, use_gate=True, pre_conv=True)
+    fast = _perturb(KINDS["ttt_linear"](D, **opts).double())
+    ref = KINDS["ttt_linear"](D, backend="reference", **opts).double()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(3, 10, D, dtype=torch.float64, requires_grad=True)
+    yf, yr = fast(x), ref(x)
+    torch.testing.assert_close(yf, yr, rtol=1e-9, atol=1e-9)
+    gf = torch.autograd.grad(yf.sum(), [x, *fast.parameters()])
+    gr = torch.autograd.grad(yr.sum(), [x, *ref.parameters()])
+    for a, r in zip(gf, gr):
+        torch.testing.assert_close(a, r, rtol=1e-8, atol=1e-8)
