@@ -685,33 +685,6 @@ def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma
     return out, new
 
 
-def ttt_linear_one_minibatch(q, k, v, lr, tok, W, b, gamma, beta):
-    """TTT-Linear when the whole sequence is one mini-batch (L <= mini_batch_size: the study's window
-    of 10), for every query. Same contract as ``ttt_fast`` (its reference) without the state, except that
-    the inner weights are the layer's own, W (H, D, D) and b (H, 1, D), shared by every row: the dual form
-    then runs as H large GEMMs over all B * L tokens, where ``ttt_fast`` copies W to every row and runs
-    B * H tiny products (ML-1M study step, B 204, L 10, 1 thread: 14.2 -> 11.3 ms forward + backward).
-    Z_t = q_t + LN(q_t W + b - sum_{s<=t} tok_t lr_s (q_t . k_s + 1) G_s), G_s = dl/dz at k_s W + b."""
-    dev_type = q.device.type
-    if torch.is_autocast_enabled(dev_type):  # as ttt_fast: the inner steps run in float32
-        with torch.autocast(dev_type, enabled=False):
-            f = lambda t: t.float()  # noqa: E731
-            return ttt_linear_one_minibatch(f(q), f(k), f(v), f(lr), f(tok), f(W), f(b), f(gamma), f(beta))
-    B, L, H, D = q.shape
-    heads_first = lambda t: t.permute(2, 0, 1, 3).reshape(H, B * L, D)  # noqa: E731
-    kh, qh = heads_first(k), heads_first(q)
-    gam, bet = gamma.to(q.dtype)[:, None, :], beta.to(q.dtype)[:, None, :]  # (H, 1, D)
-    W, b = W.to(q.dtype), b.to(q.dtype)
-    G = ln_l2_grad(torch.baddbmm(b, kh, W), gam, gam * (heads_first(v) - kh - bet)).view(H, B, L, D)
-    zq = torch.baddbmm(b, qh, W).view(H, B, L, D)
-    qb, kb = qh.view(H, B, L, D), kh.view(H, B, L, D)
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    coef = (tok.to(q.dtype)[:L, None] * causal) * lr.permute(2, 0, 1)[:, :, None, :]  # tok_t lr_s, s <= t
-    P = (qb @ kb.transpose(-1, -2) + 1.0) * coef  # (H, B, L, L)
-    z = qb + ttt_layer_norm(zq - P @ G, gam[:, None], bet[:, None])
-    return z.permute(1, 2, 0, 3)  # (B, L, H, D)
-
-
 def ttt_partial(kind: str, q, k, v, lr, tok_i, params, acc, gamma, beta):
     """Tokens of ONE mini-batch, continuing a partial mini-batch (primal form, used by streaming).
 
@@ -904,10 +877,6 @@ class _TTTBase(Mixer):
         if x.shape[1] == 0:
             return self.o_proj(x)
         h, q, k, v, eta, _ = self._prepare(x, 0, None, self.backend == "reference")
-        if self._cheap_last(x):  # the whole sequence in one mini-batch (ttt_fast is its reference)
-            z = ttt_linear_one_minibatch(q, k, v, eta, self._token_factors(), self.W1, self.b1,
-                                         self.ttt_norm_weight, self.ttt_norm_bias)
-            return self._finish(h, z)
         z, _ = self._scan(q, k, v, eta, self._token_factors(), self._inner_params(x.shape[0], x.dtype))
         return self._finish(h, z)
 
