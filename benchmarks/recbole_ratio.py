@@ -8,7 +8,8 @@ tool: RecBole's SASRec default loss is a softmax over all items (CE), benchbox's
 4 sampled negatives; RecBole's inner FFN is 256 wide, benchbox's 128.
 
 RecBole runs in a scratch environment (never a dependency):
-    python -m venv /tmp/rbenv && /tmp/rbenv/bin/pip install torch==2.13.0 recbole==1.2.1
+    python -m venv /tmp/rbenv && /tmp/rbenv/bin/pip install torch==2.13.0 recbole==1.2.1 \
+        "numpy<2" "pandas<2.3" "scipy<1.14"     # RecBole 1.2.1 uses np.float_ (gone in NumPy 2)
     python benchmarks/recbole_ratio.py --recbole-python /tmp/rbenv/bin/python --threads 1
 
 Only training epochs are timed (RecBole: ``Trainer._train_epoch``; benchbox: the row's train_seconds).
