@@ -36,11 +36,16 @@ def _encode(model, batch, dev_type: str, autocast_dtype) -> torch.Tensor:
     return _wide(h)
 
 
-def _encode_ends(model, batch, n: int, dev_type: str, autocast_dtype) -> torch.Tensor:
-    """(B, n, D): H at lengths - 1, ..., lengths - n only (``Recommender.encode_ends``), widened."""
-    with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        h = model.encode_ends(batch.inputs, batch.lengths, n)
-    return _wide(h)
+def _scores_at_ends(model, batch, cands, table, dev_type: str, autocast_dtype) -> list[torch.Tensor]:
+    """Scores of the candidates ``cands[j]`` (B, C) at position lengths - 1 - j, from one encode of the
+    batch: the "last" readout reads only those rows (``Recommender.encode_ends``); any other readout
+    scores the full H at lengths - j."""
+    if isinstance(model.readout, LastReadout):
+        with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            h = _wide(model.encode_ends(batch.inputs, batch.lengths, len(cands)))
+        return [candidate_dot(gather_rows(table, c), h[:, j]) for j, c in enumerate(cands)]
+    h = _encode(model, batch, dev_type, autocast_dtype)
+    return [model.readout.scores(h, batch.lengths - j, gather_rows(table, c)) for j, c in enumerate(cands)]
 
 
 def metrics_from_ranks(ranks: np.ndarray | torch.Tensor, ks=KS) -> dict[str, float]:
@@ -94,28 +99,17 @@ def evaluate_splits(model, data, max_len: int, valid_cand, test_cand, device="cp
     ends = data.lengths - 1
     fits, cut = np.flatnonzero(ends <= max_len), np.flatnonzero(ends > max_len)
     ranks = {"valid": [], "test": []}
-    # the "last" readout reads H at the test and validation positions only: encode those rows alone
-    last = isinstance(model.readout, LastReadout)
     with torch.autocast(dev_type, enabled=False):
         for batch in eval_batches(data, "test", max_len, batch_size, test_cand, users=fits):
             valid = torch.from_numpy(valid_cand[batch.users.numpy()]).to(device)
             batch = batch.to(device)
-            if last:
-                h2 = _encode_ends(model, batch, 2, dev_type, autocast_dtype)
-                for split, j, cand in (("test", 0, batch.candidates), ("valid", 1, valid)):
-                    ranks[split].append(ranks_from_scores(candidate_dot(gather_rows(table, cand), h2[:, j])).cpu())
-                continue
-            h = _encode(model, batch, dev_type, autocast_dtype)
-            for split, lengths, cand in (("test", batch.lengths, batch.candidates), ("valid", batch.lengths - 1, valid)):
-                ranks[split].append(ranks_from_scores(model.readout.scores(h, lengths, gather_rows(table, cand))).cpu())
+            test_s, valid_s = _scores_at_ends(model, batch, [batch.candidates, valid], table, dev_type, autocast_dtype)
+            ranks["test"].append(ranks_from_scores(test_s).cpu())
+            ranks["valid"].append(ranks_from_scores(valid_s).cpu())
         for split, cand in (("valid", valid_cand), ("test", test_cand)):
             for batch in eval_batches(data, split, max_len, batch_size, cand, users=cut):
                 batch = batch.to(device)
-                c = gather_rows(table, batch.candidates)
-                if last:
-                    scores = candidate_dot(c, _encode_ends(model, batch, 1, dev_type, autocast_dtype)[:, 0])
-                else:
-                    scores = model.readout.scores(_encode(model, batch, dev_type, autocast_dtype), batch.lengths, c)
+                (scores,) = _scores_at_ends(model, batch, [batch.candidates], table, dev_type, autocast_dtype)
                 ranks[split].append(ranks_from_scores(scores).cpu())
     return metrics_from_ranks(torch.cat(ranks["valid"])), metrics_from_ranks(torch.cat(ranks["test"]))
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixers
+from mixers.base import end_rows
 from .readouts import LastReadout, build_readout, candidate_dot, gather_rows, last_position
 
 
@@ -53,8 +54,7 @@ class Block(nn.Module):
         only (no dropout here): training reads ``forward_last``, whose dropout draws match ``forward``."""
         if self.training and self.drop.p > 0:
             raise RuntimeError("Block.forward_rows is for evaluation (no dropout)")
-        pos = (lengths[:, None] - 1 - torch.arange(n, device=x.device)).clamp_min(0)
-        y = x[torch.arange(x.shape[0], device=x.device)[:, None], pos] + self.mixer.forward_rows(self.norm1(x), lengths, n)
+        y = end_rows(x, lengths, n) + self.mixer.forward_rows(self.norm1(x), lengths, n)
         return y if self.ffn is None else y + self.ffn(self.norm2(y))
 
     def _drop_rows(self, y, full_shape, rows):
@@ -105,9 +105,8 @@ class Recommender(nn.Module):
         """(B, n, D) = ``encode`` at lengths - 1, ..., lengths - n (clamped at 0): evaluation's test and
         validation rows from one encode, the last block computing those rows only. Reference: ``encode``
         read at those rows; tests hold them together."""
-        pos = (lengths[:, None] - 1 - torch.arange(n, device=inputs.device)).clamp_min(0)
         if not self.blocks:
-            return self.encode(inputs, lengths)[torch.arange(inputs.shape[0], device=inputs.device)[:, None], pos]
+            return end_rows(self.encode(inputs, lengths), lengths, n)
         x = self.emb_drop(self.item_emb(inputs) * self.emb_scale)
         for block in self.blocks[:-1]:
             x = block(x, lengths)

@@ -34,6 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mixers.ttt import _inner_apply, _plain_ln, ttt_reference  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_check import Timer, autocast  # noqa: E402  (the GPU check's timer and bf16 autocast)
+
 
 def official_scan(q, k, v, lr, tok, W1, b1, gamma, beta, K, residual="q"):
     """The official TTT-Linear inner scan token by token (as ttt_reference), with the output residual
@@ -72,7 +75,6 @@ SPEED_COLUMNS = ["device", "impl", "dtype", "batch", "length", "heads", "head_di
 def speed(a) -> list[dict]:
     """fla's TTT-Linear kernels and ours, forward + backward of the inner scan, median CUDA-event time."""
     import csv
-    import statistics
     from mixers.ttt import ttt_fast
     dev = torch.device(a.device)
     if dev.type == "cuda":
@@ -95,25 +97,7 @@ def speed(a) -> list[dict]:
         writer = csv.DictWriter(fh, fieldnames=SPEED_COLUMNS)
         writer.writeheader()
 
-    def timed(fn):
-        times = []
-        for i in range(a.warmup + a.repeats):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-                s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s0.record()
-                fn()
-                s1.record()
-                s1.synchronize()
-                dt_s = s0.elapsed_time(s1) / 1e3
-            else:
-                import time
-                t0 = time.perf_counter()
-                fn()
-                dt_s = time.perf_counter() - t0
-            if i >= a.warmup:
-                times.append(dt_s)
-        return statistics.median(times)
+    timer = Timer(dev)  # CUDA events after synchronisation (perf_counter on the cpu dry run)
 
     for B, L, H, D in shapes:
         g = torch.Generator().manual_seed(L)
@@ -141,8 +125,7 @@ def speed(a) -> list[dict]:
                 def call():
                     qq, kk, vv = leaves
                     p0 = {"W1": W0.detach().requires_grad_(True), "b1": b0.detach().requires_grad_(True)}
-                    ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bf16" else _null()
-                    with ctx:
+                    with autocast(dev, dtype):
                         o = ttt_fast("linear", qq, kk, vv, lr, tok, p0, gamma, beta, K, per_chunk)[0]
                     o.backward(do.to(o.dtype))
                     return o
@@ -165,7 +148,7 @@ def speed(a) -> list[dict]:
                     o = fn()
                     if ref_o is not None and impl.startswith("fla"):
                         row["max_abs_vs_naive"] = (o.detach().float() - ref_o).abs().max().item()
-                    t = timed(fn)
+                    t = timer.median(fn, a.warmup, a.repeats)
                     row.update(fwdbwd_ms=t * 1e3, tok_s=B * L / t, status="ok")
                     if dev.type == "cuda":
                         row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -185,11 +168,6 @@ def speed(a) -> list[dict]:
         fh.close()
         print(f"wrote {a.out}")
     return rows
-
-
-def _null():
-    import contextlib
-    return contextlib.nullcontext()
 
 
 def main(argv=None):

@@ -42,7 +42,7 @@ class Mixer(nn.Module):
         test and validation positions of evaluation. Here the full forward, read at those rows; a mixer
         with a cheap ``forward_last`` overrides it (causal: the output at lengths - 1 - j is the last
         output of the sequence cut to lengths - j)."""
-        return _rows(self.forward(x, lengths), lengths, n)
+        return end_rows(self.forward(x, lengths), lengths, n)
 
     # ---- streaming -------------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None, dtype=None) -> Any:
@@ -67,16 +67,12 @@ class Mixer(nn.Module):
         return cls.available_backends(device)[0]
 
 
-def _end_positions(lengths: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, n): lengths - 1, ..., lengths - n, clamped at 0."""
-    return (lengths[:, None] - 1 - torch.arange(n, device=lengths.device)).clamp_min(0)
-
-
-def _rows(y: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
-    return y[torch.arange(y.shape[0], device=y.device)[:, None], _end_positions(lengths, n)]
+def end_rows(y: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n, ...): y (B, L, ...) at lengths - 1, ..., lengths - n, clamped at 0."""
+    pos = (lengths[:, None] - 1 - torch.arange(n, device=lengths.device)).clamp_min(0)
+    return y[torch.arange(y.shape[0], device=y.device)[:, None], pos]
 
 
 def rows_by_forward_last(mixer, x, lengths, n: int) -> torch.Tensor:
     """``forward_rows`` from n calls of a cheap ``forward_last`` on the lengths cut by 0..n-1."""
     return torch.stack([mixer.forward_last(x, (lengths - j).clamp_min(1)) for j in range(n)], 1)
-
