@@ -88,8 +88,9 @@ def _from_lists(name, seqs: list[np.ndarray], sha, source, max_len, min_len=3) -
     return Sequences(name, items, offsets, int(items.max()), sha, source, max_len, len(seqs) - len(kept))
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB blocks (``algorithm``: any hashlib name; cards may give md5)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
@@ -149,7 +150,7 @@ def parse_file(path: Path, name: str | None = None, max_len: int = 50, kcore: in
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    sha, settings = sha256_file(path), parse_settings(kcore, dedup, columns)
+    sha, settings = file_digest(path), parse_settings(kcore, dedup, columns)
     probe = Sequences(name or path.stem, np.zeros(0, np.int64), np.zeros(1, np.int64), 0, sha, str(path), max_len,
                       settings=settings)
     cached = cache_dir() / "processed" / f"{probe.cache_key}-v{PARSE_VERSION}.npz"
@@ -338,21 +339,13 @@ def load_cards(data_dir: str | os.PathLike | None = None) -> dict[str, Card]:
     return cards
 
 
-def _md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _download(url: str, dest: Path, sha256: str | None, md5: str | None = None) -> Path:
     """Fetch ``url`` once into ``dest``, checked against the card's sha256 and/or md5. Without a
     published checksum the first download's sha256 is stored beside it and checked on reuse."""
     pin = dest.with_name(dest.name + ".sha256")
     if dest.exists():
         want = sha256 or (pin.read_text().strip() if pin.exists() else None)
-        if want and sha256_file(dest) == want:
+        if want and file_digest(dest) == want:
             return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
@@ -362,8 +355,8 @@ def _download(url: str, dest: Path, sha256: str | None, md5: str | None = None) 
     except Exception as e:
         os.unlink(tmp)
         raise DataError(f"download of {url} failed: {e}") from None
-    got = sha256_file(Path(tmp))
-    if (sha256 and got != sha256) or (md5 and _md5_file(Path(tmp)) != md5):
+    got = file_digest(Path(tmp))
+    if (sha256 and got != sha256) or (md5 and file_digest(Path(tmp), "md5") != md5):
         os.unlink(tmp)
         raise DataError(f"checksum mismatch for {url}: got sha256 {got}, card says {sha256 or 'md5 ' + md5}")
     os.replace(tmp, dest)

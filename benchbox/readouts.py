@@ -170,13 +170,28 @@ class DINReadout(nn.Module):
         return _scores_all_chunked(self, h, lengths, table, chunk=256)
 
 
-class ComiRecSAReadout(nn.Module):
+class _MultiInterestReadout(nn.Module):
+    """What ComiRec-SA and -DR share: ``interests(h, lengths, causal)`` gives K interest vectors
+    ((B,T,K,D) at every target position when causal, (B,K,D) at the end otherwise); training picks
+    one interest per target by ``select``, evaluation scores each candidate by its best interest."""
+    DEFAULT_EPOCHS = 50
+
+    def train_scores(self, h, lengths, cand):
+        return _pick_interest(self.interests(h, lengths, causal=True), cand, self.select)
+
+    def scores(self, h, lengths, cand):
+        return (cand @ self.interests(h, lengths, causal=False).transpose(1, 2)).amax(-1)
+
+    def scores_all(self, h, lengths, table):
+        return torch.einsum("bkd,nd->bnk", self.interests(h, lengths, causal=False), table).amax(-1)
+
+
+class ComiRecSAReadout(_MultiInterestReadout):
     """ComiRec-SA (Cen et al. 2020): K interests by self-attentive pooling (positions added),
     A = softmax_s(W2 tanh(W1 h_s)), over the visible history. Training scores every candidate with the
     interest most aligned with the target (``select="target"``, ComiRec's hard readout; ``select="max"``
     scores each candidate by its best interest instead); evaluation scores a candidate with its best
     interest."""
-    DEFAULT_EPOCHS = 50
 
     def __init__(self, d_model: int, num_interests: int = 4, hidden: int = 0, select: str = "target",
                  max_len: int = 512):
@@ -217,15 +232,6 @@ class ComiRecSAReadout(nn.Module):
         att = torch.softmax(logits, dim=2).nan_to_num(0.0)
         return torch.einsum("btsk,bsd->btkd", att, h)  # (B,T,K,D)
 
-    def train_scores(self, h, lengths, cand):
-        return _pick_interest(self.interests(h, lengths, causal=True), cand, self.select)
-
-    def scores(self, h, lengths, cand):
-        return (cand @ self.interests(h, lengths, causal=False).transpose(1, 2)).amax(-1)
-
-    def scores_all(self, h, lengths, table):
-        return torch.einsum("bkd,nd->bnk", self.interests(h, lengths, causal=False), table).amax(-1)
-
 
 def _pick_interest(v, cand, select: str = "target"):
     """v: (B,T,K,D) interests, cand: (B,T,C,D) with the target first.
@@ -250,13 +256,12 @@ def _squash(z, eps=1e-9):
     return z * (n2 / (1 + n2) / torch.sqrt(n2 + eps))
 
 
-class ComiRecDRReadout(nn.Module):
+class ComiRecDRReadout(_MultiInterestReadout):
     """ComiRec-DR: K interest capsules by dynamic routing (shared bilinear map u_hat = W h_s per capsule,
     routing logits start at zero, softmax over capsules, squash, 3 iterations, logits updated with
     u_hat . v without gradient through the intermediate iterations). Interest selection as ComiRec-SA.
     Options beside ComiRec's own: ``bilinear="position"`` (its bilinear type 2), ``select="max"``,
     ``inputs="unit"`` (below)."""
-    DEFAULT_EPOCHS = 50
 
     def __init__(self, d_model: int, num_interests: int = 4, iterations: int = 3, bilinear: str = "shared",
                  select: str = "target", inputs: str = "rms", max_len: int = 512):
@@ -292,14 +297,6 @@ class ComiRecDRReadout(nn.Module):
                 logits = logits + torch.einsum("bskd,btkd->btsk", u.detach(), v.detach())
         return v if causal else v[:, 0]
 
-    def train_scores(self, h, lengths, cand):
-        return _pick_interest(self.interests(h, lengths, causal=True), cand, self.select)
-
-    def scores(self, h, lengths, cand):
-        return (cand @ self.interests(h, lengths, causal=False).transpose(1, 2)).amax(-1)
-
-    def scores_all(self, h, lengths, table):
-        return torch.einsum("bkd,nd->bnk", self.interests(h, lengths, causal=False), table).amax(-1)
 
 
 READOUTS: dict[str, type[nn.Module]] = {
