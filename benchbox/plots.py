@@ -71,6 +71,16 @@ def sweep_matrix(runs, sweep_id, x, y, metric):
     return xs, ys, m, sel
 
 
+def sweep_spread(sel, xs, ys) -> tuple[np.ndarray, np.ndarray]:
+    """Per cell of ``sweep_matrix``: the sample sd over the seeds that finished ok (NaN below 2 seeds)
+    and their count, so a heatmap or table can show how much of a difference between cells is seed
+    noise."""
+    g = sel.groupby(["_y", "_x"])["_v"]
+    sd = g.std(ddof=1).unstack("_x").reindex(index=ys, columns=xs).to_numpy(dtype=float)
+    n = g.count().unstack("_x").reindex(index=ys, columns=xs).fillna(0).to_numpy(dtype=int)
+    return sd, n
+
+
 def latest_sweep(runs: pd.DataFrame) -> str:
     sweeps = [s for s in runs.get("sweep_id", []) if s]
     if not sweeps:
@@ -83,8 +93,9 @@ def plot_sweep(results_dir="results", sweep_id=None, x="mini_batch_size", y="ini
     runs = load_runs(results_dir)
     sweep_id = sweep_id or latest_sweep(runs)
     xs, ys, m, sel = sweep_matrix(runs, sweep_id, x, y, metric)
+    sd, n = sweep_spread(sel, xs, ys)
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2.5, 0.8 * len(ys) + 2))
+    fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2.5, (1.0 if (n > 1).any() else 0.8) * len(ys) + 2))
     im = ax.imshow(m, cmap="viridis", aspect="auto", origin="lower")
     ax.set_xticks(range(len(xs)), [str(v) for v in xs])
     ax.set_yticks(range(len(ys)), [str(v) for v in ys])
@@ -97,11 +108,12 @@ def plot_sweep(results_dir="results", sweep_id=None, x="mini_batch_size", y="ini
         for j in range(len(xs)):
             if np.isnan(m[i, j]):  # a diverged point, or a cell the sweep has not run yet
                 txt = "div." if (ys[i], xs[j]) in diverged else "-"
-            else:
-                txt = f"{m[i, j]:.4f}"
+            else:  # mean, and the seed sd with the seed count where there are several seeds
+                txt = f"{m[i, j]:.4f}" + (f"\n±{sd[i, j]:.4f} ({n[i, j]})" if n[i, j] > 1 else "")
             ax.text(j, i, txt, ha="center", va="center", fontsize=8, color="gray" if np.isnan(m[i, j]) else "black" if m[i, j] > mid else "white")
     r0 = sel.iloc[0]
-    ax.set_title(f"{metric} of {r0['mixer']} on {r0['dataset']} (sweep {sweep_id})", fontsize=9)
+    spread = ", mean ± sd over seeds (n)" if (n > 1).any() else ""
+    ax.set_title(f"{metric} of {r0['mixer']} on {r0['dataset']} (sweep {sweep_id}){spread}", fontsize=9)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return save_figure(fig, out or Path(results_dir) / "figures" / f"sweep_{sweep_id}_{metric.replace('@', '')}.png")

@@ -81,6 +81,29 @@ def sweep_title(sid: str, rows: pd.DataFrame, varying: pd.DataFrame) -> str:
     return f"{sid}: {head + ' ' if head else ''}over {over}, {seeds} seed{'s' if seeds != 1 else ''}"
 
 
+def sweep_cells_table(rows: pd.DataFrame, varying: pd.DataFrame, metric: str = "test_ndcg@5") -> list[str]:
+    """A sweep over one or two settings as a table of ``metric``, mean ± sd over the seeds that
+    finished ok (n seeds): columns the mini-batch size where it is swept (Figure 3's x), rows the other
+    setting. Nothing for sweeps over more settings (their heatmaps are per pair)."""
+    keys = list(varying.columns)
+    ok = rows.index[(rows["status"] == "ok") & _col(rows, metric).notna()]
+    if len(keys) not in (1, 2) or ok.empty:
+        return []
+    x = "mini_batch_size" if "mini_batch_size" in keys else keys[-1]
+    y = next((k for k in keys if k != x), None)
+    cells = pd.DataFrame({"x": varying.loc[ok, x], "y": varying.loc[ok, y] if y else "", "v": _col(rows.loc[ok], metric)})
+    xs, ys = sorted(cells["x"].unique(), key=str if cells["x"].map(type).nunique() > 1 else None), sorted(cells["y"].unique())
+    out = [f"\n{metric}, mean ± sd over seeds (n):\n", f"| {y or ''} \\ {x} | " + " | ".join(map(str, xs)) + " |",
+           "|---" * (len(xs) + 1) + "|"]
+    for yv in ys:
+        row = []
+        for xv in xs:
+            v = cells.loc[(cells["x"] == xv) & (cells["y"] == yv), "v"]
+            row.append(f"{_mean_sd(v)} ({len(v)})" if len(v) else "-")
+        out.append(f"| {yv} | " + " | ".join(row) + " |")
+    return out
+
+
 def sweeps_section(runs: pd.DataFrame, figures_dir: Path) -> list[str]:
     out = ["## Sweeps", ""]
     swept = runs[runs["sweep_id"] != ""] if "sweep_id" in runs else runs.iloc[0:0]
@@ -97,6 +120,7 @@ def sweeps_section(runs: pd.DataFrame, figures_dir: Path) -> list[str]:
             for label, i in (("best", score.idxmax()), ("worst", score.idxmin())):
                 where = ", ".join(f"{k}={v}" for k, v in varying.loc[i].items()) or ok.at[i, "mixer_opts"]
                 out.append(f"- {label} test NDCG@5 {score[i]:.4f} at {where} seed {ok.at[i, 'seed']}")
+        out += sweep_cells_table(rs, varying)
         for fig in sorted(figures_dir.glob(f"sweep_{sid}_*.png")):
             out.append(f"\n![{fig.stem}](figures/{fig.name})")
         out.append("")

@@ -6,7 +6,7 @@ import pytest
 
 from benchbox import results
 from benchbox.efficiency import growth_exponent, run_bench
-from benchbox.plots import plot_curves, plot_sweep, sweep_matrix
+from benchbox.plots import plot_curves, plot_sweep, sweep_matrix, sweep_spread
 from benchbox.report import write_report
 from benchbox.tables import build_tables, paired_t_test, write_table
 
@@ -26,8 +26,17 @@ def test_sweep_heatmap_from_csv_alone(tmp_path):
                                 "initializer_range", "test_ndcg@5")
     assert xs == [1, 16] and ys == [0.01, 0.1]
     assert m[0, 0] == pytest.approx(0.3) and m[0, 1] == pytest.approx(0.1) and np.isnan(m[1, 0])
+    sd, n = sweep_spread(_, xs, ys)
+    assert sd[0, 0] == pytest.approx(0.1414214, abs=1e-6)  # sample sd of 0.2 and 0.4
+    assert n.tolist() == [[2, 1], [0, 1]] and np.isnan(sd[0, 1])
     png = plot_sweep(tmp_path)
     assert png.exists() and png.stat().st_size > 5000
+    # the report's table of the same sweep: mean ± sd (n) per cell, "-" where no seed finished ok
+    from benchbox.report import sweep_cells_table, swept_settings
+    runs = results.load_frame(tmp_path / "runs.csv")
+    table = sweep_cells_table(runs, swept_settings(runs))
+    assert "| 0.01 | 0.3000 ± 0.1414 (2) | 0.1000 (1) |" in table
+    assert "| 0.1 | - | 0.3000 (1) |" in table
 
 
 def test_curves_plot_and_missing_run(tmp_path):
