@@ -328,9 +328,9 @@ def _names(v) -> list[str]:
 def estimate_cost(points: list[RunConfig], runs) -> list[dict]:
     """The measured cost of ``points`` (not yet run) from the finished Table 1 rows of runs.csv: per
     (dataset, model, setting), the median seconds per epoch (train + eval) of rows of that same kind
-    times the epochs the budget gives. An epoch costs the same under either budget, so a converged
-    point with no converged row of its own takes the per-epoch cost of its study-budget rows (of the
-    cover-last kind when none of its own cover exists: a lower bound); its epochs
+    times the epochs the budget gives. An epoch costs the same under either budget, so a point with no
+    row of its own kind takes the per-epoch cost of the other budget's rows of its regime (of the
+    cover-last kind when none of its own cover exists: a lower bound); a converged point's epochs
     are the median epochs run by its own converged rows, else by the other models' converged rows on that
     dataset, else the cap. ``basis`` says which; a kind with nothing measured has no estimate (None)."""
     from .train import budget_epochs
@@ -357,12 +357,17 @@ def estimate_cost(points: list[RunConfig], runs) -> list[dict]:
         g["epochs"] = epochs
         same = rows_of(*key)
         per_epoch, basis = same, "same kind"
-        if not len(same) and patience:  # the study-budget rows of the same regime cost the same per epoch
-            study = key[2].replace(", budget converged", ", budget study")
-            for sibling, basis in ((study, "per epoch: study-budget rows"),
-                                   (key[2].replace(", budget converged", ""), "per epoch: study-budget rows"),
-                                   (study.replace("cover windows", "cover last"),
-                                    "per epoch: cover-last study rows (a lower bound where histories pass max_len)")):
+        if not len(same):  # an epoch of the same regime costs the same under the other budget
+            if patience:
+                study = key[2].replace(", budget converged", ", budget study")
+                siblings = ((study, "per epoch: study-budget rows"),
+                            (key[2].replace(", budget converged", ""), "per epoch: study-budget rows"))
+            else:
+                study = key[2]
+                siblings = ((key[2].replace(", budget study", ", budget converged"), "per epoch: converged rows"),)
+            siblings += ((study.replace("cover windows", "cover last"),
+                          "per epoch: cover-last study rows (a lower bound where histories pass max_len)"),)
+            for sibling, basis in siblings:
                 per_epoch = rows_of(key[0], key[1], sibling)
                 if len(per_epoch):
                     break

@@ -220,6 +220,11 @@ def test_dry_run_prices_a_converged_point_from_its_study_budget_epochs(tmp_path)
     assert est["SASRec"]["cpu_seconds"] == 400 and "study-budget" in est["SASRec"]["basis"]
     assert est["GRU4Rec"]["sec_per_epoch"] == 2.5 and est["GRU4Rec"]["basis"] == "same kind"
     assert est["TTT4Rec"]["cpu_seconds"] is None and est["TTT4Rec"]["basis"] == "nothing measured"
+    # and the other way: a study-budget point without rows of its own takes the converged rows' epoch cost
+    pts = table_points(make_config(cover="windows"), ["beauty"], ["GRU4Rec"], [0, 1])
+    (g,) = estimate_cost(pts, rows)
+    assert g["sec_per_epoch"] == 2.5 and g["epochs"] == 10 and g["cpu_seconds"] == 2.5 * 10 * 2
+    assert g["basis"] == "per epoch: converged rows"
 
 
 def test_timing_scripts_share_one_clock_choice():
