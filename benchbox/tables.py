@@ -103,6 +103,18 @@ SENSITIVITY_KNOBS = ("train_order", "train_negatives", "train_neg", "eval_neg", 
                      "dropout", "d_model", "n_layers", "ffn_mult", "max_len", "dtype", "epochs", "patience", "eval_seed")
 
 
+# sensitivity knobs that leave an epoch's work as it is (the order and negatives of the rows, step sizes,
+# dropout's rate, the evaluation's seed, the epoch count): a row with them set costs, per epoch, what
+# the row without them costs
+COST_NEUTRAL_KNOBS = ("train_order", "train_negatives", "lr", "weight_decay", "dropout", "eval_seed", "epochs",
+                      "patience")
+
+
+def _without_cost_neutral_knobs(setting: str) -> str:
+    parts = setting.split(", ")
+    return ", ".join(p for p in parts if p.split(" ", 1)[0] not in COST_NEUTRAL_KNOBS)
+
+
 def setting_of(cfg: dict) -> str:
     """The protocol part of a stored config, as one key (the ``SETTING_TITLES`` keys, or a spelled-out one,
     with ", knob value" for every sensitivity knob away from its preset or default)."""
@@ -367,6 +379,9 @@ def estimate_cost(points: list[RunConfig], runs) -> list[dict]:
                 siblings = ((key[2].replace(", budget study", ", budget converged"), "per epoch: converged rows"),)
             siblings += ((study.replace("cover windows", "cover last"),
                           "per epoch: cover-last study rows (a lower bound where histories pass max_len)"),)
+            plain = _without_cost_neutral_knobs(key[2])
+            if plain != key[2]:
+                siblings += ((plain, f"per epoch: {plain} rows (the knobs set here do not change an epoch's work)"),)
             for sibling, basis in siblings:
                 per_epoch = rows_of(key[0], key[1], sibling)
                 if len(per_epoch):

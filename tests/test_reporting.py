@@ -225,6 +225,10 @@ def test_dry_run_prices_a_converged_point_from_its_study_budget_epochs(tmp_path)
     (g,) = estimate_cost(pts, rows)
     assert g["sec_per_epoch"] == 2.5 and g["epochs"] == 10 and g["cpu_seconds"] == 2.5 * 10 * 2
     assert g["basis"] == "per epoch: converged rows"
+    # a sensitivity knob that leaves an epoch's work as it is (dropout's rate) prices from the rows without it
+    pts = table_points(make_config(cover="windows", budget="converged", dropout=0.0), ["beauty"], ["GRU4Rec"], [0])
+    (g,) = estimate_cost(pts, rows)
+    assert g["sec_per_epoch"] == 2.5 and g["basis"].startswith("per epoch: sequence, cover windows, budget converged rows")
 
 
 def test_timing_scripts_share_one_clock_choice():
