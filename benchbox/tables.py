@@ -82,6 +82,8 @@ def table_points(base: RunConfig, datasets, models, seeds) -> list[RunConfig]:
 
 # a Table 1 row's training protocol: rows of different settings are never averaged together
 OLD_SETTING = "sequence, cover last, budget study"
+# derived from the study-protocol rows' curves, not a run of its own (``picked_on_test``)
+TEST_SELECTED = "study, epoch picked on test"
 SETTING_TITLES = {
     "study": "Study protocol (`--protocol study`): one row per target with a 10-item history, 1:4 in training, "
              "1:99 at test, batch 1024 study rows, the study's epochs",
@@ -92,6 +94,10 @@ SETTING_TITLES = {
     "study, train_order user, train_negatives fixed": "Sensitivity (an extra row, not the main result): the study "
              "protocol with the training rows as the lineage's loader reads them, by user then time every epoch, "
              "negatives drawn once (`--train-order user --train-negatives fixed`)",
+    TEST_SELECTED: "Sensitivity (an extra row, derived from the study-protocol rows' curves, not a run of its "
+                   "own): each run read at the epoch of its best test NDCG@10, as the lineage's script keeps the "
+                   "epoch of its best test AUC; an optimistic selection (the test set picks the model), sampled "
+                   "metrics only",
     OLD_SETTING: "Sequence regime, last max_len targets only, the study's epochs (benchbox's protocol before "
                  "2026-12-02: every model still improving at its last epoch)",
 }
@@ -179,6 +185,29 @@ def collect(runs, datasets, models) -> pd.DataFrame:
                    setting=[setting_of(c if isinstance(c, dict) else json.loads(c or "{}"))
                             for c in (df["config"] if "config" in df else [{}] * len(df))])
     return df[df["model"].isin(models)].drop_duplicates(["setting", "dataset", "model", "seed"], keep="last")
+
+
+def picked_on_test(rows: pd.DataFrame, curves: pd.DataFrame, setting: str = "study") -> pd.DataFrame:
+    """The ``setting`` rows of ``collect`` read at the epoch of their best test NDCG@10 in curves.csv (the
+    earliest such epoch), as setting ``TEST_SELECTED``: the lineage's selection on test, as a sensitivity
+    row. Sampled test metrics only (curves.csv has no full ranking); a run without a curve is left out."""
+    base = rows[rows["setting"] == setting] if len(rows) else rows
+    if base.empty or curves.empty or "run_id" not in curves:
+        return base.iloc[0:0]
+    c = curves[curves["run_id"].isin(base["run_id"])].copy()
+    if c.empty:
+        return base.iloc[0:0]
+    for col in ("epoch",) + tuple(f"test_{m}" for m in METRICS):
+        c[col] = pd.to_numeric(c[col], errors="coerce")
+    best = c.sort_values(["run_id", "epoch"]).loc[lambda d: d.groupby("run_id")["test_ndcg@10"].idxmax()]
+    best = best.set_index("run_id")
+    out = base[base["run_id"].isin(best.index)].copy()
+    for m in METRICS:
+        out[f"test_{m}"] = out["run_id"].map(best[f"test_{m}"])
+        out[f"test_full_{m}"] = float("nan")
+    out["best_epoch"] = out["run_id"].map(best["epoch"])
+    out["setting"] = TEST_SELECTED
+    return out
 
 
 def build_tables(runs, datasets, models, prefix="test_", setting: str = OLD_SETTING,
@@ -299,6 +328,10 @@ def write_table(results_dir, datasets, models=tuple(MODELS)) -> tuple[Path, Path
     order = list(STUDY)
     datasets = sorted(set(datasets) | done, key=lambda d: (order.index(d) if d in order else len(order), d))
     rows = collect(runs, datasets, models)
+    if len(rows):
+        from .results import load_curves
+        picked = picked_on_test(rows, load_curves(results_dir))
+        rows = pd.concat([rows, picked], ignore_index=True) if len(picked) else rows
     settings = sorted(set(rows["setting"]) if len(rows) else {OLD_SETTING}, key=_setting_order)
     text = ["# Table 1 (benchbox)", "", "Models of the TTT4Rec study's Table 1 (plus benchbox's extra rows: TTT-MLP, Mamba, and "
             "ComiDR+, ComiRec-DR with `inputs=unit select=max`), trained with benchbox's "

@@ -145,11 +145,13 @@ def test_table_model_with_readout_options():
 
 
 def test_committed_table1_is_what_the_committed_runs_give(tmp_path):
-    """results/table1.md is generated from results/runs.csv alone: regenerating it gives the same text
-    (this held the argparse/statistics version and the pandas version of the table to one another)."""
+    """results/table1.md is generated from results/runs.csv (and, for the epoch-picked-on-test rows, the
+    curves.csv of those runs) alone: regenerating it gives the same text (this held the
+    argparse/statistics version and the pandas version of the table to one another)."""
     import shutil
     from conftest import ROOT
     shutil.copy(ROOT / "results" / "runs.csv", tmp_path / "runs.csv")
+    shutil.copy(ROOT / "results" / "curves.csv", tmp_path / "curves.csv")
     if (ROOT / "results" / "table1_notes.md").exists():  # the hand-written part it includes
         shutil.copy(ROOT / "results" / "table1_notes.md", tmp_path / "table1_notes.md")
     md, _ = write_table(tmp_path, [])
@@ -242,3 +244,24 @@ def test_timing_scripts_share_one_clock_choice():
         pick_clock("cpu", 2)
     with pytest.raises(BenchboxError, match="unknown clock"):
         pick_clock("gpu", 1)
+
+
+def test_epoch_picked_on_test_is_derived_from_the_curves():
+    """The lineage's selection (the epoch of the best test score) as a sensitivity row: each study row is
+    read at the epoch of its curve's best test NDCG@10 (the earliest of ties); the main rows stay as they are."""
+    import pandas as pd
+    from benchbox.tables import TEST_SELECTED, picked_on_test
+    rows = pd.DataFrame([{"run_id": "a", "setting": "study", "dataset": "beauty", "model": "SASRec", "seed": 0,
+                          "test_ndcg@10": 0.30, "best_epoch": 4},
+                         {"run_id": "b", "setting": "sequence, cover windows, budget study", "dataset": "beauty",
+                          "model": "SASRec", "seed": 0, "test_ndcg@10": 0.20, "best_epoch": 9}])
+    curves = pd.DataFrame([{"run_id": "a", "epoch": e, "test_ndcg@5": v - 0.02, "test_ndcg@10": v,
+                            "test_hr@5": v + 0.1, "test_hr@10": v + 0.2}
+                           for e, v in ((1, 0.25), (4, 0.30), (7, 0.32), (9, 0.32), (10, 0.31))]
+                          + [{"run_id": "b", "epoch": 1, "test_ndcg@5": 0.1, "test_ndcg@10": 0.9,
+                              "test_hr@5": 0.1, "test_hr@10": 0.1}])
+    got = picked_on_test(rows, curves)
+    assert list(got["run_id"]) == ["a"] and (got["setting"] == TEST_SELECTED).all()
+    assert got["best_epoch"].iloc[0] == 7 and got["test_ndcg@10"].iloc[0] == pytest.approx(0.32)
+    assert got["test_hr@10"].iloc[0] == pytest.approx(0.52) and got["test_full_ndcg@10"].isna().all()
+    assert rows.loc[0, "test_ndcg@10"] == 0.30  # the main row is not touched
