@@ -265,3 +265,26 @@ def test_epoch_picked_on_test_is_derived_from_the_curves():
     assert got["best_epoch"].iloc[0] == 7 and got["test_ndcg@10"].iloc[0] == pytest.approx(0.32)
     assert got["test_hr@10"].iloc[0] == pytest.approx(0.52) and got["test_full_ndcg@10"].isna().all()
     assert rows.loc[0, "test_ndcg@10"] == 0.30  # the main row is not touched
+
+
+def test_flop_floor_counts_real_steps(tmp_path):
+    """benchmarks/flop_floor.py counts the matrix FLOPs of real training steps: positive, larger for a
+    wider model, and each row's floor is its FLOPs over the measured GEMM rate."""
+    import csv
+    import importlib.util
+    from conftest import ROOT
+    from benchbox.config import make_config
+    spec = importlib.util.spec_from_file_location("flop_floor", ROOT / "benchmarks" / "flop_floor.py")
+    ff = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ff)
+    narrow, steps, epochs = ff.step_flops(make_config(mixer="attention", dataset="synthetic", d_model=16), 1)
+    wide, _, _ = ff.step_flops(make_config(mixer="attention", dataset="synthetic", d_model=32), 1)
+    assert 0 < narrow < wide and steps > 0 and epochs == 10
+    out = tmp_path / "floor.csv"
+    ff.main(["--datasets", "synthetic", "--models", "SASRec,GRU4Rec", "--protocol", "", "--steps", "1",
+             "--seeds", "1", "--csv", str(out)])
+    rows = list(csv.DictReader(out.open()))
+    assert [r["model"] for r in rows] == ["SASRec", "GRU4Rec"]
+    for r in rows:
+        assert float(r["floor_s_per_run"]) == pytest.approx(
+            float(r["tflop_per_run"]) * 1e3 / float(r["gemm_gflops"]), rel=0.02, abs=0.2)
