@@ -379,7 +379,8 @@ def estimate_cost(points: list[RunConfig], runs) -> list[dict]:
     are the median epochs run by its own converged rows, else by the other models' converged rows on that
     dataset, else the cap. ``basis`` says which; a kind with nothing measured has no estimate (None)."""
     from .train import budget_epochs
-    done = collect(runs, sorted({p.dataset for p in points}), list(MODELS))
+    runs = frame(runs)  # every dataset's rows: a converged point may take its epochs from another dataset
+    done = collect(runs, sorted(set(runs["dataset"]) if "dataset" in runs else set()), list(MODELS))
     if len(done):
         done = done.assign(per_epoch=(done["train_seconds"] + done["eval_seconds"]) / done["epochs_run"])
 
@@ -424,10 +425,13 @@ def estimate_cost(points: list[RunConfig], runs) -> list[dict]:
             g["sec_per_epoch"] = float(per_epoch["per_epoch"].median())
             g["basis"] = basis
             if patience:
-                conv = same if len(same) else rows_of(key[0], None, key[2])
+                conv, where = (same, "") if len(same) else (rows_of(key[0], None, key[2]), "other models' ")
+                if not len(conv) and len(done):  # the same model's converged rows on the other datasets
+                    conv = done[(done["setting"] == key[2]) & (done["model"] == key[1])]
+                    where = "other datasets' "
                 if len(conv):
                     g["epochs"] = float(conv["epochs_run"].median())
-                    g["basis"] += "" if len(same) else f"; epochs: {len(conv)} other converged row(s)"
+                    g["basis"] += "" if len(same) else f"; epochs: {len(conv)} {where}converged row(s)"
                 else:
                     g["basis"] += "; epochs: the cap"
     for g in groups.values():

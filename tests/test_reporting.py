@@ -227,6 +227,11 @@ def test_dry_run_prices_a_converged_point_from_its_study_budget_epochs(tmp_path)
     (g,) = estimate_cost(pts, rows)
     assert g["sec_per_epoch"] == 2.5 and g["epochs"] == 10 and g["cpu_seconds"] == 2.5 * 10 * 2
     assert g["basis"] == "per epoch: converged rows"
+    # a dataset without converged rows takes the epochs of the same model's converged rows elsewhere
+    elec = {**rows[0], "run_id": "e0", "dataset": "electronics", "mixer": "gru",
+            "config": json.dumps({**base, "dataset": "electronics", "mixer": "gru", "seed": 0})}
+    (g,) = estimate_cost(table_points(make_config(budget="converged"), ["electronics"], ["GRU4Rec"], [0]), rows + [elec])
+    assert g["sec_per_epoch"] == 10 and g["epochs"] == 40 and "1 other datasets' converged row(s)" in g["basis"]
     # a sensitivity knob that leaves an epoch's work as it is (dropout's rate) prices from the rows without it
     pts = table_points(make_config(cover="windows", budget="converged", dropout=0.0), ["beauty"], ["GRU4Rec"], [0])
     (g,) = estimate_cost(pts, rows)
