@@ -293,3 +293,25 @@ def test_flop_floor_counts_real_steps(tmp_path):
     for r in rows:
         assert float(r["floor_s_per_run"]) == pytest.approx(
             float(r["tflop_per_run"]) * 1e3 / float(r["gemm_gflops"]), rel=0.02, abs=0.2)
+
+
+def test_step_levers_times_stacked_steps_of_real_batches(tmp_path):
+    """benchmarks/step_levers.py: the stacked step holds --stack times the rows of a real batch, and the
+    bound it reports is 1 - stacked time / (stack x one step) of the times it stores."""
+    import csv
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("step_levers", ROOT / "benchmarks" / "step_levers.py")
+    sl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sl)
+    out = tmp_path / "levers.csv"
+    sl.main(["--dataset", "synthetic", "--models", "SASRec,DIN", "--steps", "2", "--warmup", "0",
+             "--no-compile", "--out", str(out)])
+    rows = list(csv.DictReader(out.open()))
+    assert [r["model"] for r in rows] == ["SASRec", "DIN"]
+    for r in rows:
+        assert int(r["stacked_rows"]) == 3 * int(r["rows"]) and float(r["step_ms"]) > 0
+        assert float(r["stacking_saves_at_most"]) == pytest.approx(
+            1 - float(r["stacked_step_ms"]) / (3 * float(r["step_ms"])), abs=2e-3)
+    with pytest.raises(SystemExit, match="unknown model"):
+        sl.main(["--models", "Transformer"])

@@ -1,0 +1,122 @@
+"""Two levers on the instance regime's small steps, measured per model: what stacking seeds could save,
+and what torch.compile saves.
+
+- **Stacking bound.** Several seeds in one process (stacked parameters, ``torch.func``) would turn k steps
+  of R rows into one step of k R rows. Its best case is therefore the step of k R rows against k steps
+  of R rows: if a step of 3 R rows costs 3x one of R rows, stacking 3 seeds saves nothing. Measured with
+  ``--batch-size`` times ``--stack`` (same model, same data, real batches).
+- **torch.compile** (inductor, ``fallback_random`` so that dropout draws the eager random stream) of the
+  scoring forward; its backward is compiled by AOTAutograd. Reported with the largest difference of the
+  training losses over the timed steps (the same batches both ways): float noise, or a changed result.
+
+Every step is ``benchbox.train.train_step`` on batches of ``build_training``'s loader, as ``benchbox run``
+takes them; 1 thread and the cpu clock by default, so that runs in the background do not skew it.
+
+    python benchmarks/step_levers.py --dataset beauty --out results/step_levers.csv
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchbox import BenchboxError  # noqa: E402
+from benchbox.config import make_config  # noqa: E402
+from benchbox.efficiency import CLOCK_HELP, CLOCKS, pick_clock  # noqa: E402
+from benchbox.tables import MODELS, _spec  # noqa: E402
+from benchbox.train import build_training, train_step  # noqa: E402
+
+STUDY_MODELS = "DIN,GRU4Rec,SASRec,ComiSA,ComiDR,TTT4Rec"
+
+
+def timed_steps(cfg, steps: int, warmup: int, clock, compile_: bool = False):
+    """(median seconds per step, rows per step, losses) of ``steps`` steps after ``warmup``; batches of
+    one shape only (a smaller last batch would time a recompile)."""
+    tr = build_training(cfg)
+    model, opt = tr.model, tr.opt
+    model.train()
+    if compile_:
+        import torch._inductor.config as inductor_config
+        inductor_config.fallback_random = True  # eager dropout draws: the same random stream as eager
+        model.score_candidates = torch.compile(model.score_candidates, dynamic=False)
+    batches = iter(tr.loader)
+    first = next(batches)
+    train_step(model, opt, first, tr.dev, tr.amp)
+    times, losses = [], []
+    for i in range(warmup + steps):
+        batch = next(batches)
+        t0 = clock()
+        loss = train_step(model, opt, batch, tr.dev, tr.amp)
+        if i >= warmup:
+            times.append(clock() - t0)
+            losses.append(loss)
+    return statistics.median(times), first.inputs.shape[0], losses
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="beauty")
+    p.add_argument("--models", default=STUDY_MODELS, help=f"comma list of {', '.join(MODELS)}")
+    p.add_argument("--protocol", default="study")
+    p.add_argument("--stack", type=int, default=3, help="seeds a stacked step would hold")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--no-compile", action="store_true", help="measure the stacking bound only")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=list(CLOCKS), default="cpu", help=CLOCK_HELP)
+    p.add_argument("--out", help="append the rows to this CSV")
+    a = p.parse_args(argv)
+    try:
+        clock = pick_clock(a.clock, a.threads)
+        names = [m.strip() for m in a.models.split(",") if m.strip()]
+        unknown = [m for m in names if m not in MODELS]
+        if unknown:
+            raise BenchboxError(f"unknown model(s) {', '.join(unknown)} ({', '.join(MODELS)})")
+    except BenchboxError as e:
+        sys.exit(str(e))
+    torch.set_num_threads(a.threads)
+    print(f"{a.dataset}, --protocol {a.protocol}, {a.threads} thread(s), {a.clock} clock, median of {a.steps} steps\n")
+    print("| model | rows | step ms | rows x{0} | step ms | x{0} rows cost | stacking saves at most | compiled ms "
+          "| compile speed-up | max loss diff |".format(a.stack))
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name in names:
+        mixer, readout, readout_opts = _spec(name)
+        base = dict(mixer=mixer, readout=readout, readout_opts=readout_opts, dataset=a.dataset,
+                    protocol=a.protocol or None, threads=a.threads)
+        cfg = make_config(**base)
+        t1, r1, loss1 = timed_steps(cfg, a.steps, a.warmup, clock)
+        # the instance regime's batch_size counts study rows (1 + train_neg per target): stack the targets
+        per_row = 1 + cfg.train_neg if cfg.regime == "instances" else 1
+        tk, rk, _ = timed_steps(make_config(**base, batch_size=r1 * a.stack * per_row), a.steps, a.warmup, clock)
+        row = dict(model=name, dataset=a.dataset, protocol=a.protocol, rows=r1, step_ms=round(t1 * 1e3, 2),
+                   stacked_rows=rk, stacked_step_ms=round(tk * 1e3, 2), cost_ratio=round(tk / t1, 2),
+                   stacking_saves_at_most=round(1 - tk / (a.stack * t1), 3))
+        if not a.no_compile:
+            tc, _, lossc = timed_steps(cfg, a.steps, a.warmup, clock, compile_=True)
+            row.update(compiled_step_ms=round(tc * 1e3, 2), compile_speedup=round(t1 / tc, 2),
+                       max_loss_diff=max(abs(x - y) for x, y in zip(loss1, lossc)))
+        row.update(threads=a.threads, clock=a.clock, torch=torch.__version__, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        rows.append(row)
+        comp = ("{compiled_step_ms} | {compile_speedup}x | {max_loss_diff:.1e}".format(**row) if not a.no_compile
+                else "- | - | -")
+        print(f"| {name} | {r1} | {row['step_ms']} | {rk} | {row['stacked_step_ms']} | {row['cost_ratio']}x | "
+              f"{row['stacking_saves_at_most']:.0%} | {comp} |", flush=True)
+    if a.out and rows:
+        new = not os.path.exists(a.out)
+        with open(a.out, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
