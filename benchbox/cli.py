@@ -92,6 +92,9 @@ RUN_OPTIONS = {
     "device": (str, "auto", _o("cpu, cuda or auto", "Execution")),
     "dtype": (Dtype, "float32", _o("training precision", "Execution")),
     "threads": (int, 0, _o("torch CPU threads (0: torch default)", "Execution")),
+    "compile": (bool, False, typer.Option("--compile", help="torch.compile the training step (inductor; dropout "
+                                          "keeps the eager random stream; evaluation stays eager)",
+                                          rich_help_panel="Execution")),
     "results_dir": (str, "results", _o("where runs.csv and curves.csv are appended ('' writes nothing)", "Execution")),
 }
 

@@ -55,6 +55,9 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "float32"
     threads: int = 0  # torch CPU threads (0: leave torch's default)
+    # instances only: torch.compile the training step's forward (and so its backward); evaluation stays eager.
+    # An execution setting like threads: the same point, its numbers equal to float noise (train.compile_training)
+    compile: bool = False
     download: bool = False
     sweep_id: str = ""
 
@@ -91,6 +94,9 @@ class RunConfig:
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be cpu, cuda or auto, got {self.device!r}"),
             (self.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {self.dtype!r}"),
+            (not self.compile or self.regime == "instances",
+             "--compile applies to --regime instances (fixed batch shapes); the sequence regime's lengths vary "
+             "by batch and would recompile"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -121,7 +127,8 @@ class RunConfig:
 # them out at that value, so that an older row and a new run of the same point have one identity (sweep
 # resume, Table 1, rerun), and a config read back without them gets that value (not today's default).
 LATER_OPTIONS = {"kcore": 0, "dedup": False, "columns": {}, "regime": "sequence", "window": None, "cover": "last",
-                 "budget": "study", "protocol": "", "train_order": "shuffled", "train_negatives": "redrawn"}
+                 "budget": "study", "protocol": "", "train_order": "shuffled", "train_negatives": "redrawn",
+                 "compile": False}
 REGIMES = ("sequence", "instances")
 TRAIN_ORDERS = ("shuffled", "user")
 TRAIN_NEGATIVES = ("redrawn", "fixed")

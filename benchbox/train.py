@@ -139,12 +139,31 @@ def build_training(cfg: RunConfig) -> Training:
     model = Recommender(data.n_items, cfg.mixer, cfg.mixer_opts, cfg.d_model, cfg.n_layers, read_len, cfg.dropout,
                         cfg.ffn_mult, cfg.readout, cfg.readout_opts).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    if cfg.compile:
+        compile_training(model)
     if cfg.regime == "instances":  # batch_size counts the study's rows: 1 positive + train_neg negatives each
         loader = InstanceLoader(data, read_len, max(1, cfg.batch_size // (1 + cfg.train_neg)), cfg.train_neg, cfg.seed,
                                 cfg.train_order, cfg.train_negatives)
     else:
         loader = TrainLoader(data, max_len, cfg.batch_size, cfg.train_neg, cfg.seed, cfg.cover)
     return Training(data, model, opt, loader, dev, amp, max_len, read_len)
+
+
+def compile_training(model: Recommender) -> None:
+    """torch.compile the forward of the instance regime's training step (``score_candidates``), hence its
+    backward (AOTAutograd). Its batches have one shape (and a smaller last one): ``dynamic=False`` keeps
+    each a static graph. Under ``no_grad`` (evaluation, whose batch shapes vary) the eager method runs.
+    ``fallback_random``: dropout draws the eager random stream, so a compiled run sees the same masks as
+    an eager one and differs from it by summation order only (float noise)."""
+    import torch._inductor.config as inductor_config
+    inductor_config.fallback_random = True
+    eager = model.score_candidates
+    compiled = torch.compile(eager, dynamic=False)
+
+    def score_candidates(*args, **kwargs):
+        return (compiled if torch.is_grad_enabled() else eager)(*args, **kwargs)
+
+    model.score_candidates = score_candidates
 
 
 def train_step(model, opt, batch, dev, amp) -> float:

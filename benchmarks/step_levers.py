@@ -5,9 +5,10 @@ and what torch.compile saves.
   of R rows into one step of k R rows. Its best case is therefore the step of k R rows against k steps
   of R rows: if a step of 3 R rows costs 3x one of R rows, stacking 3 seeds saves nothing. Measured with
   ``--batch-size`` times ``--stack`` (same model, same data, real batches).
-- **torch.compile** (inductor, ``fallback_random`` so that dropout draws the eager random stream) of the
-  scoring forward; its backward is compiled by AOTAutograd. Reported with the largest difference of the
-  training losses over the timed steps (the same batches both ways): float noise, or a changed result.
+- **torch.compile**, as ``benchbox run --compile`` does it (inductor, ``fallback_random`` so that dropout
+  draws the eager random stream; the training forward, and so its backward through AOTAutograd). Reported
+  with the largest difference of the training losses over the timed steps (the same batches both ways):
+  float noise, or a changed result.
 
 Every step is ``benchbox.train.train_step`` on batches of ``build_training``'s loader, as ``benchbox run``
 takes them; 1 thread and the cpu clock by default, so that runs in the background do not skew it.
@@ -36,16 +37,13 @@ from benchbox.train import build_training, train_step  # noqa: E402
 STUDY_MODELS = "DIN,GRU4Rec,SASRec,ComiSA,ComiDR,TTT4Rec"
 
 
-def timed_steps(cfg, steps: int, warmup: int, clock, compile_: bool = False):
+def timed_steps(cfg, steps: int, warmup: int, clock):
     """(median seconds per step, rows per step, losses) of ``steps`` steps after ``warmup``; batches of
-    one shape only (a smaller last batch would time a recompile)."""
+    one shape only (a smaller last batch would time a recompile). ``cfg.compile``: as ``benchbox run
+    --compile`` compiles (benchbox.train.compile_training); the first step compiles, untimed."""
     tr = build_training(cfg)
     model, opt = tr.model, tr.opt
     model.train()
-    if compile_:
-        import torch._inductor.config as inductor_config
-        inductor_config.fallback_random = True  # eager dropout draws: the same random stream as eager
-        model.score_candidates = torch.compile(model.score_candidates, dynamic=False)
     batches = iter(tr.loader)
     first = next(batches)
     train_step(model, opt, first, tr.dev, tr.amp)
@@ -100,7 +98,7 @@ def main(argv=None):
                    stacked_rows=rk, stacked_step_ms=round(tk * 1e3, 2), cost_ratio=round(tk / t1, 2),
                    stacking_saves_at_most=round(1 - tk / (a.stack * t1), 3))
         if not a.no_compile:
-            tc, _, lossc = timed_steps(cfg, a.steps, a.warmup, clock, compile_=True)
+            tc, _, lossc = timed_steps(make_config(**base, compile=True), a.steps, a.warmup, clock)
             row.update(compiled_step_ms=round(tc * 1e3, 2), compile_speedup=round(t1 / tc, 2),
                        max_loss_diff=max(abs(x - y) for x, y in zip(loss1, lossc)))
         row.update(threads=a.threads, clock=a.clock, torch=torch.__version__, time=time.strftime("%Y-%m-%dT%H:%M:%S"))

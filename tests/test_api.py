@@ -180,3 +180,25 @@ def test_example_script_runs(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "gru" in out.stdout and "attention" in out.stdout and (tmp_path / "compare_mixers.png").stat().st_size > 5000
+
+
+def test_compiled_training_is_the_eager_run_to_float_noise(tmp_path):
+    """--compile (instances): the compiled step sees the same batches and dropout masks as the eager one
+    (fallback_random), so losses and metrics agree to float noise; evaluation runs eager either way."""
+    from conftest import write_seqs
+    seqs = write_seqs(tmp_path / "s.txt", [[(u * 7 + i * 3) % 150 + 1 for i in range(15)] for u in range(40)])
+    # 40 users x 12 training targets = 480 rows, 240 a step (batch 1200 study rows): one batch shape
+    opts = dict(mixer="ttt_linear", dataset=str(seqs), protocol="study", epochs=2, d_model=8, n_layers=1,
+                batch_size=1200, results_dir=None, log=None, threads=1)
+    from torch._dynamo.utils import counters
+    eager = benchbox.run(**opts)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = benchbox.run(**opts, compile=True)
+    assert counters["stats"]["unique_graphs"] > graphs  # the step did run compiled
+    assert json.loads(compiled.row["config"])["compile"] is True and "compile" not in json.loads(eager.row["config"])
+    for e, c in zip(eager.curves, compiled.curves):
+        assert c["train_loss"] == pytest.approx(e["train_loss"], abs=1e-5) and c["test_ndcg@10"] == pytest.approx(
+            e["test_ndcg@10"], abs=1e-4)
+    for k, v in eager.metrics.items():
+        if isinstance(v, float):
+            assert compiled.metrics[k] == pytest.approx(v, abs=1e-4), k

@@ -32,6 +32,7 @@ def _run(args, capsys):
     (["run", "--mixer", "gru", "--budget", "forever"], "'forever' is not one of"),
     (["run", "--mixer", "gru", "--protocol", "duet"], "'duet' is not one of"),
     (["run", "--mixer", "gru", "--cover", "all"], "'all' is not one of"),
+    (["run", "--mixer", "gru", "--compile"], "--compile applies to --regime instances"),
 ])
 def test_bad_input_is_one_line_exit_2_and_keeps_results(tmp_path, capsys, args, msg):
     rdir = tmp_path / "res"

@@ -36,6 +36,18 @@ def test_points_run_with_worker_threads_count_as_done(tmp_path):
     assert [p.lr for p in pending(pts, tmp_path)] == [0.003]
 
 
+def test_a_compiled_point_is_the_same_point(tmp_path):
+    """--compile is an execution setting (same sums in another order): a compiled run of a point finishes
+    the eager point for resuming, and the other way round."""
+    base = RunConfig(mixer="gru", dataset="synthetic", regime="instances", window=5)
+    pts = expand(base, parse_grid(["lr=0.001,0.003"]), [0], "sw-c")
+    ran = RunConfig.from_dict(json.loads(pts[0].to_json()))
+    ran.compile = True
+    assert '"compile": true' in ran.to_json() and "compile" not in pts[0].to_json()
+    results.append_rows(tmp_path / "runs.csv", [{"run_id": "a", "status": "ok", "config": ran.to_json()}])
+    assert [p.lr for p in pending(pts, tmp_path)] == [0.003]
+
+
 def test_sweep_of_a_readout_without_mixer():
     base = RunConfig(mixer="none", readout="comirec_dr", readout_opts={"bilinear": "shared"})
     pts = expand(base, parse_grid(["lr=0.001,0.003"]), [0], "sw-r")
