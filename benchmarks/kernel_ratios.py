@@ -15,11 +15,12 @@ References (never dependencies of benchbox, never committed):
 
     python benchmarks/kernel_ratios.py --official-ttt /tmp/official/ttt.py --mambapy-path /tmp/mambapy_pkg \
         --threads 2 --out results/kernel_ratios.csv
+    python benchmarks/kernel_ratios.py --official-ttt /tmp/official/ttt.py --kernels ttt_linear --compile \
+        --threads 1 --clock cpu --out results/kernel_ratios.csv   # also ours under torch.compile
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import logging
 import os
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mixers  # noqa: E402
 from benchbox import BenchboxError  # noqa: E402
 from benchbox.efficiency import CLOCK_HELP, CLOCKS, pick_clock  # noqa: E402
+from benchbox.results import append_rows  # noqa: E402
 
 OFFICIAL_URL = ("https://raw.githubusercontent.com/test-time-training/ttt-lm-pytorch/"
                 "6990c68c979a0dd4d8fca41cc93e11e83d89914e/ttt.py")
@@ -111,7 +113,8 @@ def build_pair(kernel, L, mbs, d_model, heads, official, mambapy):
     return ours, ref, (lambda m, x: m(x)), (lambda m, x: m(x))
 
 
-def time_pair(ours, ref, call_ours, call_ref, x, warmup, repeats, clock=time.perf_counter):
+def time_interleaved(cases, x, warmup, repeats, clock=time.perf_counter):
+    """Median seconds of forward + backward for each (module, call) in ``cases``, timed A B (C) A B (C)."""
     def once(m, call):
         xi = x.detach().requires_grad_(True)
         t0 = clock()
@@ -120,12 +123,13 @@ def time_pair(ours, ref, call_ours, call_ref, x, warmup, repeats, clock=time.per
         return clock() - t0
 
     for _ in range(warmup):
-        once(ours, call_ours), once(ref, call_ref)
-    t_ours, t_ref = [], []
-    for _ in range(repeats):  # interleaved: A B A B
-        t_ours.append(once(ours, call_ours))
-        t_ref.append(once(ref, call_ref))
-    return statistics.median(t_ours), statistics.median(t_ref)
+        for m, call in cases:
+            once(m, call)
+    times = [[] for _ in cases]
+    for _ in range(repeats):
+        for t, (m, call) in zip(times, cases):
+            t.append(once(m, call))
+    return [statistics.median(t) for t in times]
 
 
 def main(argv=None):
@@ -134,6 +138,8 @@ def main(argv=None):
     p.add_argument("--official-url", default=OFFICIAL_URL)
     p.add_argument("--mambapy-path", help="folder where mambapy is installed (pip --target)")
     p.add_argument("--kernels", default="ttt_linear,ttt_mlp,mamba")
+    p.add_argument("--cases", help="only these of the table, as KERNEL/L/MBS (MBS '-' for mamba), comma-separated; "
+                                   "e.g. ttt_linear/10/10,ttt_linear/200/16")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--heads", type=int, default=2)
@@ -141,6 +147,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--clock", choices=list(CLOCKS), default="wall", help=CLOCK_HELP)
+    p.add_argument("--compile", action="store_true",
+                   help="also time ours under torch.compile (what `benchbox run --compile` trains with), interleaved")
     p.add_argument("--out", help="append the rows to this CSV")
     a = p.parse_args(argv)
     try:
@@ -159,9 +167,13 @@ def main(argv=None):
         except ImportError:
             sys.exit("mambapy is not importable: pip install --no-deps --target DIR mambapy; --mambapy-path DIR")
     rows = []
-    print(f"| layer | L | mbs | ours tok/s | reference tok/s | ours / reference |\n|---|---|---|---|---|---|")
+    head = "| layer | L | mbs | ours tok/s | reference tok/s | ours / reference |"
+    if a.compile:
+        head += " ours compiled tok/s | compiled / reference |"
+    print(head + "\n" + "|---" * (head.count("|") - 1) + "|")
+    wanted = set(a.cases.split(",")) if a.cases else None
     for kernel, L, mbs in CASES:
-        if kernel not in kernels:
+        if kernel not in kernels or (wanted and f"{kernel}/{L}/{mbs or '-'}" not in wanted):
             continue
         torch.manual_seed(0)
         ours, ref, call_ours, call_ref = build_pair(kernel, L, mbs, a.d_model, a.heads, official, mambapy)
@@ -172,23 +184,24 @@ def main(argv=None):
                 diff = (call_ours(ours, x[:4]) - call_ref(ref, x[:4])).abs().max().item()
             if diff > 1e-4:
                 sys.exit(f"{kernel} L{L} mbs{mbs}: ours and the official layer differ by {diff:.2e}")
-        t_ours, t_ref = time_pair(ours, ref, call_ours, call_ref, x, a.warmup, a.repeats, clock)
+        cases = [(ours, call_ours), (ref, call_ref)]
+        if a.compile:  # the first call compiles, inside the untimed warm-up
+            cases.append((torch.compile(ours, dynamic=False), call_ours))
+        t_ours, t_ref, *t_comp = time_interleaved(cases, x, max(a.warmup, 1), a.repeats, clock)
         tok = a.batch_size * L
         row = dict(kernel=kernel, seq_len=L, mini_batch_size=mbs or "", batch_size=a.batch_size, d_model=a.d_model,
                    heads=a.heads, threads=a.threads, ours_tok_s=round(tok / t_ours), reference_tok_s=round(tok / t_ref),
                    ratio=round(t_ref / t_ours, 2), clock=a.clock, reference="official ttt.py" if kernel != "mamba" else "mambapy pscan",
                    torch=torch.__version__, cpu=platform.processor() or platform.machine(),
                    time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        line = f"| {kernel} | {L} | {mbs or '-'} | {row['ours_tok_s']:,} | {row['reference_tok_s']:,} | {row['ratio']:.2f}x |"
+        if a.compile:
+            row.update(compiled_tok_s=round(tok / t_comp[0]), compiled_ratio=round(t_ref / t_comp[0], 2))
+            line += f" {row['compiled_tok_s']:,} | {row['compiled_ratio']:.2f}x |"
         rows.append(row)
-        print(f"| {kernel} | {L} | {mbs or '-'} | {row['ours_tok_s']:,} | {row['reference_tok_s']:,} | {row['ratio']:.2f}x |",
-              flush=True)
+        print(line, flush=True)
     if a.out and rows:
-        new = not os.path.exists(a.out)
-        with open(a.out, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        append_rows(a.out, rows)  # a new column (compiled_*) extends the header; older rows keep theirs empty
 
 
 if __name__ == "__main__":
