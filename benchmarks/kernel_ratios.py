@@ -149,6 +149,8 @@ def main(argv=None):
     p.add_argument("--clock", choices=list(CLOCKS), default="wall", help=CLOCK_HELP)
     p.add_argument("--compile", action="store_true",
                    help="also time ours under torch.compile (what `benchbox run --compile` trains with), interleaved")
+    p.add_argument("--profile", action="store_true",
+                   help="then profile 20 calls of ours (compiled with --compile): top operators by self CPU time")
     p.add_argument("--out", help="append the rows to this CSV")
     a = p.parse_args(argv)
     try:
@@ -200,6 +202,14 @@ def main(argv=None):
             line += f" {row['compiled_tok_s']:,} | {row['compiled_ratio']:.2f}x |"
         rows.append(row)
         print(line, flush=True)
+        if a.profile:
+            from torch.profiler import ProfilerActivity, profile
+            mod, call = cases[-1] if a.compile else cases[0]
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(20):
+                    xi = x.detach().requires_grad_(True)
+                    call(mod, xi).sum().backward()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
     if a.out and rows:
         append_rows(a.out, rows)  # a new column (compiled_*) extends the header; older rows keep theirs empty
 
