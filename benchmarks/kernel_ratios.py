@@ -174,6 +174,10 @@ def main(argv=None):
         head += " ours compiled tok/s | compiled / reference |"
     print(head + "\n" + "|---" * (head.count("|") - 1) + "|")
     wanted = set(a.cases.split(",")) if a.cases else None
+    unknown = wanted - {f"{k}/{L}/{m or '-'}" for k, L, m in CASES} if wanted else set()
+    if unknown:
+        sys.exit(f"unknown case(s) {', '.join(sorted(unknown))}: the table's are "
+                 + ", ".join(f"{k}/{L}/{m or '-'}" for k, L, m in CASES))
     for kernel, L, mbs in CASES:
         if kernel not in kernels or (wanted and f"{kernel}/{L}/{mbs or '-'}" not in wanted):
             continue
