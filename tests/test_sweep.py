@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 import os
 import signal
 import subprocess
@@ -46,6 +47,10 @@ def test_a_compiled_point_is_the_same_point(tmp_path):
     assert '"compile": true' in ran.to_json() and "compile" not in pts[0].to_json()
     results.append_rows(tmp_path / "runs.csv", [{"run_id": "a", "status": "ok", "config": ran.to_json()}])
     assert [p.lr for p in pending(pts, tmp_path)] == [0.003]
+    eager_dir = tmp_path / "eager"  # and an eager row finishes the compiled point
+    results.append_rows(eager_dir / "runs.csv", [{"run_id": "b", "status": "ok", "config": pts[1].to_json()}])
+    compiled_pts = expand(replace(base, compile=True), parse_grid(["lr=0.001,0.003"]), [0], "sw-c")
+    assert [p.lr for p in pending(compiled_pts, eager_dir)] == [0.001]
 
 
 def test_sweep_of_a_readout_without_mixer():
