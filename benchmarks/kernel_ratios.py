@@ -157,6 +157,11 @@ def main(argv=None):
         clock = pick_clock(a.clock, a.threads)
     except BenchboxError as e:
         sys.exit(str(e))
+    wanted = set(a.cases.split(",")) if a.cases else None
+    unknown = wanted - {f"{k}/{L}/{m or '-'}" for k, L, m in CASES} if wanted else set()
+    if unknown:
+        sys.exit(f"unknown case(s) {', '.join(sorted(unknown))}: the table's are "
+                 + ", ".join(f"{k}/{L}/{m or '-'}" for k, L, m in CASES))
     torch.set_num_threads(a.threads)
     kernels = set(a.kernels.split(","))
     official = load_official(a.official_ttt, a.official_url) if kernels & {"ttt_linear", "ttt_mlp"} else None
@@ -173,11 +178,6 @@ def main(argv=None):
     if a.compile:
         head += " ours compiled tok/s | compiled / reference |"
     print(head + "\n" + "|---" * (head.count("|") - 1) + "|")
-    wanted = set(a.cases.split(",")) if a.cases else None
-    unknown = wanted - {f"{k}/{L}/{m or '-'}" for k, L, m in CASES} if wanted else set()
-    if unknown:
-        sys.exit(f"unknown case(s) {', '.join(sorted(unknown))}: the table's are "
-                 + ", ".join(f"{k}/{L}/{m or '-'}" for k, L, m in CASES))
     for kernel, L, mbs in CASES:
         if kernel not in kernels or (wanted and f"{kernel}/{L}/{mbs or '-'}" not in wanted):
             continue
