@@ -21,22 +21,32 @@ def _csv_state(rdir):
     return {p.name: results.read_rows(p) for p in sorted(rdir.glob("*.csv"))}
 
 
+def _lines(path):
+    """Lines of a CSV that is only ever replaced whole (atomic rename): never a partial one."""
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
 def test_kill_9_at_random_moments_loses_no_finished_run(tmp_path):
     """12 kill -9s of `run`, `sweep`, `table` and `bench` at random moments into one results folder:
     after each, every CSV parses, no row is duplicated, every row seen before is still there, a killed
     run has no runs.csv row and its curve rows are not counted; then the sweep and table finish."""
     rdir = tmp_path / "res"
     out = ["--results-dir", str(rdir)]
-    # 5 epochs: each command lasts well past the last kill moment (10 s) on a fast machine too, so that
-    # nearly every kill lands in a live process (a resumed sweep or table has less left, and may finish)
+    # Kill moments are drawn in units of progress (after the k-th new curve row, k random, plus a random
+    # fraction of a second), not of wall time: a fast machine finishes a short command before any fixed
+    # delay (CI once killed 5 of 12), a slow one never gets past the imports. The killed `run` and `bench`
+    # are never resumed, so they are made long; sweep and table are resumed at the end, so they stay short.
     work = TINY[2:] + ["--epochs", "5"]
     commands = {
-        "run": ["run", "--mixer", "gru"] + work + out,
+        "run": ["run", "--mixer", "gru"] + TINY[2:] + ["--epochs", "200"] + out,
         "sweep": ["sweep", "--mixer", "gru", "--grid", "num_layers=1,2", "--grid", "lr=0.001,0.002", "--name", "sw-k"]
                  + work + out,
         "table": ["table", "--datasets", "synthetic", "--models", "GRU4Rec,SASRec", "--seeds", "2", "--eval", "sampled"]
                  + work + out,
-        "bench": ["bench", "--mixers", "gru,attention", "--seq-lens", "8,16,32", "--batch-sizes", "2", "--repeats", "3",
+        "bench": ["bench", "--mixers", "gru,attention", "--seq-lens", "8,16,32", "--batch-sizes", "2", "--repeats", "200",
                   "--n-items", "50", "--d-model", "8", "--out", str(rdir / "efficiency.csv"), "--figures",
                   str(rdir / "figures")],
     }
@@ -54,7 +64,15 @@ def test_kill_9_at_random_moments_loses_no_finished_run(tmp_path):
     for name in ["run", "sweep", "table", "bench"] * 3:
         p = subprocess.Popen([sys.executable, "-m", "benchbox.cli"] + commands[name], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(rng.uniform(2.0, 10.0))  # imports take ~2 s: kills land in training, writing, plotting
+        if name == "bench":  # bench writes its rows at the end: a wall-clock moment, imports (~2 s) included
+            time.sleep(rng.uniform(1.0, 8.0))
+        else:  # k = 0 kills during the imports; otherwise in training, writing or plotting. A sweep or table
+            # of 4 points x 5 epochs may finish points first (so that resuming over finished rows is killed too)
+            k, n0 = rng.randint(0, 2 if name == "run" else 12), _lines(rdir / "curves.csv")
+            deadline = time.monotonic() + 300
+            while p.poll() is None and _lines(rdir / "curves.csv") < n0 + k and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.4))
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)  # the command alone, as `kill -9 PID` does
             kills += 1
