@@ -315,3 +315,25 @@ def test_step_levers_times_stacked_steps_of_real_batches(tmp_path):
             1 - float(r["stacked_step_ms"]) / (3 * float(r["step_ms"])), abs=2e-3)
     with pytest.raises(SystemExit, match="unknown model"):
         sl.main(["--models", "Transformer"])
+
+
+def test_fig3_verdict_reads_the_best_size_and_the_ends_against_the_middle():
+    """benchmarks/fig3_verdict.py on made-up rows where mbs 10 wins every row by 0.01 and the middle sizes
+    lose 0.004 (seed noise added): it names 10 best in each row and finds ends - middle = +0.009."""
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("fig3_verdict", ROOT / "benchmarks" / "fig3_verdict.py")
+    fv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fv)
+    rng = np.random.default_rng(0)
+    effect = {1: 0.0, 2: -0.004, 5: -0.004, 10: 0.01}
+    rows = [{"sweep_id": "f3", "status": "ok", "seed": seed, "test_ndcg@10": 0.3 + init + effect[mbs] + 1e-4 * rng.standard_normal(),
+             "mixer_opts": json.dumps({"initializer_range": init, "mini_batch_size": mbs})}
+            for init in (0.01, 0.02) for mbs in (1, 2, 5, 10) for seed in (0, 1, 2)]
+    rows.append({**rows[0], "sweep_id": "other", "test_ndcg@10": 0.9})  # another sweep is not read
+    v = fv.verdict(results.frame(rows), "f3")
+    assert v["best_per_row"].to_dict() == {0.01: 10, 0.02: 10} and v["pairs"] == 6
+    assert v["best_per_row_seed"] == {10: 6}
+    assert v["ends_minus_middle"] == pytest.approx(0.009, abs=2e-4) and v["p"] < 1e-6
+    with pytest.raises(SystemExit, match="no finished rows"):
+        fv.verdict(results.frame(rows), "nope")
