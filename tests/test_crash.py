@@ -54,7 +54,8 @@ def test_kill_9_at_random_moments_loses_no_finished_run(tmp_path):
     # one run and one bench finish first, so that "no finished row is lost" is checked whatever the speed
     first_bench = ["bench", "--mixers", "gru", "--seq-lens", "8", "--batch-sizes", "2", "--repeats", "1", "--n-items",
                    "50", "--d-model", "8", "--out", str(rdir / "efficiency.csv"), "--figures", ""]
-    for args in (commands["run"], first_bench):
+    first_run = ["run", "--mixer", "gru"] + work + out
+    for args in (first_run, first_bench):
         done = subprocess.run([sys.executable, "-m", "benchbox.cli"] + args, cwd=ROOT, capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == 0, done.stderr
