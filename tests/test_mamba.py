@@ -54,6 +54,28 @@ def test_chunked_matches_reference_float64(length, chunk, dt_scale, kept, monkey
         torch.testing.assert_close(g[k], g_ref[k], rtol=0, atol=1e-11 * gs, msg=f"grad of {k}")
 
 
+def test_cpu_chunks_are_capped_to_the_cache_and_match_the_reference(monkeypatch):
+    """On CPU a large batch scans in chunks of about CPU_CHUNK_BYTES per (b, T, d, n) tensor, never fewer
+    than CPU_MIN_CHUNK steps, never more than chunk_size; the results are the reference's."""
+    from mixers.mamba import _cache_chunk
+    u = torch.empty(128, 50, 128)  # the Table 1 shapes: batch 128, d_inner 128, d_state 16, float32
+    assert _cache_chunk(32, u, 16) == 4 and _cache_chunk(2, u, 16) == 2
+    assert _cache_chunk(32, torch.empty(16, 50, 128), 16) == 32  # small batches keep chunk_size
+    assert _cache_chunk(32, torch.empty(1024, 10, 128), 16) == 4  # CPU_MIN_CHUNK
+    seen = []
+    real = mixers.mamba._chunk_bounds
+    monkeypatch.setattr(mixers.mamba, "_chunk_bounds", lambda *a: seen.append(a[2]) or real(*a))
+    monkeypatch.setattr(mixers.mamba, "CPU_CHUNK_BYTES", 2 * 5 * 6 * 8 * 3)  # 3 steps of this batch
+    ins = _scan_inputs(2, 37, 5, 6, 1.0)
+    y_ref, h_ref, g_ref = _run(selective_scan_reference, ins)
+    monkeypatch.setattr(mixers.mamba, "CPU_MIN_CHUNK", 3)
+    y, h, g = _run(selective_scan_chunked, ins, chunk_size=8)
+    assert seen == [3]
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12 * max(1.0, y_ref.abs().max().item()))
+    for k in g_ref:
+        torch.testing.assert_close(g[k], g_ref[k], rtol=0, atol=1e-11 * max(1.0, g_ref[k].abs().max().item()))
+
+
 def test_kept_states_survive_a_second_backward():
     """retain_graph: the kept states are read, never modified, by a backward."""
     ins = _scan_inputs(2, 20, 3, 4, seed=4)
