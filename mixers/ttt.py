@@ -294,6 +294,22 @@ def _acc_bmm_(out, a, b, alpha=1.0):
     return out.add_(torch.bmm(a, b), alpha=alpha)
 
 
+def _rows_times(a, b):
+    """a @ b for a (BH, K, E), b (BH, E, D). With one row (mini-batches of one token) a broadcast product
+    and a sum: bmm runs one tiny gemm per batch entry, 1.6-2.2x slower at BH 256, E 4-7, D 32 on CPU."""
+    if a.shape[1] == 1:
+        return (a.transpose(1, 2) * b).sum(1, keepdim=True)
+    return torch.bmm(a, b)
+
+
+def _acc_rows_t_(out, a, b, alpha=1.0):
+    """out += alpha * a^T @ b in place, a (BH, K, E), b (BH, K, D). With K = 1 an outer product: one
+    in-place addcmul_ instead of a per-entry bmm into a temporary (6-9x faster at the sizes above)."""
+    if a.shape[1] == 1:
+        return out.addcmul_(a.transpose(1, 2), b, value=alpha)
+    return _acc_bmm_(out, a.transpose(1, 2), b, alpha=alpha)
+
+
 class _MLPChunk(torch.autograd.Function):
     """One chunk (g mini-batches of K tokens, S = g K) of the TTT-MLP scan, per (batch, head) row.
 
@@ -324,7 +340,7 @@ class _MLPChunk(torch.autograd.Function):
                 R, E = slice(m * K, (m + 1) * K), m * K
                 z1R = z1[:, R]
                 if m:
-                    _acc_bmm_(z1R, M[:, R, :E], G1[:, :E], alpha=-1.0)
+                    z1R.sub_(_rows_times(M[:, R, :E], G1[:, :E]))
                 t = _gelu_t(z1R)
                 t1[:, R] = t
                 x2 = _gelu_from_t(z1R, t)
@@ -465,7 +481,7 @@ class _MLPChunk(torch.autograd.Function):
                 dz1R.addcmul_(dX2R, gp)
                 if m:
                     dM[:, R, :E] = torch.bmm(dz1R, G1E.transpose(1, 2)).neg_()
-                    _acc_bmm_(dG1[:, :E], M[:, R, :E].transpose(1, 2), dz1R, alpha=-1.0)
+                    _acc_rows_t_(dG1[:, :E], M[:, R, :E], dz1R, alpha=-1.0)
         # ---- W2 through the K side (batched over the chunk), then Z1 = [K; Q] W1 + b1
         dW2k = torch.bmm(dGX.transpose(1, 2), G2).baddbmm_(X2.transpose(1, 2), dZ2)
         dW2 = dW2.add_(dW2k)
@@ -510,7 +526,7 @@ class _LinearChunks(torch.autograd.Function):
                     R, E = slice(m * K, (m + 1) * K), m * K
                     z = Zk[:, R]
                     if m:
-                        z = z - torch.bmm(M[c, :, R, :E], G[:, :E])
+                        z = z - _rows_times(M[c, :, R, :E], G[:, :E])
                     G[:, R], xh[:, R], rstd[:, R], gxl[:, R] = _lnl2_fwd(z, gam2, gt[c, :, R])
                 saved.append((xh, rstd, gxl))
             Gs.append(G)
@@ -575,7 +591,7 @@ class _LinearChunks(torch.autograd.Function):
                     dZk[:, R] = dz
                     if m:
                         dM[c, :, R, :E] = torch.bmm(dz, G[:, :E].transpose(1, 2)).neg_()
-                        _acc_bmm_(dG[:, :E], M[c, :, R, :E].transpose(1, 2), dz, alpha=-1.0)
+                        _acc_rows_t_(dG[:, :E], M[c, :, R, :E], dz, alpha=-1.0)
             # Zk = K W + b
             dWc.baddbmm_(kc[c].transpose(1, 2), dZk)
             dbc.add_(dZk.sum(1, keepdim=True))
