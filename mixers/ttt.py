@@ -286,6 +286,45 @@ def _lnl2_bwd(a, G, xh, rstd, gxl, gam2):
     return dz.mul_(rstd), dgxl.neg(), xh * dgxl
 
 
+_ln_bwd = torch.ops.aten.native_layer_norm_backward  # LN's input-gradient: rstd (g - mean(g) - xh mean(g xh))
+
+
+def _lnl2_stats(z, gam2, gt, eps=LN_EPS):
+    """What ``ln_l2_grad`` and its VJP read, for many rows at once: xh, mean, rstd, gxl = gam2 xh - gt."""
+    mean = z.mean(-1, keepdim=True)
+    xc = z - mean
+    rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True).add_(eps))
+    xh = xc.mul_(rstd)
+    return xh, mean, rstd, (gam2 * xh).sub_(gt)
+
+
+def _lnl2_grad_rows(z, gam2, ngt, eps=LN_EPS):
+    """G = ln_l2_grad(z) for the few rows of one mini-batch inside the sequential loop (ngt = -gt). G is
+    LN's own backward applied to gxl, so for 1-2 rows two native LN calls replace ~15 small ops (32 -> 19
+    us at 256 x 1 x 32); from ~5 rows on, the plain formula is faster on CPU."""
+    if z.shape[1] > 2:
+        xh, _, rstd, gxl = _lnl2_stats(z, gam2, ngt.neg(), eps)
+        return (gxl - gxl.mean(-1, keepdim=True) - xh * (gxl * xh).mean(-1, keepdim=True)).mul_(rstd)
+    D = z.shape[-1]
+    xh, mean, rstd = torch.native_layer_norm(z, [D], None, None, eps)
+    return _ln_bwd(torch.addcmul(ngt, gam2, xh), z, [D], mean, rstd, None, None, [True, False, False])[0]
+
+
+def _lnl2_vjp(a, z, G, xh, mean, rstd, gxl, m2, gam2):
+    """dz and dgxl of the VJP of G = ln_l2_grad(z) with upstream ``a`` (m2 = mean(gxl xh); mean and rstd
+    contiguous, see below); the rows' dgt
+    (-dgxl) and dgam2 (xh dgxl) are left to the caller, vectorised. dgxl and the bulk of dz are LN's
+    backward (native, one call each): 1.7x faster than ``_lnl2_bwd`` at 1-16 rows of 256 x 32."""
+    D = a.shape[-1]
+    dgxl = _ln_bwd(a, z, [D], mean, rstd, None, None, [True, False, False])[0]
+    ap = a * rstd
+    A2 = (ap * xh).mean(-1, keepdim=True)
+    dxh = torch.addcmul(torch.addcmul(gam2 * dgxl, ap, m2, value=-1.0), gxl, A2, value=-1.0)
+    aG = (a * G).mean(-1, keepdim=True).mul_(rstd)
+    dz = _ln_bwd(dxh, z, [D], mean, rstd, None, None, [True, False, False])[0].addcmul_(xh, aG, value=-1.0)
+    return dz, dgxl
+
+
 def _acc_bmm_(out, a, b, alpha=1.0):
     """out += alpha * a @ b in place; strided outputs (row slices) go through a temporary, since an in-place
     baddbmm_ into a non-contiguous tensor falls back to one small matmul per batch entry."""
@@ -517,18 +556,18 @@ class _LinearChunks(torch.autograd.Function):
             Ws.append(W)
             Zk = torch.baddbmm(b, kc[c], W)
             if g == 1:
-                G, *rest = _lnl2_fwd(Zk, gam2, gt[c])
-                saved.append(rest)
-            else:  # the mini-batches of the chunk one after the other, in dual form
-                G, xh, gxl = torch.empty_like(Zk), torch.empty_like(Zk), torch.empty_like(Zk)
-                rstd = Zk.new_empty(BH, S, 1)
+                xh, mean, rstd, gxl = _lnl2_stats(Zk, gam2, gt[c])
+                G = (gxl - gxl.mean(-1, keepdim=True) - xh * (gxl * xh).mean(-1, keepdim=True)).mul_(rstd)
+            else:  # the mini-batches of the chunk one after the other, in dual form: only G is sequential
+                G, ngt = torch.empty_like(Zk), gt[c].neg()
                 for m in range(g):
                     R, E = slice(m * K, (m + 1) * K), m * K
                     z = Zk[:, R]
-                    if m:
-                        z = z - _rows_times(M[c, :, R, :E], G[:, :E])
-                    G[:, R], xh[:, R], rstd[:, R], gxl[:, R] = _lnl2_fwd(z, gam2, gt[c, :, R])
-                saved.append((xh, rstd, gxl))
+                    if m:  # Zk becomes the z of every row, in place (it is this loop's own tensor)
+                        z.sub_(_rows_times(M[c, :, R, :E], G[:, :E]))
+                    G[:, R] = _lnl2_grad_rows(z, gam2, ngt[:, R])
+                xh, mean, rstd, gxl = _lnl2_stats(Zk, gam2, gt[c])  # what the backward reads, all rows at once
+            saved.append((Zk, xh, mean, rstd, gxl))
             Gs.append(G)
             torch.baddbmm(b, qc[c], W, out=Zq[c]).baddbmm_(P[c], G, alpha=-1.0)
             if c < nc - 1 or need_state:
@@ -552,7 +591,10 @@ class _LinearChunks(torch.autograd.Function):
         dZq = kc.new_zeros(nc, BH, S, D) if dZq is None else dZq.contiguous()
         dk, dq, dgt = torch.empty_like(kc), torch.empty_like(qc), torch.empty_like(kc)
         dP = torch.empty_like(P)
-        dM = torch.zeros_like(M) if M is not None else None
+        dM = torch.empty_like(M) if M is not None else None
+        if M is not None:
+            mb = torch.arange(S, device=kc.device) // K
+            neg_cross = -(mb[None, :] < mb[:, None]).to(kc.dtype)
         de = torch.zeros_like(e)
         dgam2 = torch.zeros_like(gam2)
         upd_last = ctx.need_state and (dWn is not None or dbn is not None)
@@ -577,21 +619,32 @@ class _LinearChunks(torch.autograd.Function):
                 eG = e[c] * G
                 dWc.add_(dWu)
                 dbc.add_(dbu)
-            # G = lnl2(Zk) (mini-batch by mini-batch in reverse when g > 1)
+            # G = lnl2(Zk) (mini-batch by mini-batch in reverse when g > 1); dgt[c] holds dgxl until negated
+            Zk, xh, mean, rstd, gxl = ctx.lnl2[c]
+            m2 = (gxl * xh).mean(-1, keepdim=True)
             if g == 1:
-                dZk, dgt[c], dg2 = _lnl2_bwd(dG, G, *ctx.lnl2[c], gam2)
-                dgam2.add_(dg2.sum(1, keepdim=True))
+                dZk, dgt[c] = _lnl2_vjp(dG, Zk, G, xh, mean, rstd, gxl, m2, gam2)
             else:
-                xh, rstd, gxl = ctx.lnl2[c]
                 dZk = torch.empty_like(dG)
+                # the native LN backward reads mean and rstd as if contiguous (it ignores their strides):
+                # one copy per chunk into (g, BH, K, 1), whose [m] is the mini-batch's rows in order
+                # (a single chunk shorter than g K has a short last mini-batch: padded here, cut below)
+                mean_g, rstd_g = (F.pad(t, (0, 0, 0, g * K - S)).view(BH, g, K, 1).transpose(0, 1).contiguous()
+                                  for t in (mean, rstd))
                 for m in reversed(range(g)):
                     R, E = slice(m * K, (m + 1) * K), m * K
-                    dz, dgt[c, :, R], dg2 = _lnl2_bwd(dG[:, R], G[:, R], xh[:, R], rstd[:, R], gxl[:, R], gam2)
-                    dgam2.add_(dg2.sum(1, keepdim=True))
+                    mg, rg = mean_g[m], rstd_g[m]
+                    if (m + 1) * K > S:
+                        mg, rg = mg[:, :S - E].contiguous(), rg[:, :S - E].contiguous()
+                    dz, dgt[c, :, R] = _lnl2_vjp(dG[:, R], Zk[:, R], G[:, R], xh[:, R], mg, rg,
+                                                 gxl[:, R], m2[:, R], gam2)
                     dZk[:, R] = dz
                     if m:
-                        dM[c, :, R, :E] = torch.bmm(dz, G[:, :E].transpose(1, 2)).neg_()
                         _acc_rows_t_(dG[:, :E], M[c, :, R, :E], dz, alpha=-1.0)
+                # z of a row minus M G of the chunk's earlier mini-batches: dM = -dZk G^T on those entries
+                torch.bmm(dZk, G.transpose(1, 2), out=dM[c]).mul_(neg_cross)
+            dgam2.add_((xh * dgt[c]).sum(1, keepdim=True))
+            dgt[c].neg_()
             # Zk = K W + b
             dWc.baddbmm_(kc[c].transpose(1, 2), dZk)
             dbc.add_(dZk.sum(1, keepdim=True))
