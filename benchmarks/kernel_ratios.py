@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mixers  # noqa: E402
 from benchbox import BenchboxError  # noqa: E402
-from benchbox.efficiency import CLOCK_HELP, CLOCKS, pick_clock  # noqa: E402
+from benchbox.efficiency import CLOCK_HELP, CLOCKS, cpu_allocator, pick_clock  # noqa: E402
 from benchbox.results import append_rows  # noqa: E402
 
 OFFICIAL_URL = ("https://raw.githubusercontent.com/test-time-training/ttt-lm-pytorch/"
@@ -151,8 +151,15 @@ def main(argv=None):
                    help="also time ours under torch.compile (what `benchbox run --compile` trains with), interleaved")
     p.add_argument("--profile", action="store_true",
                    help="then profile 20 calls of ours (compiled with --compile): top operators by self CPU time")
+    p.add_argument("--malloc", choices=("retain", "system"), default="retain",
+                   help="retain: glibc keeps freed memory for reuse, as benchbox runs train (efficiency.cpu_allocator); "
+                        "system: glibc's defaults. Either way both layers run under the same one")
     p.add_argument("--out", help="append the rows to this CSV")
     a = p.parse_args(argv)
+    if a.malloc == "system":
+        os.environ["BENCHBOX_MALLOC"] = "system"
+    allocator = cpu_allocator()
+    print(f"allocator: {allocator}, {a.threads} thread(s), {a.clock} clock")
     try:
         clock = pick_clock(a.clock, a.threads)
     except BenchboxError as e:
@@ -198,7 +205,7 @@ def main(argv=None):
         row = dict(kernel=kernel, seq_len=L, mini_batch_size=mbs or "", batch_size=a.batch_size, d_model=a.d_model,
                    heads=a.heads, threads=a.threads, ours_tok_s=round(tok / t_ours), reference_tok_s=round(tok / t_ref),
                    ratio=round(t_ref / t_ours, 2), clock=a.clock, reference="official ttt.py" if kernel != "mamba" else "mambapy pscan",
-                   torch=torch.__version__, cpu=platform.processor() or platform.machine(),
+                   torch=torch.__version__, cpu=platform.processor() or platform.machine(), allocator=allocator,
                    time=time.strftime("%Y-%m-%dT%H:%M:%S"))
         line = f"| {kernel} | {L} | {mbs or '-'} | {row['ours_tok_s']:,} | {row['reference_tok_s']:,} | {row['ratio']:.2f}x |"
         if a.compile:

@@ -337,3 +337,53 @@ def test_fig3_verdict_reads_the_best_size_and_the_ends_against_the_middle():
     assert v["ends_minus_middle"] == pytest.approx(0.009, abs=2e-4) and v["p"] < 1e-6
     with pytest.raises(SystemExit, match="no finished rows"):
         fv.verdict(results.frame(rows), "nope")
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU allocator: freed memory is kept for reuse (glibc), with an opt-out; rows record which one ran
+# ------------------------------------------------------------------------------------------------
+_HEAP = """
+import ctypes, torch
+from benchbox.efficiency import cpu_allocator
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+which = cpu_allocator()
+t = torch.empty(16 << 20)  # 64 MB, far above glibc's default mmap threshold
+t.fill_(1.0)
+del t
+print(which, libc.mallinfo2().fordblks >> 20)  # MB free in the heap, ready for the next step
+"""
+
+
+def _heap_after_free(mode):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "BENCHBOX_MALLOC": mode}
+    out = subprocess.run([sys.executable, "-c", _HEAP], capture_output=True, text=True, env=env, check=True)
+    which, free_mb = out.stdout.split()
+    return which, int(free_mb)
+
+
+def test_cpu_allocator_keeps_freed_memory_for_reuse():
+    import ctypes
+    import platform
+    if platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("the tuning is glibc's mallopt (mallinfo2 from glibc 2.33)")
+    retain, system = _heap_after_free("retain"), _heap_after_free("system")
+    assert retain[0] == "glibc-retain" and system[0] == "system"
+    # retained: the freed 64 MB stays in the heap for reuse; glibc's defaults unmap it (a fresh,
+    # page-faulting mapping at the next step)
+    assert retain[1] >= 64 and system[1] < 64, (retain, system)
+
+
+def test_run_rows_record_the_allocator(tmp_path):
+    from benchbox.train import environment
+    import torch
+    assert environment(torch.device("cpu"))["allocator"] in ("glibc-retain", "system")
+    rows = run_bench(["gru"], [8], [2], d_model=8, n_layers=1, modes=("train",), repeats=1, warmup=0, n_items=50,
+                     out=None, isolate=False)
+    assert [r["allocator"] for r in rows] == [environment(torch.device("cpu"))["allocator"]]
