@@ -242,8 +242,12 @@ _GELU_A = 0.044715
 
 
 def _gelu_t(z):
-    """tanh(c (z + a z^3)), the shared part of the tanh-GELU and its derivatives."""
-    return torch.tanh((z * z * (_GELU_A * _GELU_C) + _GELU_C).mul_(z))
+    """tanh(c (z + a z^3)), the shared part of the tanh-GELU and its derivatives, as 2 sigmoid(2 u) - 1:
+    torch's CPU tanh is ~9x slower than its sigmoid (256 x 16 x 128 floats, 1 thread: 1,061 against 121
+    us; the whole form 262 us). Absolute error ~1e-7 in float32 (~1e-16 in float64), where t enters
+    GELU and its derivatives only as 1 + t and 1 - t^2."""
+    u = (z * z * (2 * _GELU_A * _GELU_C) + 2 * _GELU_C).mul_(z)
+    return torch.sigmoid_(u).mul_(2.0).sub_(1.0)
 
 
 def _gelu_from_t(z, t):

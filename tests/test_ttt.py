@@ -250,6 +250,10 @@ def test_gelu_derivatives():
     (d1,) = torch.autograd.grad(gelu_tanh(z).sum(), z, create_graph=True)
     (d2,) = torch.autograd.grad(d1.sum(), z)
     t = _gelu_t(z.detach())
+    c = math.sqrt(2 / math.pi)  # _gelu_t goes through a sigmoid: it must still be this tanh
+    torch.testing.assert_close(t, torch.tanh(c * (z.detach() + 0.044715 * z.detach() ** 3)), rtol=0, atol=1e-15)
+    z32 = torch.linspace(-30, 30, 100001)
+    torch.testing.assert_close(_gelu_t(z32), torch.tanh(c * (z32 + 0.044715 * z32 ** 3)), rtol=0, atol=3e-7)
     torch.testing.assert_close(_gelu_p(z.detach(), t), d1.detach())
     torch.testing.assert_close(_gelu_pp(z.detach(), t), d2)
 
