@@ -316,8 +316,9 @@ def _lnl2_grad_rows(z, gam2, ngt, eps=LN_EPS):
 
 def _lnl2_vjp(a, z, G, xh, mean, rstd, gxl, m2, gam2):
     """dz and dgxl of the VJP of G = ln_l2_grad(z) with upstream ``a`` (m2 = mean(gxl xh); mean and rstd
-    contiguous, see below); the rows' dgt (-dgxl) and dgam2 (xh dgxl) are left to the caller, vectorised. dgxl and the bulk of dz are LN's
-    backward (native, one call each): 1.7x faster than ``_lnl2_bwd`` at 1-16 rows of 256 x 32."""
+    contiguous, see below); the rows' dgt (-dgxl) and dgam2 (xh dgxl) are left to the caller, vectorised.
+    dgxl and the bulk of dz are LN's backward (native, one call each): 1.7x faster than ``_lnl2_bwd`` at
+    1-16 rows of 256 x 32."""
     D = a.shape[-1]
     dgxl = _ln_bwd(a, z, [D], mean, rstd, None, None, [True, False, False])[0]
     ap = a * rstd

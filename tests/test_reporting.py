@@ -1,14 +1,21 @@
+import ctypes
 import json
 import math
+import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import torch
 
 from benchbox import results
 from benchbox.efficiency import growth_exponent, run_bench
 from benchbox.plots import plot_curves, plot_sweep, sweep_matrix, sweep_spread
 from benchbox.report import write_report
 from benchbox.tables import build_tables, paired_t_test, write_table
+from benchbox.train import environment
 
 
 def _row(rid, mbs, ir, ndcg, status="ok", sweep="sw-1", seed=0, **kw):
@@ -359,9 +366,6 @@ print(which, libc.mallinfo2().fordblks >> 20)  # MB free in the heap, ready for 
 
 
 def _heap_after_free(mode):
-    import os
-    import subprocess
-    import sys
     env = {**os.environ, "BENCHBOX_MALLOC": mode}
     out = subprocess.run([sys.executable, "-c", _HEAP], capture_output=True, text=True, env=env, check=True)
     which, free_mb = out.stdout.split()
@@ -369,8 +373,6 @@ def _heap_after_free(mode):
 
 
 def test_cpu_allocator_keeps_freed_memory_for_reuse():
-    import ctypes
-    import platform
     if platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL(None), "mallinfo2"):
         pytest.skip("the tuning is glibc's mallopt (mallinfo2 from glibc 2.33)")
     retain, system = _heap_after_free("retain"), _heap_after_free("system")
@@ -380,9 +382,7 @@ def test_cpu_allocator_keeps_freed_memory_for_reuse():
     assert retain[1] >= 64 and system[1] < 64, (retain, system)
 
 
-def test_run_rows_record_the_allocator(tmp_path):
-    from benchbox.train import environment
-    import torch
+def test_run_rows_record_the_allocator():
     assert environment(torch.device("cpu"))["allocator"] in ("glibc-retain", "system")
     rows = run_bench(["gru"], [8], [2], d_model=8, n_layers=1, modes=("train",), repeats=1, warmup=0, n_items=50,
                      out=None, isolate=False)
