@@ -209,6 +209,15 @@ def test_table_dry_run_estimates_from_measured_rows_of_the_same_kind(tmp_path):
     # another protocol is another kind: the sequence rows say nothing about the study protocol's cost
     study = table_points(make_config(protocol="study"), ["beauty"], ["SASRec"], [0])
     assert estimate_cost(study, rows)[0]["cpu_seconds"] is None
+    # a GPU row never prices a CPU point (nor the other way), even when it is the latest row of its seed
+    gpu = [{**r, "run_id": f"g{i}", "device": "NVIDIA H200", "train_seconds": 5, "eval_seconds": 5}
+           for i, r in enumerate(rows)]
+    (g,) = estimate_cost(table_points(make_config(cover="last", device="cpu"), ["beauty"], ["SASRec"], [5]), rows + gpu)
+    assert g["sec_per_epoch"] == 20 and g["device"] == "cpu"
+    (g,) = estimate_cost(table_points(make_config(cover="last", device="cuda"), ["beauty"], ["SASRec"], [5]), rows + gpu)
+    assert g["sec_per_epoch"] == 1 and g["device"] == "cuda"
+    (g,) = estimate_cost(table_points(make_config(cover="last"), ["beauty"], ["SASRec"], [5]), gpu, device="cpu")
+    assert g["cpu_seconds"] is None
 
 
 def test_dry_run_prices_a_converged_point_from_its_study_budget_epochs(tmp_path):
