@@ -308,13 +308,12 @@ def table_command(datasets: Annotated[str, _o("comma list of datasets", T)] = "m
                  "-" if g["sec_per_epoch"] is None else f"{g['sec_per_epoch']:.1f}", f"{g['epochs']:.0f}",
                  "no measured row" if g["cpu_seconds"] is None else f"{g['cpu_seconds']:,.0f}",
                  g["basis"] + (f" (rows of {g['measured']})" if g["measured"] else "")) for g in est]
-        kind = est[0]["device"] if est else "cpu"  # priced from rows of the device kind it would run on
-        unit = "CPU-s" if kind == "cpu" else "GPU-s"
+        tot = cost_summary(est)  # priced from rows of the device kind the points would run on
+        kind, unit = ("cuda" if tot["unit"] == "GPU-s" else "cpu"), tot["unit"]
         console.print(_table(f"Table 1 points to run (cost from the measured {kind} rows of runs.csv)",
                              ["dataset", "model", "setting", "points", "rows measured", "s/epoch", "epochs", unit,
                               "basis"],
                              rows))
-        tot = cost_summary(est)
         console.print(f"{tot['points']} points; estimated {tot['cpu_seconds']:,.0f} {unit}, about "
                       f"{tot['cpu_seconds'] / max(workers, 1) / 3600:.1f} h wall with {workers} worker(s)"
                       + (f"; {tot['unpriced_points']} point(s) without an estimate" if tot["unpriced_points"] else ""))

@@ -213,9 +213,8 @@ def _cost_line(todo: list[RunConfig], results_dir) -> str:
     from .tables import cost_summary, estimate_cost
     if not todo:
         return "nothing left to run"
-    est = estimate_cost(todo, load_runs(results_dir))
-    tot, unit = cost_summary(est), "CPU-s" if est[0]["device"] == "cpu" else "GPU-s"
-    return (f"{len(todo)} point(s) to run; estimated {tot['cpu_seconds']:,.0f} {unit} from the Table 1 rows of the same "
+    tot = cost_summary(estimate_cost(todo, load_runs(results_dir)))
+    return (f"{len(todo)} point(s) to run; estimated {tot['cpu_seconds']:,.0f} {tot['unit']} from the Table 1 rows of the same "
             f"model and protocol (other mixer options can cost more or less)"
             + (f"; {tot['unpriced_points']} point(s) without a measured row of their kind" if tot["unpriced_points"]
                else ""))

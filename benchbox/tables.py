@@ -467,6 +467,7 @@ def cost_summary(est: list[dict]) -> dict:
     """Totals of an ``estimate_cost`` answer: the points, the CPU-seconds of those with an estimate, and
     how many points have none (never priced as 0)."""
     return {"points": sum(g["points"] for g in est),
+            "unit": "GPU-s" if est and est[0]["device"] == "cuda" else "CPU-s",  # seconds of the device priced
             "cpu_seconds": sum(g["cpu_seconds"] for g in est if g["cpu_seconds"] is not None),
             "unpriced_points": sum(g["points"] for g in est if g["cpu_seconds"] is None)}
 

@@ -215,7 +215,7 @@ def test_table_dry_run_estimates_from_measured_rows_of_the_same_kind(tmp_path):
     (g,) = estimate_cost(table_points(make_config(cover="last", device="cpu"), ["beauty"], ["SASRec"], [5]), rows + gpu)
     assert g["sec_per_epoch"] == 20 and g["device"] == "cpu"
     (g,) = estimate_cost(table_points(make_config(cover="last", device="cuda"), ["beauty"], ["SASRec"], [5]), rows + gpu)
-    assert g["sec_per_epoch"] == 1 and g["device"] == "cuda"
+    assert g["sec_per_epoch"] == 1 and g["device"] == "cuda" and cost_summary([g])["unit"] == "GPU-s"
     (g,) = estimate_cost(table_points(make_config(cover="last"), ["beauty"], ["SASRec"], [5]), gpu, device="cpu")
     assert g["cpu_seconds"] is None
 
