@@ -7,6 +7,8 @@ medians over ``--pairs`` pairs and the per-pair ratios. Make the "before" checko
 ``git worktree add /tmp/before <commit>``.
 
     python benchmarks/step_before_after.py /tmp/before . --mixer ttt_linear --dataset ml-1m --protocol study
+    python benchmarks/step_before_after.py /tmp/before . --mixer attention --dataset beauty --protocol "" \
+        --set regime=instances --set window=50 --set batch_size=10240   # RecBole's rows (recbole_ratio.py)
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from benchbox.config import make_config
 from benchbox.train import build_training, train_step
 a = json.loads(sys.argv[2])
 cfg = make_config(mixer=a["mixer"], readout=a["readout"], dataset=a["dataset"], protocol=a["protocol"] or None,
-                  threads=1)
+                  threads=1, **a.get("set", {}))
 torch.set_num_threads(1)
 tr = build_training(cfg)
 tr.model.train()
@@ -56,8 +58,19 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another configuration field (a number where it parses as one), e.g. window=50")
     a = p.parse_args(argv)
     args = {k: getattr(a, k) for k in ("mixer", "readout", "dataset", "protocol", "warmup", "steps")}
+    args["set"] = {}
+    for item in a.set:
+        key, sep, val = item.partition("=")
+        if not sep:
+            p.error(f"--set wants KEY=VALUE, got {item!r}")
+        try:
+            args["set"][key] = int(val)
+        except ValueError:
+            args["set"][key] = val
     got = {"before": [], "after": []}
     for _ in range(a.pairs):
         for side in ("before", "after"):
@@ -65,7 +78,8 @@ def main(argv=None):
     med = {s: {k: statistics.median(r[k] for r in rs) for k in ("cpu_ms", "wall_ms")} for s, rs in got.items()}
     ratios = [round(b["cpu_ms"] / f["cpu_ms"], 2) for b, f in zip(got["before"], got["after"])]
     n = got["after"][0]["steps_per_epoch"]
-    print(f"{a.mixer}/{a.readout} {a.dataset} protocol {a.protocol or '-'}: CPU ms/step before "
+    extra = "".join(f", {k}={v}" for k, v in args["set"].items())
+    print(f"{a.mixer}/{a.readout} {a.dataset} protocol {a.protocol or '-'}{extra}: CPU ms/step before "
           f"{med['before']['cpu_ms']:.1f}, after {med['after']['cpu_ms']:.1f} (x{med['before']['cpu_ms'] / med['after']['cpu_ms']:.2f}; "
           f"pairs {ratios}); wall ms/step {med['before']['wall_ms']:.1f} -> {med['after']['wall_ms']:.1f}; "
           f"{n:,} steps per epoch -> {med['before']['cpu_ms'] * n / 1e3:.0f} -> {med['after']['cpu_ms'] * n / 1e3:.0f} CPU-s per epoch")

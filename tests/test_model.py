@@ -134,3 +134,64 @@ def test_encode_ends_is_the_full_encode_at_the_end_rows(mixer, opts):
         ends = m.encode_ends(x, lengths, 2)
     pos = (lengths[:, None] - 1 - torch.arange(2)).clamp_min(0)
     torch.testing.assert_close(ends, h[torch.arange(4)[:, None], pos], rtol=1e-10, atol=1e-10)
+
+
+def test_length_groups_cover_every_row_once_with_its_groups_longest_length():
+    from benchbox.model import GROUP_MIN_ROWS, length_groups
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 51, (300,), generator=g)
+    groups = length_groups(lengths, 50)
+    assert groups is not None and len(groups) >= 3
+    rows = torch.cat([idx for idx, _ in groups])
+    assert sorted(rows.tolist()) == list(range(300))
+    for idx, n in groups:
+        assert len(idx) >= GROUP_MIN_ROWS and n == int(lengths[idx].max())
+    assert [n for _, n in groups] == sorted(n for _, n in groups)
+    # nothing to save: equal lengths, too few rows, or a batch too short to split
+    assert length_groups(torch.full((300,), 50), 50) is None
+    assert length_groups(lengths[:10], 50) is None
+    assert length_groups(torch.tensor([1, 2, 3] * 20), 3) is None
+    # a batch of fewer padded positions than the mixer's threshold runs whole
+    assert length_groups(lengths, 50, min_positions=300 * 50 + 1) is None
+    assert length_groups(lengths, 50, min_positions=300 * 50) is not None
+    # a handful of long rows joins the group below rather than standing alone
+    few_long = torch.cat([torch.full((40,), 3), torch.full((3,), 40)])
+    got = length_groups(few_long, 40)
+    assert got is None or all(len(idx) >= GROUP_MIN_ROWS for idx, _ in got)
+
+
+@pytest.mark.parametrize("mixer", ["attention", "gru", "ttt_linear", "ttt_mlp", "mamba"])
+def test_length_groups_train_exactly_as_the_whole_batch(mixer):
+    """The grouped path (rows of similar length together) against one pass over the padded batch, in
+    training mode with dropout: the same masks (drawn over the whole batch, in its memory layout: GRU's is
+    transposed), so the same logits and gradients, float64, for the instance regime's last-position
+    scores and the sequence regime's every-position logits."""
+    from benchbox.model import length_groups
+    g = torch.Generator().manual_seed(0)
+    B, L = 64, 20
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+    lengths[0] = L
+    assert length_groups(lengths, L) is not None
+    real = torch.arange(L)[None] < lengths[:, None]
+    inputs = torch.randint(1, 100, (B, L), generator=g) * real
+    cand = torch.randint(1, 100, (B, 5), generator=g)
+    targets = torch.randint(1, 100, (B, L), generator=g) * real
+    negatives = torch.randint(1, 100, (B, L, 4), generator=g)
+    torch.manual_seed(1)
+    m = Recommender(100, mixer, d_model=16, max_len=L, dropout=0.2).double().train()
+    m.group_min_positions = 0  # a small batch, grouped all the same
+    got = []
+    for grouped in (False, True):
+        m.group_lengths = grouped
+        m.zero_grad()
+        torch.manual_seed(5)
+        last = m.score_candidates(inputs, lengths, cand)
+        every = m.train_logits(inputs, lengths, targets, negatives)
+        (bce_loss(last) + bce_loss(every, targets)).backward()
+        got.append((last.detach(), every.detach()[real], [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    (l0, e0, g0), (l1, e1, g1) = got
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(e1, e0, rtol=1e-12, atol=1e-12)
+    assert len(g0) == len(g1)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
