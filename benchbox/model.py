@@ -15,7 +15,7 @@ import mixers
 from mixers.base import end_rows
 from .readouts import LastReadout, build_readout, candidate_dot, gather_rows, last_position
 
-# Length groups (a training batch's rows run through the blocks in groups of similar length)
+# Length groups (a batch's rows run through the encoder in groups of similar length, see length_groups)
 GROUP_MIN_ROWS = 8  # a smaller group joins its neighbour: each group is one more call of every layer
 GROUP_MAX_WORK = 0.8  # group only if the groups' padded positions are at most this share of the batch's
 
@@ -30,8 +30,15 @@ def length_groups(lengths: torch.Tensor, width: int, min_positions: int = 0) -> 
     or under torch.compile (data-dependent shapes).
 
     Why: the instance regime's shuffled rows are padded to the batch's longest window. On Amazon Beauty
-    a window of 50 is 16% real items and a window of 10 is 51%; every layer computes the padding."""
-    if width < 4 or lengths.numel() < 2 * GROUP_MIN_ROWS or lengths.numel() * width < min_positions or lengths.device.type != "cpu" or torch.compiler.is_compiling():
+    a window of 50 is 16% real items and a window of 10 is 51%; every layer computes the padding, and
+    dropout draws a random number for each of its positions (the largest cost of such a step on CPU).
+
+    What it changes: nothing in eval mode or without dropout (float rounding of differently sized
+    products only). In training with dropout, each group draws its own masks over its own positions, so
+    a grouped run's random stream differs from an ungrouped one's (the same distribution: padding's
+    masks never touched a real position)."""
+    if (width < 4 or lengths.numel() < 2 * GROUP_MIN_ROWS or lengths.numel() * width < min_positions
+            or lengths.device.type != "cpu" or torch.compiler.is_compiling()):
         return None
     edges = [1 << k for k in range(1, max(1, (width - 1).bit_length()))] + [width]
     bucket = torch.bucketize(lengths, torch.tensor(edges, dtype=lengths.dtype))  # edges[i-1] < l <= edges[i]
@@ -59,44 +66,15 @@ def length_groups(lengths: torch.Tensor, width: int, min_positions: int = 0) -> 
     return out
 
 
-def _zeros_in_layout(ref: torch.Tensor, shape) -> torch.Tensor:
-    """Zeros of ``shape`` with the memory layout (stride order) of ``ref``: a dropout mask is drawn in
-    memory order, so the grouped output must be laid out as the whole batch's output would be (e.g.
-    nn.GRU's batch_first output is a transposed (L, B, D) tensor)."""
-    order = sorted(range(ref.dim()), key=lambda d: (-ref.stride(d), d))  # outermost dimension first
-    buf = ref.new_zeros([shape[d] for d in order])
-    return buf.permute([order.index(d) for d in range(ref.dim())])
-
-
-class _SplitGroups(torch.autograd.Function):
-    """x (B, L, ...) -> x[rows, :n] of every group. By hand because autograd's indexing backward would
-    allocate a zero-filled (B, L, ...) gradient per group and add them up; here it is one."""
-
-    @staticmethod
-    def forward(ctx, x, groups):
-        ctx.groups, ctx.shape = groups, x.shape
-        return tuple(x[idx, :n] for idx, n in groups)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
-        ref = next(g for g in grads if g is not None)
-        dx = ref.new_zeros(ctx.shape)
-        for (idx, n), g in zip(ctx.groups, grads):
-            if g is not None:
-                dx[idx, :n] = g
-        return dx, None
-
-
 class _MergeGroups(torch.autograd.Function):
-    """Each group's output put back at its rows: (B, L, ...) (zeros past a group's length, in padding)
-    or, for one row per sequence, (B, ...), laid out as the last group's output. By hand because an
-    in-place write per group would copy the whole (B, L, ...) gradient once per group in the backward."""
+    """Each group's output put back at its rows of a zero (B, L, ...) (positions past a group's length are
+    padding) or, for one row per sequence, (B, ...). By hand: an in-place write per group would copy the
+    whole gradient once per group in the backward; here each group reads its own rows of it once."""
 
     @staticmethod
     def forward(ctx, groups, shape, per_position, *outs):
         ctx.groups, ctx.per_position = groups, per_position
-        buf = _zeros_in_layout(outs[-1], shape)
+        buf = outs[-1].new_zeros(shape)
         for (idx, n), y in zip(groups, outs):
             if per_position:
                 buf[idx, :n] = y
@@ -110,15 +88,14 @@ class _MergeGroups(torch.autograd.Function):
         return (None, None, None, *(g[idx, :n] if ctx.per_position else g[idx] for idx, n in ctx.groups))
 
 
-def per_group(fn, x: torch.Tensor, lengths: torch.Tensor, groups) -> torch.Tensor:
-    """``fn(x[rows, :n], lengths[rows])`` of every group, put back at its rows: a (B, L, ...) output
+def per_group(fn, inputs: torch.Tensor, lengths: torch.Tensor, groups) -> torch.Tensor:
+    """``fn(inputs[rows, :n], lengths[rows])`` of every group, put back at its rows: a (B, L, ...) output
     (zeros past a group's length, i.e. in padding) or, where fn returns one row per sequence, (B, ...).
-    Exact for causal fn (every mixer, norm and FFN here): a real position never reads the padding."""
-    parts = _SplitGroups.apply(x, groups)
-    outs = [fn(part, lengths[idx]) for part, (idx, _) in zip(parts, groups)]
-    ref = outs[-1]  # the longest group (>= GROUP_MIN_ROWS rows, length >= 2): its strides are unambiguous
-    per_position = ref.dim() == x.dim()
-    shape = (x.shape[0], x.shape[1], *ref.shape[2:]) if per_position else (x.shape[0], *ref.shape[1:])
+    Exact for a causal fn (the encoder): a real position never reads the padding."""
+    outs = [fn(inputs[idx, :n], lengths[idx]) for idx, n in groups]
+    ref = outs[-1]
+    per_position = ref.dim() > 2
+    shape = (inputs.shape[0], inputs.shape[1], *ref.shape[2:]) if per_position else (inputs.shape[0], *ref.shape[1:])
     return _MergeGroups.apply(groups, shape, per_position, *outs)
 
 
@@ -137,40 +114,21 @@ class Block(nn.Module):
     def _ffn(self, x):
         return x if self.ffn is None else x + self.drop(self.ffn(self.norm2(x)))
 
-    def _mix(self, z, lengths):
-        return self.mixer(self.norm1(z), lengths)
+    def forward(self, x, lengths=None):
+        return self._ffn(x + self.drop(self.mixer(self.norm1(x), lengths)))
 
-    def _ffn_out(self, z, lengths=None):
-        return self.ffn(self.norm2(z))
-
-    def forward(self, x, lengths=None, groups=None):
-        """``groups`` (``length_groups``): run the mixer and the FFN group by group, dropout over the
-        whole batch as without them (the same masks); None: the whole batch at once (the reference)."""
-        if groups is None:
-            return self._ffn(x + self.drop(self._mix(x, lengths)))
-        y = x + self.drop(per_group(self._mix, x, lengths, groups))
-        return y if self.ffn is None else y + self.drop(per_group(self._ffn_out, y, lengths, groups))
-
-    def forward_last(self, x, lengths, groups=None):
+    def forward_last(self, x, lengths):
         """(B, L, D) -> (B, D): ``forward`` at each row's last real position, computing only that row of
         the mixer output, the residuals and the FFN. Dropout draws its masks over the whole (B, L, D), as
         ``forward`` does, and keeps their last rows: the same draws, so the same training run."""
         rows = (torch.arange(x.shape[0], device=x.device), lengths - 1)
-        cheap = type(self.mixer).forward_last is not mixers.Mixer.forward_last
-        if groups is None:
-            h = self.norm1(x)
-            if not cheap:
-                # no cheaper last output: the full one, dropped as in forward (its mask follows the output's
-                # memory layout, e.g. nn.GRU's transposed batch_first output)
-                y = x[rows] + self.drop(self.mixer(h, lengths))[rows]
-            else:
-                y = x[rows] + self._drop_rows(self.mixer.forward_last(h, lengths), x.shape, rows)
-        elif not cheap:
-            y = x[rows] + self.drop(per_group(self._mix, x, lengths, groups))[rows]
+        h = self.norm1(x)
+        if type(self.mixer).forward_last is mixers.Mixer.forward_last:
+            # no cheaper last output: the full one, dropped as in forward (its mask follows the output's
+            # memory layout, e.g. nn.GRU's transposed batch_first output)
+            y = x[rows] + self.drop(self.mixer(h, lengths))[rows]
         else:
-            def last(z, n):
-                return self.mixer.forward_last(self.norm1(z), n)
-            y = x[rows] + self._drop_rows(per_group(last, x, lengths, groups), x.shape, rows)
+            y = x[rows] + self._drop_rows(self.mixer.forward_last(h, lengths), x.shape, rows)
         return y if self.ffn is None else y + self._drop_rows(self.ffn(self.norm2(y)), x.shape, rows)
 
     def forward_rows(self, x, lengths, n: int):
@@ -217,8 +175,8 @@ class Recommender(nn.Module):
         self.norm = nn.RMSNorm(d_model, eps=1e-6)
         self.target_mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, d_model))
         self.readout = build_readout(readout, d_model, max_len=max_len, **(readout_opts or {}))
-        # run a batch's rows in groups of similar length where that saves padding (length_groups); False:
-        # always the whole batch at once (the reference the tests hold the grouped path to)
+        # run a batch's rows through the encoder in groups of similar length where that saves padding
+        # (length_groups); False: always the whole batch at once (the reference the tests hold it to)
         self.group_lengths = True
         self.group_min_positions = getattr(self.blocks[0].mixer, "group_min_positions", 0) if self.blocks else 0
 
@@ -228,10 +186,15 @@ class Recommender(nn.Module):
 
     def encode(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, L) item ids -> (B, L, D) sequence features H (causal: H[t] sees items 0..t)."""
-        x = self.emb_drop(self.item_emb(inputs) * self.emb_scale)
         groups = self._groups(lengths, inputs.shape[1]) if self.blocks else None
+        if groups is not None:
+            return per_group(self._encode, inputs, lengths, groups)
+        return self._encode(inputs, lengths)
+
+    def _encode(self, inputs, lengths):
+        x = self.emb_drop(self.item_emb(inputs) * self.emb_scale)
         for block in self.blocks:
-            x = block(x, lengths, groups)
+            x = block(x, lengths)
         return self.norm(x)
 
     def encode_ends(self, inputs: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
@@ -250,11 +213,16 @@ class Recommender(nn.Module):
         that position only. The reference is last_position(encode(...)); tests hold them together."""
         if not self.blocks:
             return last_position(self.encode(inputs, lengths), lengths)
-        x = self.emb_drop(self.item_emb(inputs) * self.emb_scale)
         groups = self._groups(lengths, inputs.shape[1])
+        if groups is not None:
+            return per_group(self._encode_last, inputs, lengths, groups)
+        return self._encode_last(inputs, lengths)
+
+    def _encode_last(self, inputs, lengths):
+        x = self.emb_drop(self.item_emb(inputs) * self.emb_scale)
         for block in self.blocks[:-1]:
-            x = block(x, lengths, groups)
-        return self.norm(self.blocks[-1].forward_last(x, lengths, groups))
+            x = block(x, lengths)
+        return self.norm(self.blocks[-1].forward_last(x, lengths))
 
     def item_features(self, ids: torch.Tensor) -> torch.Tensor:
         return self.target_mlp(self.item_emb(ids) * self.emb_scale)

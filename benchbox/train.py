@@ -141,6 +141,10 @@ def build_training(cfg: RunConfig) -> Training:
     torch.manual_seed(cfg.seed)
     model = Recommender(data.n_items, cfg.mixer, cfg.mixer_opts, cfg.d_model, cfg.n_layers, read_len, cfg.dropout,
                         cfg.ffn_mult, cfg.readout, cfg.readout_opts).to(dev)
+    # rows in groups of similar length (model.length_groups) for the instance regime's shuffled rows only:
+    # the sequence regime's loader already batches users of similar length (and grouping its few mixed
+    # batches would change their dropout draws, hence the stored rows: ML-1M Mamba, 2 batches of 68)
+    model.group_lengths = cfg.regime == "instances"
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     if cfg.compile:
         compile_training(model)
@@ -157,7 +161,10 @@ def compile_training(model: Recommender) -> None:
     backward (AOTAutograd). Its batches have one shape (and a smaller last one): ``dynamic=False`` keeps
     each a static graph. Under ``no_grad`` (evaluation, whose batch shapes vary) the eager method runs.
     ``fallback_random``: dropout draws the eager random stream, so a compiled run sees the same masks as
-    an eager one and differs from it by summation order only (float noise)."""
+    an eager one and differs from it by summation order only (float noise). Compiled steps run whole
+    batches (length groups have data-dependent shapes): where the eager run groups its steps (from the
+    mixer's ``group_min_positions`` up, not the study protocol's), their dropout draws differ."""
+    model.group_lengths = False
     import torch._inductor.config as inductor_config
     inductor_config.fallback_random = True
     eager = model.score_candidates

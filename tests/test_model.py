@@ -161,11 +161,11 @@ def test_length_groups_cover_every_row_once_with_its_groups_longest_length():
 
 
 @pytest.mark.parametrize("mixer", ["attention", "gru", "ttt_linear", "ttt_mlp", "mamba"])
-def test_length_groups_train_exactly_as_the_whole_batch(mixer):
-    """The grouped path (rows of similar length together) against one pass over the padded batch, in
-    training mode with dropout: the same masks (drawn over the whole batch, in its memory layout: GRU's is
-    transposed), so the same logits and gradients, float64, for the instance regime's last-position
-    scores and the sequence regime's every-position logits."""
+def test_length_groups_train_as_the_whole_batch(mixer):
+    """The grouped path (rows of similar length through the encoder together) against one pass over the
+    padded batch, float64: without dropout, in training mode, the same logits and gradients for the
+    instance regime's last-position scores and the sequence regime's every-position logits; with dropout,
+    the same in eval mode, and in training mode a seeded run repeats itself exactly."""
     from benchbox.model import length_groups
     g = torch.Generator().manual_seed(0)
     B, L = 64, 20
@@ -177,21 +177,43 @@ def test_length_groups_train_exactly_as_the_whole_batch(mixer):
     cand = torch.randint(1, 100, (B, 5), generator=g)
     targets = torch.randint(1, 100, (B, L), generator=g) * real
     negatives = torch.randint(1, 100, (B, L, 4), generator=g)
-    torch.manual_seed(1)
-    m = Recommender(100, mixer, d_model=16, max_len=L, dropout=0.2).double().train()
-    m.group_min_positions = 0  # a small batch, grouped all the same
-    got = []
-    for grouped in (False, True):
+
+    def step(m, grouped):
         m.group_lengths = grouped
         m.zero_grad()
         torch.manual_seed(5)
         last = m.score_candidates(inputs, lengths, cand)
         every = m.train_logits(inputs, lengths, targets, negatives)
         (bce_loss(last) + bce_loss(every, targets)).backward()
-        got.append((last.detach(), every.detach()[real], [p.grad.clone() for p in m.parameters() if p.grad is not None]))
-    (l0, e0, g0), (l1, e1, g1) = got
-    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(e1, e0, rtol=1e-12, atol=1e-12)
-    assert len(g0) == len(g1)
-    for a, b in zip(g0, g1):
-        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+        return last.detach(), every.detach()[real], [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    def same(x, y):
+        torch.testing.assert_close(y[0], x[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(y[1], x[1], rtol=1e-12, atol=1e-12)
+        assert len(x[2]) == len(y[2])
+        for a, b in zip(x[2], y[2]):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+    torch.manual_seed(1)
+    m = Recommender(100, mixer, d_model=16, max_len=L, dropout=0.0).double().train()
+    m.group_min_positions = 0  # a small batch, grouped all the same
+    same(step(m, False), step(m, True))
+    torch.manual_seed(1)
+    m = Recommender(100, mixer, d_model=16, max_len=L, dropout=0.2).double()
+    m.group_min_positions = 0
+    same(step(m.eval(), False), step(m.eval(), True))
+    first, again, whole = step(m.train(), True), step(m.train(), True), step(m.train(), False)
+    same(first, again)
+    assert not torch.allclose(first[0], whole[0])  # dropout on: each group drew its own masks
+
+
+def test_only_the_instance_regime_groups_its_rows(tmp_path):
+    """The sequence regime's loader batches users of similar length already; grouping is for the instance
+    regime's shuffled rows, and never for a compiled step (data-dependent shapes)."""
+    from conftest import write_seqs
+    from benchbox.config import make_config
+    from benchbox.train import build_training
+    seqs = write_seqs(tmp_path / "s.txt", [[(u * 7 + i * 3) % 150 + 1 for i in range(4 + u % 30)] for u in range(60)])
+    base = dict(mixer="gru", dataset=str(seqs), d_model=8, n_layers=1, threads=1)
+    assert build_training(make_config(**base, regime="instances", window=20)).model.group_lengths is True
+    assert build_training(make_config(**base)).model.group_lengths is False
