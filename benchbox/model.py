@@ -7,6 +7,8 @@ score = F_s . F_t, click probability = sigmoid(score).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -117,19 +119,25 @@ class Block(nn.Module):
     def forward(self, x, lengths=None):
         return self._ffn(x + self.drop(self.mixer(self.norm1(x), lengths)))
 
-    def forward_last(self, x, lengths):
+    def forward_last(self, x, lengths, row_masks: bool = False):
         """(B, L, D) -> (B, D): ``forward`` at each row's last real position, computing only that row of
         the mixer output, the residuals and the FFN. Dropout draws its masks over the whole (B, L, D), as
-        ``forward`` does, and keeps their last rows: the same draws, so the same training run."""
+        ``forward`` does, and keeps their last rows: the same draws, so the same training run.
+        ``row_masks``: draw (B, D) masks for those rows only (the same distribution, other draws; the
+        length-grouped path, whose draws differ from the whole batch's anyway)."""
         rows = (torch.arange(x.shape[0], device=x.device), lengths - 1)
+        mask_shape = (x.shape[0], x.shape[2]) if row_masks else x.shape
         h = self.norm1(x)
         if type(self.mixer).forward_last is mixers.Mixer.forward_last:
-            # no cheaper last output: the full one, dropped as in forward (its mask follows the output's
-            # memory layout, e.g. nn.GRU's transposed batch_first output)
-            y = x[rows] + self.drop(self.mixer(h, lengths))[rows]
+            if row_masks:
+                y = x[rows] + self.drop(self.mixer(h, lengths)[rows])
+            else:
+                # no cheaper last output: the full one, dropped as in forward (its mask follows the output's
+                # memory layout, e.g. nn.GRU's transposed batch_first output)
+                y = x[rows] + self.drop(self.mixer(h, lengths))[rows]
         else:
-            y = x[rows] + self._drop_rows(self.mixer.forward_last(h, lengths), x.shape, rows)
-        return y if self.ffn is None else y + self._drop_rows(self.ffn(self.norm2(y)), x.shape, rows)
+            y = x[rows] + self._drop_rows(self.mixer.forward_last(h, lengths), mask_shape, rows)
+        return y if self.ffn is None else y + self._drop_rows(self.ffn(self.norm2(y)), mask_shape, rows)
 
     def forward_rows(self, x, lengths, n: int):
         """(B, L, D) -> (B, n, D): ``forward`` at lengths - 1, ..., lengths - n (clamped at 0), the mixer
@@ -140,14 +148,17 @@ class Block(nn.Module):
         y = end_rows(x, lengths, n) + self.mixer.forward_rows(self.norm1(x), lengths, n)
         return y if self.ffn is None else y + self.ffn(self.norm2(y))
 
-    def _drop_rows(self, y, full_shape, rows):
+    def _drop_rows(self, y, mask_shape, rows):
+        """Dropout of the rows ``rows`` of a (B, L, D) output, y (B, D): a mask of ``mask_shape`` (B, L, D)
+        read at those rows, as torch's CPU dropout draws it for the whole output; or a (B, D) mask."""
         p = self.drop.p
         if not self.training or p == 0:
             return y
         # as torch's CPU dropout: a Bernoulli(1 - p) mask of the input's shape, divided by 1 - p, times input
-        noise = y.new_empty(full_shape).bernoulli_(1 - p)  # contiguous, as the Linear outputs it stands for
-        noise.div_(1 - p)
-        return y * noise[rows]
+        noise = y.new_empty(mask_shape).bernoulli_(1 - p)  # contiguous, as the Linear outputs it stands for
+        if len(mask_shape) == 3:
+            noise = noise[rows]
+        return y * noise.div_(1 - p)  # divided after the read: the same values, B rows of work instead of B L
 
     def step(self, x, state):
         y, state = self.mixer.step(self.norm1(x), state)
@@ -215,14 +226,14 @@ class Recommender(nn.Module):
             return last_position(self.encode(inputs, lengths), lengths)
         groups = self._groups(lengths, inputs.shape[1])
         if groups is not None:
-            return per_group(self._encode_last, inputs, lengths, groups)
+            return per_group(functools.partial(self._encode_last, grouped=True), inputs, lengths, groups)
         return self._encode_last(inputs, lengths)
 
-    def _encode_last(self, inputs, lengths):
+    def _encode_last(self, inputs, lengths, grouped: bool = False):
         x = self.emb_drop(self.item_emb(inputs) * self.emb_scale)
         for block in self.blocks[:-1]:
             x = block(x, lengths)
-        return self.norm(self.blocks[-1].forward_last(x, lengths))
+        return self.norm(self.blocks[-1].forward_last(x, lengths, row_masks=grouped))
 
     def item_features(self, ids: torch.Tensor) -> torch.Tensor:
         return self.target_mlp(self.item_emb(ids) * self.emb_scale)

@@ -6,6 +6,8 @@ then times ``--steps`` steps (median ms per step, and the share spent producing 
 
     python benchmarks/step_profile.py --mixer attention --dataset ml-1m --protocol study --threads 1
     python benchmarks/step_profile.py --mixer ttt_linear --dataset beauty --protocol study --steps 100
+    python benchmarks/step_profile.py --dataset beauty --protocol "" --set regime=instances --set window=50 \
+        --set batch_size=10240 --steps 30 --profile-steps 10     # RecBole's rows (recbole_ratio.py)
 """
 from __future__ import annotations
 
@@ -37,18 +39,33 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=25, help="operators shown")
     p.add_argument("--shapes", action="store_true", help="group the operators by input shapes")
     p.add_argument("--clock", choices=list(CLOCKS), default="wall", help=CLOCK_HELP)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another configuration field (a number where it parses as one), e.g. window=50")
     a = p.parse_args(argv)
+    extra = {}
+    for item in a.set:
+        key, sep, val = item.partition("=")
+        if not sep:
+            p.error(f"--set wants KEY=VALUE, got {item!r}")
+        try:
+            extra[key] = int(val)
+        except ValueError:
+            extra[key] = val
     try:
         clock = pick_clock(a.clock, a.threads)
     except BenchboxError as e:
         sys.exit(str(e))
     cfg = make_config(mixer="none" if a.readout != "last" else a.mixer, readout=a.readout, dataset=a.dataset,
-                      protocol=a.protocol or None, threads=a.threads)
+                      protocol=a.protocol or None, threads=a.threads, **extra)
     torch.set_num_threads(a.threads)
     tr = build_training(cfg)
     model, opt, loader, dev, amp = tr.model, tr.opt, tr.loader, tr.dev, tr.amp
     model.train()
-    batches = iter(loader)
+
+    def forever():  # epochs one after another: a large batch makes few steps an epoch
+        while True:
+            yield from loader
+    batches = forever()
     for _ in range(a.warmup):
         train_step(model, opt, next(batches), dev, amp)
     step_ms, load_ms = [], []
