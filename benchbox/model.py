@@ -36,9 +36,9 @@ def length_groups(lengths: torch.Tensor, width: int, min_positions: int = 0) -> 
     dropout draws a random number for each of its positions (the largest cost of such a step on CPU).
 
     What it changes: nothing in eval mode or without dropout (float rounding of differently sized
-    products only). In training with dropout, each group draws its own masks over its own positions, so
-    a grouped run's random stream differs from an ungrouped one's (the same distribution: padding's
-    masks never touched a real position)."""
+    products only). In training with dropout, each group draws its own masks over its own positions (and
+    the last block of ``encode_last`` over its last rows only), so a grouped run's random stream differs
+    from an ungrouped one's: the same distribution, since padding's masks never touched a real position."""
     if (width < 4 or lengths.numel() < 2 * GROUP_MIN_ROWS or lengths.numel() * width < min_positions
             or lengths.device.type != "cpu" or torch.compiler.is_compiling()):
         return None
