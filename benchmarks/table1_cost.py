@@ -94,6 +94,8 @@ def main(argv=None):
                 run["regime"] = a.regime
             budget_epochs = 50 if readout.startswith("comirec") else 10
             points.append(dict(model=name, dataset=ds, run=run, budget_epochs=budget_epochs))
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip() or "unknown"
     t0 = time.perf_counter()
     with ThreadPoolExecutor(a.workers) as pool:
         got = list(pool.map(measure, points))
@@ -113,7 +115,7 @@ def main(argv=None):
                          else "instances", dataset=pt["dataset"], model=pt["model"], steps_per_epoch=r["steps_per_epoch"],
                          train_cpu_s_per_epoch=round(train_ep, 2), eval_cpu_s_per_epoch=round(eval_ep, 2),
                          budget_epochs=pt["budget_epochs"], seeds=a.seeds, table_cpu_s=round(cost, 1),
-                         device=r["device"], workers=a.workers))
+                         device=r["device"], workers=a.workers, git_commit=commit))
     print(f"Table 1 ({len(points)} points x {a.seeds} seeds): {total:,.0f} CPU-s; on two 1-thread workers about "
           f"{total / 2 / 3600:.2f} h wall. Measured in {wall:.0f} s wall, {a.workers} worker(s).")
     if a.out:
