@@ -296,7 +296,7 @@ class ComiRecDRReadout(_MultiInterestReadout):
         two together in float64."""
         if not causal:
             return self.interests_reference(h, lengths, causal)
-        b, s, d = h.shape
+        s = h.shape[1]
         u = self._u(h)
         u_fixed = u.detach()
         valid = torch.arange(s, device=h.device)[None, :] < lengths[:, None]
