@@ -173,12 +173,14 @@ def make_config(**options) -> RunConfig:
     return RunConfig.from_dict(o, stored=False).validate()
 
 
-def parse_opts(pairs: list[str] | None) -> dict:
-    """``["num_heads=2", "use_gate=true"]`` -> dict of strings (mixers coerce them to their types)."""
+def parse_opts(pairs: list[str] | None, numbers: bool = False) -> dict:
+    """``["num_heads=2", "use_gate=true"]`` -> dict of strings (mixers coerce them to their types);
+    ``numbers``: integers as ints (run-config fields, e.g. the benchmarks' ``--set window=50``)."""
     out = {}
     for p in pairs or []:
         if "=" not in p:
             raise ConfigError(f"option {p!r} must look like key=value")
         k, v = p.split("=", 1)
-        out[k.strip()] = v.strip()
+        v = v.strip()
+        out[k.strip()] = int(v) if numbers and v.lstrip("-").isdigit() else v
     return out

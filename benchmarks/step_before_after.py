@@ -17,6 +17,7 @@ import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 CHILD = r"""
 import json, resource, sys, time
@@ -62,15 +63,13 @@ def main(argv=None):
                    help="another configuration field (a number where it parses as one), e.g. window=50")
     a = p.parse_args(argv)
     args = {k: getattr(a, k) for k in ("mixer", "readout", "dataset", "protocol", "warmup", "steps")}
-    args["set"] = {}
-    for item in a.set:
-        key, sep, val = item.partition("=")
-        if not sep:
-            p.error(f"--set wants KEY=VALUE, got {item!r}")
-        try:
-            args["set"][key] = int(val)
-        except ValueError:
-            args["set"][key] = val
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchbox import BenchboxError
+    from benchbox.config import parse_opts
+    try:
+        args["set"] = parse_opts(a.set, numbers=True)
+    except BenchboxError as e:
+        p.error(str(e))
     got = {"before": [], "after": []}
     for _ in range(a.pairs):
         for side in ("before", "after"):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchbox.config import make_config  # noqa: E402
+from benchbox.config import make_config, parse_opts  # noqa: E402
 from benchbox.train import build_training, train_step  # noqa: E402
 from benchbox import BenchboxError  # noqa: E402
 from benchbox.efficiency import CLOCK_HELP, CLOCKS, pick_clock  # noqa: E402
@@ -42,15 +42,10 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="another configuration field (a number where it parses as one), e.g. window=50")
     a = p.parse_args(argv)
-    extra = {}
-    for item in a.set:
-        key, sep, val = item.partition("=")
-        if not sep:
-            p.error(f"--set wants KEY=VALUE, got {item!r}")
-        try:
-            extra[key] = int(val)
-        except ValueError:
-            extra[key] = val
+    try:
+        extra = parse_opts(a.set, numbers=True)
+    except BenchboxError as e:
+        p.error(str(e))
     try:
         clock = pick_clock(a.clock, a.threads)
     except BenchboxError as e:
