@@ -223,16 +223,18 @@ def ttt_reference(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], 
 # the fast path
 # --------------------------------------------------------------------------------------------------
 def _to_chunks(t: torch.Tensor, n_chunks: int, S: int) -> torch.Tensor:
-    """(B, L, H, D) -> (n_chunks, B*H, S, D), zero-padded at the end."""
+    """(B, L, H, D) -> (n_chunks, H*B, S, D), zero-padded at the end. Rows are head-major (row h B + b), so
+    that one head's rows of a chunk are one (B S, D) matrix: weights shared by every row (the layer's own,
+    at the sequence start) then multiply them in one GEMM per head."""
     B, L, H, D = t.shape
     if n_chunks * S != L:
         t = F.pad(t, (0, 0, 0, 0, 0, n_chunks * S - L))
-    return t.reshape(B, n_chunks, S, H, D).permute(1, 0, 3, 2, 4).reshape(n_chunks, B * H, S, D)
+    return t.reshape(B, n_chunks, S, H, D).permute(1, 3, 0, 2, 4).reshape(n_chunks, H * B, S, D)
 
 
 def _from_chunks(t: torch.Tensor, B: int, H: int, L: int) -> torch.Tensor:
     n, _, S, D = t.shape
-    return t.reshape(n, B, H, S, D).permute(1, 0, 3, 2, 4).reshape(B, n * S, H, D)[:, :L]
+    return t.reshape(n, H, B, S, D).permute(2, 0, 3, 1, 4).reshape(B, n * S, H, D)[:, :L]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,19 +464,18 @@ class _MLPChunk(torch.autograd.Function):
         _acc_bmm_(dX2q, dT, X2)
         _acc_bmm_(dX2, dT.transpose(1, 2), X2q)
         # ---- X2q = gelu(Z1q), Z1q = Q W1 + b1 - P G1
-        dZ1 = z1.new_empty(z1.shape[0], 2 * S, z1.shape[2])
-        dZ1q = dZ1[:, S:]
-        torch.mul(dX2q, _gelu_p(Z1q, tq), out=dZ1q)
+        # (no out= into slices of one [K; Q] buffer: torch.compile cannot trace that, and it then runs
+        # the whole chunk eagerly instead of fusing its elementwise passes; the two halves meet in a cat)
+        dZ1q = dX2q * _gelu_p(Z1q, tq)
         dP = torch.bmm(dZ1q, G1.transpose(1, 2)).neg_()
         _acc_bmm_(dG1, P.transpose(1, 2), dZ1q, alpha=-1.0)
         # ---- the K side, mini-batch by mini-batch in reverse
-        dz1 = dZ1[:, :S]
         dgt = torch.empty_like(G2)
         dgam2 = torch.zeros_like(gam2)
         if g == 1:
             gp = _gelu_p(z1, t1)
             dgx = dG1 * gp
-            torch.mul(dG1, gx, out=dz1).mul_(_gelu_pp(z1, t1))
+            dz1 = (dG1 * gx).mul_(_gelu_pp(z1, t1))
             _acc_bmm_(dG2, dgx, W2)
             dz2, dgt, dgam2r = _lnl2_bwd(dG2, G2, xh, rstd, gxl, gam2)
             dgam2 = dgam2r.sum(1, keepdim=True)
@@ -483,7 +484,7 @@ class _MLPChunk(torch.autograd.Function):
             dGX, dZ2 = dgx, dz2
             dM = None
         else:
-            dGX, dZ2 = torch.empty_like(G1), torch.empty_like(G2)
+            dGX, dZ2, dz1 = torch.empty_like(G1), torch.empty_like(G2), torch.empty_like(z1)
             dM = torch.zeros_like(M)
             for m in reversed(range(g)):
                 R, E = slice(m * K, (m + 1) * K), m * K
@@ -492,7 +493,7 @@ class _MLPChunk(torch.autograd.Function):
                 dG1R = dG1[:, R]
                 dgx = dG1R * gp
                 dGX[:, R] = dgx
-                torch.mul(dG1R, gx[:, R], out=dz1[:, R]).mul_(_gelu_pp(z1R, tR))
+                dz1[:, R] = (dG1R * gx[:, R]).mul_(_gelu_pp(z1R, tR))
                 dG2R = dG2[:, R]
                 _acc_bmm_(dG2R, dgx, W2)
                 g2, x2 = G2[:, R], X2[:, R]
@@ -529,6 +530,7 @@ class _MLPChunk(torch.autograd.Function):
         dW2k = torch.bmm(dGX.transpose(1, 2), G2).baddbmm_(X2.transpose(1, 2), dZ2)
         dW2 = dW2.add_(dW2k)
         db2 = db2.add_(dZ2.sum(1, keepdim=True))
+        dZ1 = torch.cat([dz1, dZ1q], 1)
         dW1z = torch.bmm(kq.transpose(1, 2), dZ1)
         dW1 = dW1z if dW1 is None else dW1.add_(dW1z)
         db1z = dZ1.sum(1, keepdim=True)
@@ -544,7 +546,10 @@ class _LinearChunks(torch.autograd.Function):
     row, with a hand-written backward: autograd would record ~15 small ops per chunk and materialise
     zero-filled gradients for every chunk view; here the backward is one reverse sweep.
 
-    Inputs: kc, qc (nc, BH, S, D) keys and queries; W0 (BH, D, D), b0 (BH, 1, D) at the sequence start;
+    Inputs: kc, qc (nc, BH, S, D) keys and queries; W0 (BH, D, D), b0 (BH, 1, D) at the sequence start,
+    or W0 (H, D, D), b0 (H, 1, D) shared by every row (rows head-major, BH = H B): then the first chunk's
+    products with W0 are one (B S, D) x (D, D) GEMM per head instead of BH tiny ones, and W0 is never
+    copied per row (L 10, B 128, H 2, D 32: ~15% of the layer's forward + backward on CPU);
     gt = gamma (target - beta) (nc, BH, S, D); gam2 = gamma^2 (BH, 1, D); P (nc, BH, S, S) the Q-side dual
     coefficients (already times Q.K + 1); M (nc, BH, S, S) the K-side coefficients of earlier mini-batches
     of the chunk (None when g == 1); e (nc, BH, S, 1) = tok_last * lr. Returns the pre-norm Q-side output
@@ -553,12 +558,18 @@ class _LinearChunks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kc, qc, W0, b0, gt, gam2, P, M, e, K, g, need_state):
         nc, BH, S, D = kc.shape
+        H = W0.shape[0]
+        shared = H != BH
         Zq = kc.new_empty(nc, BH, S, D)
         Ws, Gs, saved = [], [], []  # per chunk: weights at its start, G, what lnl2's backward needs
         W, b = W0, b0
         for c in range(nc):
             Ws.append(W)
-            Zk = torch.baddbmm(b, kc[c], W)
+            heads = shared and c == 0  # W, b: (H, D, D), (H, 1, D); rows h B + b are head h's
+            if heads:
+                Zk = torch.baddbmm(b, kc[c].view(H, -1, D), W).view(BH, S, D)
+            else:
+                Zk = torch.baddbmm(b, kc[c], W)
             if g == 1:
                 xh, mean, rstd, gxl = _lnl2_stats(Zk, gam2, gt[c])
                 G = _lnl2_from_stats(xh, rstd, gxl)
@@ -573,11 +584,19 @@ class _LinearChunks(torch.autograd.Function):
                 xh, mean, rstd, gxl = _lnl2_stats(Zk, gam2, gt[c])  # what the backward reads, all rows at once
             saved.append((Zk, xh, mean, rstd, gxl))
             Gs.append(G)
-            torch.baddbmm(b, qc[c], W, out=Zq[c]).baddbmm_(P[c], G, alpha=-1.0)
+            if heads:
+                torch.baddbmm(b, qc[c].view(H, -1, D), W, out=Zq[c].view(H, -1, D))
+                Zq[c].baddbmm_(P[c], G, alpha=-1.0)
+            else:
+                torch.baddbmm(b, qc[c], W, out=Zq[c]).baddbmm_(P[c], G, alpha=-1.0)
             if c < nc - 1 or need_state:
                 eG = e[c] * G
-                W = torch.baddbmm(W, kc[c].transpose(1, 2), eG, alpha=-1.0)
-                b = b - eG.sum(1, keepdim=True)
+                if heads:  # from here on every row has its own weights
+                    W = torch.sub(W.unsqueeze(1), torch.bmm(kc[c].transpose(1, 2), eG).view(H, -1, D, D)).view(BH, D, D)
+                    b = torch.sub(b.unsqueeze(1), eG.sum(1, keepdim=True).view(H, -1, 1, D)).view(BH, 1, D)
+                else:
+                    W = torch.baddbmm(W, kc[c].transpose(1, 2), eG, alpha=-1.0)
+                    b = b - eG.sum(1, keepdim=True)
         ctx.K, ctx.g, ctx.need_state = K, g, need_state
         ctx.Ws, ctx.Gs, ctx.lnl2 = Ws, Gs, saved  # intermediates (not inputs/outputs): plain attributes
         ctx.save_for_backward(kc, qc, gam2, P, M, e)
@@ -591,6 +610,8 @@ class _LinearChunks(torch.autograd.Function):
         kc, qc, gam2, P, M, e = ctx.saved_tensors
         K, g = ctx.K, ctx.g
         nc, BH, S, D = kc.shape
+        H = ctx.Ws[0].shape[0]
+        shared = H != BH
         # an expanded incoming gradient (e.g. of a sum) would send every bmm below to a per-matrix loop
         dZq = kc.new_zeros(nc, BH, S, D) if dZq is None else dZq.contiguous()
         dk, dq, dgt = torch.empty_like(kc), torch.empty_like(qc), torch.empty_like(kc)
@@ -603,17 +624,21 @@ class _LinearChunks(torch.autograd.Function):
         dgam2 = torch.zeros_like(gam2)
         upd_last = ctx.need_state and (dWn is not None or dbn is not None)
         if upd_last:
-            dWn = torch.zeros_like(ctx.Ws[0]) if dWn is None else dWn
+            dWn = kc.new_zeros(BH, D, D) if dWn is None else dWn
             dbn = kc.new_zeros(BH, 1, D) if dbn is None else dbn
         dW = db = None  # gradient w.r.t. the weights at the start of chunk c + 1
         for c in reversed(range(nc)):
             W, G, dZc = ctx.Ws[c], ctx.Gs[c], dZq[c]
+            heads = shared and c == 0
+            # by head: (H, B S, D) views of a chunk's rows, and the per-row (BH, ...) gradients summed over B
+            hv = (lambda t: t.view(H, -1, t.shape[-1])) if heads else (lambda t: t)  # noqa: E731
+            rows_sum = (lambda t: t.view(H, -1, *t.shape[1:]).sum(1)) if heads else (lambda t: t)  # noqa: E731
             # Zq = Q W + b - P G
             torch.bmm(dZc, G.transpose(1, 2), out=dP[c]).neg_()
             dG = torch.bmm(P[c].transpose(1, 2), dZc).neg_()
-            torch.bmm(dZc, W.transpose(1, 2), out=dq[c])
-            dWc = torch.bmm(qc[c].transpose(1, 2), dZc)
-            dbc = dZc.sum(1, keepdim=True)
+            torch.bmm(hv(dZc), W.transpose(1, 2), out=hv(dq[c]))
+            dWc = torch.bmm(hv(qc[c]).transpose(1, 2), hv(dZc))
+            dbc = hv(dZc).sum(1, keepdim=True)
             dWu = None
             if c < nc - 1 or upd_last:  # W_next = W - K^T (e G), b_next = b - sum(e G)
                 dWu, dbu = (dW, db) if c < nc - 1 else (dWn, dbn)
@@ -621,8 +646,8 @@ class _LinearChunks(torch.autograd.Function):
                 dG.addcmul_(e[c], dEG)
                 de[c] = (G * dEG).sum(-1, keepdim=True)
                 eG = e[c] * G
-                dWc.add_(dWu)
-                dbc.add_(dbu)
+                dWc.add_(rows_sum(dWu))
+                dbc.add_(rows_sum(dbu))
             # G = lnl2(Zk) (mini-batch by mini-batch in reverse when g > 1); dgt[c] holds dgxl until negated
             Zk, xh, mean, rstd, gxl = ctx.lnl2[c]
             m2 = (gxl * xh).mean(-1, keepdim=True)
@@ -650,9 +675,9 @@ class _LinearChunks(torch.autograd.Function):
             dgam2.add_((xh * dgt[c]).sum(1, keepdim=True))
             dgt[c].neg_()
             # Zk = K W + b
-            dWc.baddbmm_(kc[c].transpose(1, 2), dZk)
-            dbc.add_(dZk.sum(1, keepdim=True))
-            dkc = torch.bmm(dZk, W.transpose(1, 2), out=dk[c])
+            dWc.baddbmm_(hv(kc[c]).transpose(1, 2), hv(dZk))
+            dbc.add_(hv(dZk).sum(1, keepdim=True))
+            dkc = torch.bmm(hv(dZk), W.transpose(1, 2), out=hv(dk[c])).view(BH, S, D)
             if dWu is not None:
                 dkc.baddbmm_(eG, dWu.transpose(1, 2), alpha=-1.0)
             dW, db = dWc, dbc
@@ -661,7 +686,9 @@ class _LinearChunks(torch.autograd.Function):
 
 def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma, beta,
              mini_batch_size: int, mb_per_chunk: int, need_state: bool = False):
-    """Same contract as ``ttt_reference``. With ``need_state`` L must be a multiple of mini_batch_size
+    """Same contract as ``ttt_reference``, and ``params`` may also be the layer's own (H, ...) weights,
+    shared by every sequence (what ``forward`` passes: no per-sequence copies, and TTT-Linear's first
+    chunk multiplies them one GEMM per head). With ``need_state`` L must be a multiple of mini_batch_size
     (the state after a shorter last mini-batch is never needed by ``forward``). Under autocast the scan
     runs in float32: the hand-written chunks need one dtype throughout, and the inner gradient steps
     are the precision-sensitive part."""
@@ -702,8 +729,8 @@ def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma
 
     kc, qc, vc = (_to_chunks(t, nc, S) for t in (k, q, v))
     lrc = _to_chunks(lr.unsqueeze(-1), nc, S)  # (nc, BH, S, 1)
-    gam = gamma.to(dt).repeat(B, 1).unsqueeze(1)  # (BH, 1, D)
-    bet = beta.to(dt).repeat(B, 1).unsqueeze(1)
+    gam = gamma.to(dt).repeat_interleave(B, 0).unsqueeze(1)  # (BH, 1, D), rows head-major as _to_chunks'
+    bet = beta.to(dt).repeat_interleave(B, 0).unsqueeze(1)
     gt = gam * (vc - kc - bet)  # gamma * (target - beta)
 
     # W-independent coefficients. Tm[t, s]: tok of t for s <= t in t's mini-batch, tok_last for s in an
@@ -725,7 +752,13 @@ def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma
     if g > 1:
         M = (torch.bmm(flat(kc), flat(kc).transpose(1, 2)).view(nc, BH, S, S) + 1.0) * (cross.to(dt) * e.transpose(-1, -2))
 
-    p = {n: t.reshape(BH, *t.shape[2:]) for n, t in params.items()}
+    shared = params["W1"].dim() == 3  # (H, D, F) for every row, else (B, H, D, F)
+    if shared and kind == "linear":
+        p = params
+    elif shared:
+        p = {n: t.unsqueeze(1).expand(H, B, *t.shape[1:]).reshape(BH, *t.shape[1:]) for n, t in params.items()}
+    else:
+        p = {n: t.transpose(0, 1).reshape(BH, *t.shape[2:]) for n, t in params.items()}
     if kind == "linear":
         res = _LinearChunks.apply(kc, qc, p["W1"], p["b1"], gt, gam * gam, P, M if g > 1 else None, e, K, g,
                                   need_state)
@@ -754,7 +787,7 @@ def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma
 
     out = qc + ttt_layer_norm(Zq, gam, bet)
     out = _from_chunks(out, B, H, L)
-    new = {n: t.reshape(B, H, *t.shape[1:]) for n, t in new.items()} if need_state else params
+    new = {n: t.reshape(H, B, *t.shape[1:]).transpose(0, 1).contiguous() for n, t in new.items()} if need_state else params
     return out, new
 
 
@@ -892,9 +925,12 @@ class _TTTBase(Mixer):
         return ["torch", "reference"]
 
     # ---- pieces -------------------------------------------------------------------------------
-    def _inner_params(self, B: int, dtype) -> dict[str, torch.Tensor]:
+    def _inner_params(self, B: int | None, dtype) -> dict[str, torch.Tensor]:
+        """The inner model's start weights, (B, H, ...) per sequence, or (H, ...) as they are (B None:
+        shared by every sequence, which ``ttt_fast`` takes)."""
         names = ("W1", "b1") if self.KIND == "linear" else ("W1", "b1", "W2", "b2")
-        return {n: getattr(self, n).to(dtype).unsqueeze(0).expand(B, *getattr(self, n).shape) for n in names}
+        ws = {n: getattr(self, n).to(dtype) for n in names}
+        return ws if B is None else {n: t.unsqueeze(0).expand(B, *t.shape) for n, t in ws.items()}
 
     def _token_factors(self) -> torch.Tensor:
         off = self.learnable_token_idx
@@ -950,7 +986,8 @@ class _TTTBase(Mixer):
         if x.shape[1] == 0:
             return self.o_proj(x)
         h, q, k, v, eta, _ = self._prepare(x, 0, None, self.backend == "reference")
-        z, _ = self._scan(q, k, v, eta, self._token_factors(), self._inner_params(x.shape[0], x.dtype))
+        B = x.shape[0] if self.backend == "reference" else None
+        z, _ = self._scan(q, k, v, eta, self._token_factors(), self._inner_params(B, x.dtype))
         return self._finish(h, z)
 
     def _cheap_last(self, x: torch.Tensor) -> bool:

@@ -202,20 +202,31 @@ def test_ln_l2_grad_is_the_gradient():
     torch.testing.assert_close(dg2.sum((0, 1)), auto[2])
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("need_state", [False, True])
 @pytest.mark.parametrize("K,g,S", [(4, 1, 4), (2, 3, 6), (2, 3, 5), (1, 4, 4)])
-def test_linear_chunks_backward_is_the_gradient(K, g, S, need_state):
+def test_linear_chunks_backward_is_the_gradient(K, g, S, need_state, shared):
     """The hand-written backward of the TTT-Linear scan, every input, with and without the final state
-    (the state's gradient is what streaming training would use); S = 5 is a shorter last mini-batch."""
+    (the state's gradient is what streaming training would use); S = 5 is a shorter last mini-batch.
+    ``shared``: start weights (H, D, D) for all B rows of a head (rows head-major), as ``forward`` passes."""
     torch.manual_seed(S + 10 * g)
-    nc, BH, Dh = 2, 2, 3
+    nc, BH, Dh = 2, 4, 3
+    W_rows = 2 if shared else BH  # 2 heads of 2 rows each
     r = lambda *shape, s=1.0: (torch.randn(*shape, dtype=torch.float64) * s).requires_grad_(True)  # noqa: E731
-    args = (r(nc, BH, S, Dh), r(nc, BH, S, Dh), r(BH, Dh, Dh, s=0.3), r(BH, 1, Dh), r(nc, BH, S, Dh),
+    args = (r(nc, BH, S, Dh), r(nc, BH, S, Dh), r(W_rows, Dh, Dh, s=0.3), r(W_rows, 1, Dh), r(nc, BH, S, Dh),
             (torch.rand(BH, 1, Dh, dtype=torch.float64) + 0.5).requires_grad_(True), r(nc, BH, S, S),
             r(nc, BH, S, S, s=0.3) if g > 1 else None,
             (torch.rand(nc, BH, S, 1, dtype=torch.float64) * 0.3).requires_grad_(True))
     fn = lambda *a: _LinearChunks.apply(*a, K, g, need_state)  # noqa: E731
     assert torch.autograd.gradcheck(fn, args)
+    if shared:  # the same as those weights copied to every row of their head
+        per_row = (args[:2] + (args[2].repeat_interleave(2, 0), args[3].repeat_interleave(2, 0)) + args[4:])
+        for a, b in zip(_as_tuple(fn(*args)), _as_tuple(fn(*per_row))):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
 
 
 @pytest.mark.parametrize("name", list(KINDS))
@@ -322,3 +333,27 @@ def test_rope_fast_takes_bfloat16():
     assert fq.dtype == fk.dtype == torch.bfloat16
     torch.testing.assert_close(fq.float(), rq, rtol=0.02, atol=0.02)
     torch.testing.assert_close(fk.float(), rk, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_fast_path_traces_without_graph_breaks(name):
+    """torch.compile fuses the hand-written chunks' elementwise passes only if dynamo traces their forward
+    and backward whole; one untraceable op (e.g. ``out=`` into a strided slice) sends the chunk back to
+    eager (TTT-MLP, L 200 mbs 16 on CPU: 2.12x the official layer compiled with a break, 2.95x without)."""
+    torch.manual_seed(0)
+    m = KINDS[name](D, mini_batch_size=4, scan_chunk=8)  # chunks of 2 mini-batches, and a shorter last one
+    ex = torch._dynamo.explain(m)(torch.randn(2, 19, D))
+    assert ex.graph_break_count == 0, [b.reason[:200] for b in ex.break_reasons]
+
+
+def test_compiled_ttt_mlp_equals_eager():
+    """The compiled TTT-MLP (its chunks traced and fused by inductor) gives eager's outputs and gradients."""
+    torch.manual_seed(0)
+    m = _perturb(TTTMLP(D, mini_batch_size=4), scale=0.1)
+    x, gy = torch.randn(2, 11, D), torch.randn(2, 11, D)
+    ye, ge = _grads(m, x, gy)
+    torch._dynamo.reset()
+    yc, gc = _grads(torch.compile(m, dynamic=False), x, gy)
+    torch.testing.assert_close(yc, ye, rtol=1e-4, atol=1e-5)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
