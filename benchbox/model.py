@@ -41,7 +41,7 @@ def length_groups(lengths: torch.Tensor, width: int, min_positions: int = 0) -> 
     products only). In training with dropout, each group draws its own masks over its own positions (and
     the last block of ``encode_last`` over its last rows only), so a grouped run's random stream differs
     from an ungrouped one's: the same distribution, since padding's masks never touched a real position.
-    Being its own stream anyway, it draws them with ``keep_mask`` (four masks per 64-bit draw)."""
+    Being its own stream anyway, it draws them with ``dropout_mask`` (four masks per 64-bit draw)."""
     if (width < 4 or lengths.numel() < 2 * GROUP_MIN_ROWS or lengths.numel() * width < min_positions
             or lengths.device.type != "cpu" or torch.compiler.is_compiling()):
         return None
@@ -104,25 +104,22 @@ def per_group(fn, inputs: torch.Tensor, lengths: torch.Tensor, groups) -> torch.
     return _MergeGroups.apply(groups, shape, per_position, *outs)
 
 
-def keep_mask(shape, p: float, device=None) -> tuple[torch.Tensor, float]:
-    """A dropout keep-mask (bool) of ``shape`` and its scale, from 16-bit random lanes: four per 64-bit draw
+def dropout_mask(shape, p: float, dtype=torch.float32, device=None) -> torch.Tensor:
+    """A dropout mask of ``shape``: 0 or 1 / P(keep), from 16-bit random lanes, four per 64-bit draw,
     instead of torch CPU dropout's one float draw per element (``bernoulli_``: 10-18 ns an element, the
     largest cost of a long-window instance step). p is rounded to a multiple of 2^-16 (0.2 -> 0.199997)
-    and the scale is 1 / (1 - that p), so the output's expectation is still the input."""
+    and the scale is 1 / (1 - that p), so ``x * mask`` keeps x's expectation."""
     n = math.prod(shape)
     drop = round(p * 65536)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, 2 ** 63 - 1)
     keep = bits.view(torch.int16)[:n].view(shape) >= drop - 32768  # P(keep) = (65536 - drop) / 65536
-    return keep, 65536 / (65536 - drop)
-
-
-def apply_mask(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    """x * keep * scale in one pass, differentiable (the gradient is the same product)."""
-    return torch.ops.aten.native_dropout_backward(x, keep, scale)
+    # a float mask, scaled once: x * mask is one pass forward and one backward (a bool mask costs a
+    # conversion in each)
+    return keep.to(dtype).mul_(65536 / (65536 - drop))
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout; with ``fast_masks`` on, its masks come from ``keep_mask`` (the same distribution to
+    """nn.Dropout; with ``fast_masks`` on, its masks come from ``dropout_mask`` (the same distribution to
     2^-16 in p, another random stream). The Recommender turns it on for its length-grouped path only,
     whose draws differ from an ungrouped step's anyway; everything else keeps torch's dropout."""
     fast_masks = False
@@ -130,7 +127,7 @@ class Dropout(nn.Dropout):
     def forward(self, x):
         if not (self.fast_masks and self.training and self.p > 0):
             return super().forward(x)
-        return apply_mask(x, *keep_mask(x.shape, self.p, x.device))
+        return x * dropout_mask(x.shape, self.p, x.dtype, x.device)
 
 
 class Block(nn.Module):
@@ -187,7 +184,7 @@ class Block(nn.Module):
         if not self.training or p == 0:
             return y
         if len(mask_shape) == 2:  # the grouped path's own (B, D) masks
-            return apply_mask(y, *keep_mask(mask_shape, p, y.device))
+            return y * dropout_mask(mask_shape, p, y.dtype, y.device)
         # as torch's CPU dropout: a Bernoulli(1 - p) mask of the input's shape, divided by 1 - p, times input
         noise = y.new_empty(mask_shape).bernoulli_(1 - p)[rows]  # contiguous, as the Linear outputs it stands for
         return y * noise.div_(1 - p)  # divided after the read: the same values, B rows of work instead of B L
@@ -237,7 +234,7 @@ class Recommender(nn.Module):
 
     @contextlib.contextmanager
     def _fast_masks(self):
-        """Dropout masks from ``keep_mask`` while the length-grouped path runs (see ``Dropout``)."""
+        """Dropout masks from ``dropout_mask`` while the length-grouped path runs (see ``Dropout``)."""
         drops = [m for m in self.modules() if isinstance(m, Dropout)]
         for m in drops:
             m.fast_masks = True
