@@ -6,7 +6,7 @@ import torch
 
 import mixers
 from mixers.ttt import (TTTLinear, TTTMLP, _LinearChunks, _gelu_p, _gelu_pp, _gelu_t, _lnl2_bwd, _lnl2_fwd, gelu_tanh,
-                        ln_l2_grad, rope_fast, rope_reference, _rope_factors)
+                        ln_l2_grad, rope_fast, rope_real, rope_reference, _rope_factors)
 
 D = 8  # d_model; 2 heads of 4
 KINDS = {"ttt_linear": TTTLinear, "ttt_mlp": TTTMLP}
@@ -181,6 +181,13 @@ def test_rope_fast_equals_official_form():
     # position 0 is the identity, norms are kept
     torch.testing.assert_close(qr[:, 0], q[:, 0])
     torch.testing.assert_close(qr.norm(dim=-1), q.norm(dim=-1))
+    # the real-arithmetic form (what a compiled forward uses) is the same rotation
+    for dt, tol in ((torch.float64, 1e-15), (torch.float32, 1e-6)):
+        qx, kx = rope_real(q.to(dt), k.to(dt), _rope_factors(pos, 8, 10000.0, "cpu"))
+        qy, ky = rope_fast(q.to(dt), k.to(dt), _rope_factors(pos, 8, 10000.0, "cpu"))
+        assert qx.dtype == dt
+        torch.testing.assert_close(qx, qy, rtol=tol, atol=tol)
+        torch.testing.assert_close(kx, ky, rtol=tol, atol=tol)
 
 
 def test_ln_l2_grad_is_the_gradient():
