@@ -237,7 +237,7 @@ def test_dropout_mask_is_dropout_with_p_to_two_to_the_minus_16():
 
 
 def test_grouped_path_draws_fast_masks_and_turns_them_off():
-    """The length-grouped path's dropout uses keep_mask (not bernoulli_), and only while it runs."""
+    """The length-grouped path's dropout uses dropout_mask (not bernoulli_), and only while it runs."""
     from benchbox.model import Dropout
     torch.manual_seed(0)
     m = Recommender(100, "gru", d_model=8, max_len=20, dropout=0.2).train()
