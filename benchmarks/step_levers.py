@@ -18,8 +18,6 @@ takes them; 1 thread and the cpu clock by default, so that runs in the backgroun
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import statistics
 import sys
 import time
@@ -31,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchbox import BenchboxError  # noqa: E402
 from benchbox.config import make_config  # noqa: E402
 from benchbox.efficiency import CLOCK_HELP, CLOCKS, pick_clock  # noqa: E402
+from benchbox.results import append_rows  # noqa: E402
 from benchbox.tables import MODELS, _spec  # noqa: E402
 from benchbox.train import build_training, train_step  # noqa: E402
 
@@ -108,12 +107,7 @@ def main(argv=None):
         print(f"| {name} | {r1} | {row['step_ms']} | {rk} | {row['stacked_step_ms']} | {row['cost_ratio']}x | "
               f"{row['stacking_saves_at_most']:.0%} | {comp} |", flush=True)
     if a.out and rows:
-        new = not os.path.exists(a.out)
-        with open(a.out, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        append_rows(a.out, rows)  # locked, atomic, a new column extends the header
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ for runs of one thread each. ``--workers 2`` runs two points at a time (the mach
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -26,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchbox.results import append_rows  # noqa: E402
 STUDY_MODELS = ("DIN", "GRU4Rec", "SASRec", "ComiSA", "ComiDR", "TTT4Rec")
 
 CHILD = r"""
@@ -116,12 +117,7 @@ def main(argv=None):
     print(f"Table 1 ({len(points)} points x {a.seeds} seeds): {total:,.0f} CPU-s; on two 1-thread workers about "
           f"{total / 2 / 3600:.2f} h wall. Measured in {wall:.0f} s wall, {a.workers} worker(s).")
     if a.out:
-        new = not Path(a.out).exists()
-        with open(a.out, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        append_rows(a.out, rows)  # locked, atomic, a new column extends the header
 
 
 if __name__ == "__main__":
