@@ -245,14 +245,14 @@ def test_grouped_path_draws_fast_masks_and_turns_them_off():
     lengths = torch.tensor([1, 2, 3, 20] * 16)
     inputs = torch.randint(1, 100, (64, 20)) * (torch.arange(20)[None] < lengths[:, None])
     seen = []
-    real = Dropout.forward
-    Dropout.forward = lambda self, x: seen.append(self.fast_masks) or real(self, x)
+    real = Dropout._fast  # every Dropout call (forward, add, scaled) asks it which masks to draw
+    Dropout._fast = lambda self: seen.append(self.fast_masks) or real(self)
     try:
         m.encode_last(inputs, lengths)
         m.group_lengths = False
         m.encode_last(inputs, lengths)
     finally:
-        Dropout.forward = real
+        Dropout._fast = real
     assert seen and any(seen) and not seen[-1]
     assert not any(d.fast_masks for d in m.modules() if isinstance(d, Dropout))
 
@@ -267,3 +267,63 @@ def test_only_the_instance_regime_groups_its_rows(tmp_path):
     base = dict(mixer="gru", dataset=str(seqs), d_model=8, n_layers=1, threads=1)
     assert build_training(make_config(**base, regime="instances", window=20)).model.group_lengths is True
     assert build_training(make_config(**base)).model.group_lengths is False
+
+
+def test_dropout_add_and_scaled_are_dropout_of_the_same_masks():
+    """Dropout.add (x + dropout(y)) and Dropout.scaled (dropout(x * s)): torch's own dropout without fast
+    masks (the same random draws as before they existed, bitwise), and with them the fused forms equal the
+    unfused ones under the same mask draw (the random state reset between)."""
+    from benchbox.model import Dropout
+    d = Dropout(0.3).train()
+    x, y = torch.randn(64, 7, 16, dtype=torch.float64), torch.randn(64, 7, 16, dtype=torch.float64)
+    torch.manual_seed(1)
+    want = x + torch.nn.functional.dropout(y, 0.3)
+    torch.manual_seed(1)
+    assert torch.equal(d.add(x, y), want)
+    torch.manual_seed(2)
+    want = torch.nn.functional.dropout(y * 8.0, 0.3)
+    torch.manual_seed(2)
+    assert torch.equal(d.scaled(y, 8.0), want)
+    d.fast_masks = True
+    torch.manual_seed(3)
+    want = x + d(y)
+    torch.manual_seed(3)
+    got = d.add(x, y)
+    assert torch.allclose(got, want, rtol=0, atol=1e-14) and not torch.equal(got - x, y)  # dropped some
+    torch.manual_seed(4)
+    want = d(y) * 8.0
+    torch.manual_seed(4)
+    assert torch.allclose(d.scaled(y, 8.0), want, rtol=1e-15, atol=0)
+    yg = y.clone().requires_grad_()
+    torch.manual_seed(5)
+    d.add(x, yg).sum().backward()
+    torch.manual_seed(5)
+    assert torch.equal(yg.grad, d(torch.ones_like(y)))  # the gradient is the mask
+
+
+def test_rmsnorm_is_torchs_with_a_hand_written_backward():
+    """benchbox's RMSNorm: torch's forward values (bitwise in float32), gradients equal to torch's
+    composite ones in float64 (1e-12) and gradcheck-exact; torch's own path without grad."""
+    from benchbox.model import RMSNorm, _RMSNormFunction
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        ref, ours = torch.nn.RMSNorm(16, eps=1e-6, dtype=dtype), RMSNorm(16, eps=1e-6, dtype=dtype)
+        with torch.no_grad():
+            ref.weight.normal_()
+            ours.weight.copy_(ref.weight)
+        x = (torch.randn(5, 9, 16, dtype=dtype) * 3).requires_grad_()
+        g = torch.randn(5, 9, 16, dtype=dtype)
+        a, b = ref(x), ours(x)
+        assert b.grad_fn is not None and "RMSNormFunction" in type(b.grad_fn).__name__
+        assert torch.equal(a, b)
+        ga = torch.autograd.grad(a, (x, ref.weight), g)
+        gb = torch.autograd.grad(b, (x, ours.weight), g)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        for u, v in zip(ga, gb):
+            assert torch.allclose(u, v, rtol=tol, atol=tol)
+    x = torch.randn(3, 4, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-6), (x, w))
+    with torch.no_grad():
+        y = ours(x)
+        assert y.grad_fn is None and torch.equal(y, ref(x))
