@@ -58,6 +58,10 @@ class RunConfig:
     # instances only: torch.compile the training step's forward (and so its backward); evaluation stays eager.
     # An execution setting like threads: the same point, its numbers equal to float noise (train.compile_training)
     compile: bool = False
+    # dropout's random masks: "torch" = torch's dropout (its CPU bernoulli_, one float draw per element: 27% of
+    # a study-protocol SASRec step on CPU); "fast" = benchbox.model.dropout_mask everywhere (16-bit lanes, four
+    # per 64-bit draw): the same distribution from another random stream, so other numbers (a sensitivity row)
+    dropout_masks: str = "torch"
     download: bool = False
     sweep_id: str = ""
 
@@ -94,6 +98,8 @@ class RunConfig:
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be cpu, cuda or auto, got {self.device!r}"),
             (self.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {self.dtype!r}"),
+            (self.dropout_masks in DROPOUT_MASKS,
+             f"dropout_masks must be one of {', '.join(DROPOUT_MASKS)}, got {self.dropout_masks!r}"),
             (not self.compile or self.regime == "instances",
              "--compile applies to --regime instances (fixed batch shapes); the sequence regime's lengths vary "
              "by batch and would recompile"),
@@ -128,11 +134,12 @@ class RunConfig:
 # resume, Table 1, rerun), and a config read back without them gets that value (not today's default).
 LATER_OPTIONS = {"kcore": 0, "dedup": False, "columns": {}, "regime": "sequence", "window": None, "cover": "last",
                  "budget": "study", "protocol": "", "train_order": "shuffled", "train_negatives": "redrawn",
-                 "compile": False}
+                 "compile": False, "dropout_masks": "torch"}
 REGIMES = ("sequence", "instances")
 TRAIN_ORDERS = ("shuffled", "user")
 TRAIN_NEGATIVES = ("redrawn", "fixed")
 COVERS = ("windows", "last")
+DROPOUT_MASKS = ("torch", "fast")
 BUDGETS = ("study", "converged")
 CONVERGED = {"patience": 10, "epochs": 300}  # RecBole's and SASRec's practice
 # named presets: what `--protocol NAME` sets unless the option is given explicitly

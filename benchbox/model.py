@@ -121,8 +121,9 @@ def dropout_mask(shape, p: float, dtype=torch.float32, device=None, scale: float
 
 class Dropout(nn.Dropout):
     """nn.Dropout; with ``fast_masks`` on, its masks come from ``dropout_mask`` (the same distribution to
-    2^-16 in p, another random stream). The Recommender turns it on for its length-grouped path only,
-    whose draws differ from an ungrouped step's anyway; everything else keeps torch's dropout."""
+    2^-16 in p, another random stream). The Recommender turns it on for its length-grouped path, whose
+    draws differ from an ungrouped step's anyway, and everywhere with ``fast_dropout`` (the run option
+    ``dropout_masks="fast"``); otherwise torch's dropout, whose draws the stored rows were made with."""
     fast_masks = False
 
     def _fast(self):
@@ -274,6 +275,7 @@ class Recommender(nn.Module):
         # (length_groups); False: always the whole batch at once (the reference the tests hold it to)
         self.group_lengths = True
         self.group_min_positions = getattr(self.blocks[0].mixer, "group_min_positions", 0) if self.blocks else 0
+        self.fast_dropout = False
 
     # ---- features -------------------------------------------------------------------------
     def _groups(self, lengths, width):
@@ -287,6 +289,19 @@ class Recommender(nn.Module):
                 return per_group(self._encode, inputs, lengths, groups)
         return self._encode(inputs, lengths)
 
+    @property
+    def fast_dropout(self) -> bool:
+        """Every dropout mask from ``dropout_mask`` (the run option ``dropout_masks="fast"``), not only the
+        length-grouped path's: another random stream than torch's dropout, the same distribution."""
+        return self._fast_dropout
+
+    @fast_dropout.setter
+    def fast_dropout(self, on: bool):
+        self._fast_dropout = bool(on)
+        for m in self.modules():
+            if isinstance(m, Dropout):
+                m.fast_masks = self._fast_dropout
+
     @contextlib.contextmanager
     def _fast_masks(self):
         """Dropout masks from ``dropout_mask`` while the length-grouped path runs (see ``Dropout``)."""
@@ -297,7 +312,7 @@ class Recommender(nn.Module):
             yield
         finally:
             for m in drops:
-                m.fast_masks = False
+                m.fast_masks = self._fast_dropout
 
     def _encode(self, inputs, lengths):
         x = self.emb_drop.scaled(self.item_emb(inputs), self.emb_scale)
@@ -331,7 +346,7 @@ class Recommender(nn.Module):
         x = self.emb_drop.scaled(self.item_emb(inputs), self.emb_scale)
         for block in self.blocks[:-1]:
             x = block(x, lengths)
-        return self.norm(self.blocks[-1].forward_last(x, lengths, row_masks=grouped))
+        return self.norm(self.blocks[-1].forward_last(x, lengths, row_masks=grouped or self._fast_dropout))
 
     def item_features(self, ids: torch.Tensor) -> torch.Tensor:
         return self.target_mlp(self.item_emb(ids) * self.emb_scale)

@@ -106,7 +106,8 @@ SETTING_TITLES = {
 # settings that change what is trained but are not part of a regime's name: a row that moves one away from
 # its preset (or from the default) is a setting of its own (a sensitivity row), never averaged into the main one
 SENSITIVITY_KNOBS = ("train_order", "train_negatives", "train_neg", "eval_neg", "batch_size", "lr", "weight_decay",
-                     "dropout", "d_model", "n_layers", "ffn_mult", "max_len", "dtype", "epochs", "patience", "eval_seed")
+                     "dropout", "d_model", "n_layers", "ffn_mult", "max_len", "dtype", "epochs", "patience", "eval_seed",
+                     "dropout_masks")
 
 
 # sensitivity knobs that leave an epoch's work as it is (the order and negatives of the rows, step sizes,

@@ -145,6 +145,7 @@ def build_training(cfg: RunConfig) -> Training:
     # the sequence regime's loader already batches users of similar length (and grouping its few mixed
     # batches would change their dropout draws, hence the stored rows: ML-1M Mamba, 2 batches of 68)
     model.group_lengths = cfg.regime == "instances"
+    model.fast_dropout = cfg.dropout_masks == "fast"
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     if cfg.compile:
         compile_training(model)

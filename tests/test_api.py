@@ -202,3 +202,16 @@ def test_compiled_training_is_the_eager_run_to_float_noise(tmp_path):
     for k, v in eager.metrics.items():
         if isinstance(v, float):
             assert compiled.metrics[k] == pytest.approx(v, abs=1e-4), k
+
+
+def test_fast_dropout_masks_are_their_own_reproducible_setting(tmp_path):
+    """dropout_masks="fast": stored in the row's config (absent at "torch", as in rows made before it), the run
+    reproduced by rerun, other numbers than torch's masks from the same seed, and a setting of its own in
+    Table 1 (a sensitivity row, never averaged into the default one)."""
+    from benchbox.tables import setting_of
+    base = benchbox.run(mixer="attention", seed=1, results_dir=tmp_path, log=None, **TINY)
+    fast = benchbox.run(mixer="attention", seed=1, dropout_masks="fast", results_dir=tmp_path, log=None, **TINY)
+    assert "dropout_masks" not in base.row["config"] and '"dropout_masks": "fast"' in fast.row["config"]
+    assert fast.row["final_train_loss"] != base.row["final_train_loss"]
+    assert benchbox.rerun(fast.run_id, tmp_path, log=None).matches()
+    assert setting_of(json.loads(fast.row["config"])) == setting_of(json.loads(base.row["config"])) + ", dropout_masks fast"

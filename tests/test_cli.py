@@ -33,6 +33,7 @@ def _run(args, capsys):
     (["run", "--mixer", "gru", "--protocol", "duet"], "'duet' is not one of"),
     (["run", "--mixer", "gru", "--cover", "all"], "'all' is not one of"),
     (["run", "--mixer", "gru", "--compile"], "--compile applies to --regime instances"),
+    (["run", "--mixer", "gru", "--dropout-masks", "numpy"], "'numpy' is not one of"),
 ])
 def test_bad_input_is_one_line_exit_2_and_keeps_results(tmp_path, capsys, args, msg):
     rdir = tmp_path / "res"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from benchbox.model import Recommender, bce_loss
+from benchbox.model import Dropout, Recommender, bce_loss
 from benchbox.readouts import READOUTS
 from benchbox.evaluate import evaluate, metrics_from_ranks
 from benchbox import data
@@ -327,3 +327,29 @@ def test_rmsnorm_is_torchs_with_a_hand_written_backward():
     with torch.no_grad():
         y = ours(x)
         assert y.grad_fn is None and torch.equal(y, ref(x))
+
+
+def test_fast_dropout_draws_every_mask_from_dropout_mask():
+    """Recommender.fast_dropout (run option dropout_masks="fast"): no bernoulli_ anywhere in a training step
+    (the last block's (B, L, D) masks become (B, D) row masks), torch's dropout without it; the grouped
+    path's context hands the setting back as it found it."""
+    from torch.profiler import profile
+    torch.manual_seed(0)
+    m = Recommender(50, "attention", d_model=8, max_len=10, dropout=0.2).train()
+    m.group_lengths = False
+    lengths = torch.tensor([3, 10, 7, 1] * 4)
+    inputs = torch.randint(1, 50, (16, 10)) * (torch.arange(10)[None] < lengths[:, None])
+
+    def ops():
+        with profile() as p:
+            m.score_candidates(inputs, lengths, torch.randint(1, 50, (16, 5))).sum().backward()
+        return {e.key for e in p.key_averages()}
+    assert "aten::bernoulli_" in ops()
+    m.fast_dropout = True
+    seen = ops()
+    assert "aten::bernoulli_" not in seen and "aten::random_" in seen
+    with m._fast_masks():
+        pass
+    assert all(d.fast_masks for d in m.modules() if isinstance(d, Dropout))
+    m.fast_dropout = False
+    assert not any(d.fast_masks for d in m.modules() if isinstance(d, Dropout))
