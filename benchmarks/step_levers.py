@@ -1,5 +1,5 @@
-"""Two levers on the instance regime's small steps, measured per model: what stacking seeds could save,
-and what torch.compile saves.
+"""Three levers on the instance regime's small steps, measured per model: what stacking seeds could save,
+what torch.compile saves, and what ``--dropout-masks fast`` saves.
 
 - **Stacking bound.** Several seeds in one process (stacked parameters, ``torch.func``) would turn k steps
   of R rows into one step of k R rows. Its best case is therefore the step of k R rows against k steps
@@ -9,11 +9,16 @@ and what torch.compile saves.
   draws the eager random stream; the training forward, and so its backward through AOTAutograd). Reported
   with the largest difference of the training losses over the timed steps (the same batches both ways):
   float noise, or a changed result.
+- **Fast dropout masks** (``--dropout-masks fast``): every mask from ``benchbox.model.dropout_mask`` instead of
+  torch's ``bernoulli_``; another random stream, so other numbers (a sensitivity setting). Timed against the
+  default step in ``--pairs`` interleaved pairs (default then fast), the medians and the ratio of medians;
+  with ``--compile`` also fast masks and compile together.
 
 Every step is ``benchbox.train.train_step`` on batches of ``build_training``'s loader, as ``benchbox run``
 takes them; 1 thread and the cpu clock by default, so that runs in the background do not skew it.
 
     python benchmarks/step_levers.py --dataset beauty --out results/step_levers.csv
+    python benchmarks/step_levers.py --dataset ml-1m --no-stack --fast-masks --out results/step_levers.csv
 """
 from __future__ import annotations
 
@@ -65,7 +70,10 @@ def main(argv=None):
     p.add_argument("--stack", type=int, default=3, help="seeds a stacked step would hold")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--no-compile", action="store_true", help="measure the stacking bound only")
+    p.add_argument("--no-compile", action="store_true", help="no compiled steps")
+    p.add_argument("--no-stack", action="store_true", help="no stacking bound")
+    p.add_argument("--fast-masks", action="store_true", help="also time --dropout-masks fast (interleaved pairs)")
+    p.add_argument("--pairs", type=int, default=3, help="default / fast-mask pairs (with --fast-masks)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=list(CLOCKS), default="cpu", help=CLOCK_HELP)
     p.add_argument("--out", help="append the rows to this CSV")
@@ -81,8 +89,9 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     print(f"{a.dataset}, --protocol {a.protocol}, {a.threads} thread(s), {a.clock} clock, median of {a.steps} steps\n")
     print("| model | rows | step ms | rows x{0} | step ms | x{0} rows cost | stacking saves at most | compiled ms "
-          "| compile speed-up | max loss diff |".format(a.stack))
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| compile speed-up | max loss diff | fast masks ms | speed-up | fast masks + compile ms | speed-up |"
+          .format(a.stack))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name in names:
         mixer, readout, readout_opts = _spec(name)
@@ -92,10 +101,23 @@ def main(argv=None):
         t1, r1, loss1 = timed_steps(cfg, a.steps, a.warmup, clock)
         # the instance regime's batch_size counts study rows (1 + train_neg per target): stack the targets
         per_row = 1 + cfg.train_neg if cfg.regime == "instances" else 1
-        tk, rk, _ = timed_steps(make_config(**base, batch_size=r1 * a.stack * per_row), a.steps, a.warmup, clock)
-        row = dict(model=name, dataset=a.dataset, protocol=a.protocol, rows=r1, step_ms=round(t1 * 1e3, 2),
-                   stacked_rows=rk, stacked_step_ms=round(tk * 1e3, 2), cost_ratio=round(tk / t1, 2),
-                   stacking_saves_at_most=round(1 - tk / (a.stack * t1), 3))
+        row = dict(model=name, dataset=a.dataset, protocol=a.protocol, rows=r1, step_ms=round(t1 * 1e3, 2))
+        if not a.no_stack:
+            tk, rk, _ = timed_steps(make_config(**base, batch_size=r1 * a.stack * per_row), a.steps, a.warmup, clock)
+            row.update(stacked_rows=rk, stacked_step_ms=round(tk * 1e3, 2), cost_ratio=round(tk / t1, 2),
+                       stacking_saves_at_most=round(1 - tk / (a.stack * t1), 3))
+        if a.fast_masks:
+            plain, fast = [t1], []
+            for i in range(a.pairs):
+                if i:
+                    plain.append(timed_steps(cfg, a.steps, a.warmup, clock)[0])
+                fast.append(timed_steps(make_config(**base, dropout_masks="fast"), a.steps, a.warmup, clock)[0])
+            tp, tf = statistics.median(plain), statistics.median(fast)
+            row.update(step_ms=round(tp * 1e3, 2), fast_masks_step_ms=round(tf * 1e3, 2),
+                       fast_masks_speedup=round(tp / tf, 2), pairs=a.pairs)
+            if not a.no_compile:
+                tfc = timed_steps(make_config(**base, dropout_masks="fast", compile=True), a.steps, a.warmup, clock)[0]
+                row.update(fast_masks_compiled_step_ms=round(tfc * 1e3, 2), fast_masks_compiled_speedup=round(tp / tfc, 2))
         if not a.no_compile:
             tc, _, lossc = timed_steps(make_config(**base, compile=True), a.steps, a.warmup, clock)
             row.update(compiled_step_ms=round(tc * 1e3, 2), compile_speedup=round(t1 / tc, 2),
@@ -104,8 +126,12 @@ def main(argv=None):
         rows.append(row)
         comp = ("{compiled_step_ms} | {compile_speedup}x | {max_loss_diff:.1e}".format(**row) if not a.no_compile
                 else "- | - | -")
-        print(f"| {name} | {r1} | {row['step_ms']} | {rk} | {row['stacked_step_ms']} | {row['cost_ratio']}x | "
-              f"{row['stacking_saves_at_most']:.0%} | {comp} |", flush=True)
+        stack = ("{stacked_rows} | {stacked_step_ms} | {cost_ratio}x | {stacking_saves_at_most:.0%}".format(**row)
+                 if not a.no_stack else "- | - | - | -")
+        fast = ("{fast_masks_step_ms} | {fast_masks_speedup}x | ".format(**row) if a.fast_masks else "- | - | ")
+        fast += ("{fast_masks_compiled_step_ms} | {fast_masks_compiled_speedup}x".format(**row)
+                 if a.fast_masks and not a.no_compile else "- | -")
+        print(f"| {name} | {r1} | {row['step_ms']} | {stack} | {comp} | {fast} |", flush=True)
     if a.out and rows:
         append_rows(a.out, rows)  # locked, atomic, a new column extends the header
 
