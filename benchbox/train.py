@@ -29,7 +29,7 @@ from .model import Recommender, bce_loss
 from .paths import PROJECT_ROOT
 from .config import CONVERGED
 from .pipeline import InstanceLoader, TrainLoader, eval_batches, eval_candidates
-from .readouts import READOUTS
+from .readouts import READOUTS, LastReadout
 from .results import append_rows
 
 METRICS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10")
@@ -147,34 +147,41 @@ def build_training(cfg: RunConfig) -> Training:
     model.group_lengths = cfg.regime == "instances"
     model.fast_dropout = cfg.dropout_masks == "fast"
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    if cfg.compile:
-        compile_training(model)
     if cfg.regime == "instances":  # batch_size counts the study's rows: 1 positive + train_neg negatives each
         loader = InstanceLoader(data, read_len, max(1, cfg.batch_size // (1 + cfg.train_neg)), cfg.train_neg, cfg.seed,
                                 cfg.train_order, cfg.train_negatives)
     else:
         loader = TrainLoader(data, max_len, cfg.batch_size, cfg.train_neg, cfg.seed, cfg.cover)
+    if cfg.compile:
+        compile_training(model, grouped=bool(model.group_lengths and model.blocks
+                                             and loader.batch_size * read_len >= model.group_min_positions))
     return Training(data, model, opt, loader, dev, amp, max_len, read_len)
 
 
-def compile_training(model: Recommender) -> None:
-    """torch.compile the forward of the instance regime's training step (``score_candidates``), hence its
-    backward (AOTAutograd). Its batches have one shape (and a smaller last one): ``dynamic=False`` keeps
-    each a static graph. Under ``no_grad`` (evaluation, whose batch shapes vary) the eager method runs.
-    ``fallback_random``: dropout draws the eager random stream, so a compiled run sees the same masks as
-    an eager one and differs from it by summation order only (float noise). Compiled steps run whole
-    batches (length groups have data-dependent shapes): where the eager run groups its steps (from the
-    mixer's ``group_min_positions`` up, not the study protocol's), their dropout draws differ."""
-    model.group_lengths = False
+def compile_training(model: Recommender, grouped: bool = False) -> None:
+    """torch.compile the instance regime's training forward, hence its backward (AOTAutograd). Under
+    ``no_grad`` (evaluation, whose batch shapes vary) the eager methods run. ``fallback_random``: dropout
+    draws the eager random stream, so a compiled run sees the same masks as an eager one and differs from
+    it by summation order only (float noise).
+
+    Steps run whole (``grouped`` False: the study protocol's 204 rows x 10): the step's forward
+    (``score_candidates``) as one static graph per batch shape (``dynamic=False``; the epoch's last batch
+    is a second). Steps in length groups (``grouped``: the batch reaches the mixer's ``group_min_positions``,
+    e.g. RecBole's rows at window 50): the groups are formed eagerly and each group's encoder
+    (``_encode_last``) runs compiled with dynamic shapes (rows and length vary by group and step: one
+    graph, not one per shape); the same groups and masks as the eager grouped step."""
     import torch._inductor.config as inductor_config
     inductor_config.fallback_random = True
-    eager = model.score_candidates
-    compiled = torch.compile(eager, dynamic=False)
+    name = ("_encode_last" if isinstance(model.readout, LastReadout) else "_encode") if grouped else "score_candidates"
+    if not grouped:
+        model.group_lengths = False
+    eager = getattr(model, name)
+    compiled = torch.compile(eager, dynamic=grouped)
 
-    def score_candidates(*args, **kwargs):
+    def run(*args, **kwargs):
         return (compiled if torch.is_grad_enabled() else eager)(*args, **kwargs)
 
-    model.score_candidates = score_candidates
+    setattr(model, name, run)
 
 
 def train_step(model, opt, batch, dev, amp) -> float:

@@ -74,6 +74,9 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=1, help="RecBole epochs timed (each is minutes)")
     p.add_argument("--ours-epochs", type=int, default=3, help="epochs of the sequence-regime side")
     p.add_argument("--instance-epochs", type=int, default=1, help="epochs of the instance-regime side")
+    p.add_argument("--compile", action="store_true",
+                   help="also the instance regime with --compile (its first epoch compiles; the median leaves it out "
+                        "from 3 epochs up)")
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--rows", type=int, default=2048, help="training rows per step")
     a = p.parse_args(argv)
@@ -102,6 +105,9 @@ def main(argv=None):
              dict(regime="instances", window=a.max_len, batch_size=a.rows * 5, epochs=a.instance_epochs),
              "sequence, max_len %d (one causal pass per user)" % a.max_len:
              dict(regime="sequence", max_len=a.max_len, epochs=a.ours_epochs)}
+    if a.compile:
+        sides["instances, window %d, --compile" % a.max_len] = dict(
+            regime="instances", window=a.max_len, batch_size=a.rows * 5, epochs=a.instance_epochs, compile=True)
     for name, opts in sides.items():
         ours = benchbox.run(**common, **opts)
         s = sorted(c["epoch_seconds"] for c in ours.curves)[len(ours.curves) // 2]

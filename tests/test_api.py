@@ -215,3 +215,27 @@ def test_fast_dropout_masks_are_their_own_reproducible_setting(tmp_path):
     assert fast.row["final_train_loss"] != base.row["final_train_loss"]
     assert benchbox.rerun(fast.run_id, tmp_path, log=None).matches()
     assert setting_of(json.loads(fast.row["config"])) == setting_of(json.loads(base.row["config"])) + ", dropout_masks fast"
+
+
+def test_compiled_grouped_training_is_the_eager_grouped_run_to_float_noise(tmp_path, monkeypatch):
+    """--compile where the eager step runs in length groups (long windows): the groups are formed eagerly and
+    each group's encoder runs compiled with dynamic shapes, so the run keeps the eager run's groups and
+    dropout masks and agrees with it to float noise."""
+    from conftest import write_seqs
+    import benchbox.model as M
+    # lengths 3..42: at window 40 a batch spreads over several length groups
+    seqs = write_seqs(tmp_path / "s.txt", [[(u * 7 + i * 3) % 150 + 1 for i in range(5 + u % 38)] for u in range(48)])
+    opts = dict(mixer="attention", dataset=str(seqs), regime="instances", window=40, epochs=2, d_model=8,
+                n_layers=2, batch_size=5 * 256, results_dir=None, log=None, threads=1)
+    calls = []
+    real = M.per_group
+    monkeypatch.setattr(M, "per_group", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
+    from torch._dynamo.utils import counters
+    eager = benchbox.run(**opts)
+    n_eager, graphs = len(calls), counters["stats"]["unique_graphs"]
+    compiled = benchbox.run(**opts, compile=True)
+    assert n_eager and len(calls) == 2 * n_eager and min(calls) >= 2  # grouped steps both ways
+    assert counters["stats"]["unique_graphs"] > graphs  # the groups did run compiled
+    for e, c in zip(eager.curves, compiled.curves):
+        assert c["train_loss"] == pytest.approx(e["train_loss"], abs=1e-5) and c["test_ndcg@10"] == pytest.approx(
+            e["test_ndcg@10"], abs=1e-4)
