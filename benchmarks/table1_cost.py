@@ -12,6 +12,7 @@ for runs of one thread each. ``--workers 2`` runs two points at a time (the mach
 
     python benchmarks/table1_cost.py --protocol study --workers 2 --out results/table1_cost.csv
     python benchmarks/table1_cost.py --regime sequence --workers 2 --out results/table1_cost.csv
+    python benchmarks/table1_cost.py --protocol study --workers 2 --set dropout_masks=fast   # a run option for all
 """
 from __future__ import annotations
 
@@ -76,16 +77,24 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--data-dir", default=os.environ.get("BENCHBOX_DATA", str(ROOT.parent / "shared" / "data")))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another run option for every point, e.g. dropout_masks=fast (stored in the rows' settings)")
     p.add_argument("--out", help="append one row per point to this CSV")
     a = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    from benchbox import BenchboxError
+    from benchbox.config import parse_opts
     from benchbox.tables import MODELS
+    try:
+        extra = parse_opts(a.set, numbers=True)
+    except BenchboxError as e:
+        p.error(str(e))
     points = []
     for ds in a.datasets.split(","):
         for name in a.models.split(","):
             mixer, readout, *ro = MODELS[name]
             run = dict(mixer=mixer, readout=readout, readout_opts=ro[0] if ro else {}, dataset=ds,
-                       data_dir=a.data_dir, epochs=a.epochs, threads=1, seed=0)
+                       data_dir=a.data_dir, epochs=a.epochs, threads=1, seed=0, **extra)
             if a.protocol:
                 run["protocol"] = a.protocol
             else:
@@ -113,7 +122,8 @@ def main(argv=None):
                          else "instances", dataset=pt["dataset"], model=pt["model"], steps_per_epoch=r["steps_per_epoch"],
                          train_cpu_s_per_epoch=round(train_ep, 2), eval_cpu_s_per_epoch=round(eval_ep, 2),
                          budget_epochs=pt["budget_epochs"], seeds=a.seeds, table_cpu_s=round(cost, 1),
-                         device=r["device"], workers=a.workers, git_commit=commit))
+                         device=r["device"], workers=a.workers, git_commit=commit,
+                         settings=" ".join(f"{k}={v}" for k, v in extra.items())))
     print(f"Table 1 ({len(points)} points x {a.seeds} seeds): {total:,.0f} CPU-s; on two 1-thread workers about "
           f"{total / 2 / 3600:.2f} h wall. Measured in {wall:.0f} s wall, {a.workers} worker(s).")
     if a.out:
