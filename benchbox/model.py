@@ -31,7 +31,8 @@ def length_groups(lengths: torch.Tensor, width: int, min_positions: int = 0) -> 
     one group, too little padding to save, fewer than ``min_positions`` padded positions in the batch
     (each group is one more call of every layer: a small batch pays more in calls than it saves; the
     mixer's ``group_min_positions``), lengths on an accelerator (reading them would wait for the device)
-    or under torch.compile (data-dependent shapes).
+    or inside a compiled graph (data-dependent shapes; ``--compile`` forms the groups eagerly and compiles
+    each group's encoder, see train.compile_training).
 
     Why: the instance regime's shuffled rows are padded to the batch's longest window. On Amazon Beauty
     a window of 50 is 16% real items and a window of 10 is 51%; every layer computes the padding, and

@@ -259,7 +259,8 @@ def test_grouped_path_draws_fast_masks_and_turns_them_off():
 
 def test_only_the_instance_regime_groups_its_rows(tmp_path):
     """The sequence regime's loader batches users of similar length already; grouping is for the instance
-    regime's shuffled rows, and never for a compiled step (data-dependent shapes)."""
+    regime's shuffled rows. Inside a compiled graph the groups are never formed (data-dependent shapes): a
+    compiled grouped step forms them eagerly and compiles each group's encoder (train.compile_training)."""
     from conftest import write_seqs
     from benchbox.config import make_config
     from benchbox.train import build_training
