@@ -8,7 +8,6 @@ score = F_s . F_t, click probability = sigmoid(score).
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 import torch
@@ -204,13 +203,14 @@ class Block(nn.Module):
     def forward(self, x, lengths=None):
         return self._ffn(self.drop.add(x, self.mixer(self.norm1(x), lengths)))
 
-    def forward_last(self, x, lengths, row_masks: bool = False):
+    def forward_last(self, x, lengths):
         """(B, L, D) -> (B, D): ``forward`` at each row's last real position, computing only that row of
         the mixer output, the residuals and the FFN. Dropout draws its masks over the whole (B, L, D), as
-        ``forward`` does, and keeps their last rows: the same draws, so the same training run.
-        ``row_masks``: draw (B, D) masks for those rows only (the same distribution, other draws; the
-        length-grouped path, whose draws differ from the whole batch's anyway)."""
+        ``forward`` does, and keeps their last rows: the same draws, so the same training run. With fast
+        masks (the length-grouped path, ``Recommender.fast_dropout``: their own random stream anyway) it
+        draws (B, D) masks for those rows only (the same distribution)."""
         rows = (torch.arange(x.shape[0], device=x.device), lengths - 1)
+        row_masks = self.drop.fast_masks
         mask_shape = (x.shape[0], x.shape[2]) if row_masks else x.shape
         h = self.norm1(x)
         if type(self.mixer).forward_last is mixers.Mixer.forward_last:
@@ -236,12 +236,12 @@ class Block(nn.Module):
     def _add_dropped_rows(self, base, y, mask_shape, rows):
         """base + dropout of the rows ``rows`` of a (B, L, D) output, y (B, D): a mask of ``mask_shape``
         (B, L, D) read at those rows, as torch's CPU dropout draws it for the whole output; or a (B, D)
-        mask (the grouped path's own), added in one fused pass."""
+        mask (with fast masks), added in one fused pass."""
         p = self.drop.p
         if not self.training or p == 0:
             return base + y
         if len(mask_shape) == 2:
-            return torch.addcmul(base, y, dropout_mask(mask_shape, p, y.dtype, y.device))
+            return self.drop.add(base, y)
         # as torch's CPU dropout: a Bernoulli(1 - p) mask of the input's shape, divided by 1 - p, times input
         noise = y.new_empty(mask_shape).bernoulli_(1 - p)[rows]  # contiguous, as the Linear outputs it stands for
         return base + y * noise.div_(1 - p)  # divided after the read: the same values, B rows of work instead of B L
@@ -340,14 +340,14 @@ class Recommender(nn.Module):
         groups = self._groups(lengths, inputs.shape[1])
         if groups is not None:
             with self._fast_masks():
-                return per_group(functools.partial(self._encode_last, grouped=True), inputs, lengths, groups)
+                return per_group(self._encode_last, inputs, lengths, groups)
         return self._encode_last(inputs, lengths)
 
-    def _encode_last(self, inputs, lengths, grouped: bool = False):
+    def _encode_last(self, inputs, lengths):
         x = self.emb_drop.scaled(self.item_emb(inputs), self.emb_scale)
         for block in self.blocks[:-1]:
             x = block(x, lengths)
-        return self.norm(self.blocks[-1].forward_last(x, lengths, row_masks=grouped or self._fast_dropout))
+        return self.norm(self.blocks[-1].forward_last(x, lengths))
 
     def item_features(self, ids: torch.Tensor) -> torch.Tensor:
         return self.target_mlp(self.item_emb(ids) * self.emb_scale)

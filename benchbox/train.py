@@ -168,7 +168,7 @@ def compile_training(model: Recommender, grouped: bool = False) -> None:
     (``score_candidates``) as one static graph per batch shape (``dynamic=False``; the epoch's last batch
     is a second). Steps in length groups (``grouped``: the batch reaches the mixer's ``group_min_positions``,
     e.g. RecBole's rows at window 50): the groups are formed eagerly and each group's encoder
-    (``_encode_last``) runs compiled with dynamic shapes (rows and length vary by group and step: one
+    (``_encode_last``; ``_encode`` under a readout of every position) runs compiled with dynamic shapes (rows and length vary by group and step: one
     graph, not one per shape); the same groups and masks as the eager grouped step."""
     import torch._inductor.config as inductor_config
     inductor_config.fallback_random = True
