@@ -295,6 +295,8 @@ class ComiRecDRReadout(_MultiInterestReadout):
         causal (one target: evaluation, the instance regime): ``interests_reference``. Tests hold the
         two together in float64."""
         if not causal:
+            if self.bilinear == "shared":
+                return self._interests_last_shared(h, lengths)
             return self.interests_reference(h, lengths, causal)
         s = h.shape[1]
         u = self._u(h)
@@ -307,6 +309,34 @@ class ComiRecDRReadout(_MultiInterestReadout):
             v = _squash(torch.einsum("bkts,bskd->btkd", c, u if it == self.iters - 1 else u_fixed))  # (B,T,K,D)
             if it < self.iters - 1:
                 step = torch.einsum("bskd,btkd->bkts", u_fixed, v.detach())
+                logits = step if logits is None else logits + step
+        return v
+
+    def _interests_last_shared(self, h, lengths):
+        """One set of interests (evaluation, the instance regime) with the shared map, without u_hat.
+        With one W_k for every position, sum_s c_sk (W_k h_s) = W_k (sum_s c_sk h_s) and
+        u_hat_sk . v_k = h_s . (W_k^T v_k): the routing pools the (B, S, D) features and maps the K
+        pooled vectors, instead of mapping every item to K capsule inputs ((B, S, K, D), the step's
+        largest product in the study protocol). The logits are laid out (B, K, S); the first
+        iteration's couplings are 1/K exactly. Only the last iteration carries gradients, as in
+        ``interests_reference`` (held to it in float64 by the tests)."""
+        s = h.shape[1]
+        x = h * self.input_scale if self.input_scale != 1.0 else h
+        x_fixed, w_fixed = x.detach(), self.w[0].detach()  # (B, S, D), (K, E, D)
+        valid = (torch.arange(s, device=h.device)[None, :] < lengths[:, None]).to(h.dtype)[:, None]  # (B,1,S)
+        logits = None
+        for it in range(self.iters):
+            last = it == self.iters - 1
+            xs, w = (x, self.w[0]) if last else (x_fixed, w_fixed)
+            if logits is None:  # couplings 1/K for every capsule: one pooled vector, K maps
+                pooled = (valid @ xs) * (1.0 / self.k)  # (B, 1, D)
+                v = _squash(torch.einsum("bd,ked->bke", pooled[:, 0], w))  # (B, K, E)
+            else:
+                c = torch.softmax(logits, dim=1) * valid  # (B, K, S), over capsules
+                v = _squash(torch.einsum("bkd,ked->bke", c @ xs, w))
+            if not last:
+                y = torch.einsum("bke,ked->bkd", v, w_fixed)  # W_k^T v_k: (B, K, D)
+                step = y @ x_fixed.transpose(1, 2)  # (B, K, S)
                 logits = step if logits is None else logits + step
         return v
 

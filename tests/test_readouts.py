@@ -218,3 +218,23 @@ def test_comirec_dr_causal_routing_equals_the_reference_layout(opts):
     valid = torch.arange(12)[None] < lengths[:, None]
     torch.testing.assert_close(got[valid], ref[valid], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("opts", [{}, {"inputs": "unit", "num_interests": 3}, {"iterations": 1}])
+def test_comirec_dr_last_position_routing_equals_the_reference(opts):
+    """One set of interests with the shared map (evaluation, the instance regime): routing on pooled
+    features against ComiRec-DR's own routing on the (B, S, K, D) capsule inputs, float64: interests
+    and the gradients to the features and to the map."""
+    torch.manual_seed(1)
+    r = build_readout("comirec_dr", D, max_len=12, **opts).double()
+    h = torch.randn(5, 12, D, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([12, 7, 1, 3, 12])
+    weights = torch.randn(5, r.k, D, dtype=torch.float64)
+    got = r.interests(h, lengths, causal=False)
+    ref = r.interests_reference(h, lengths, causal=False)
+    assert got.shape == ref.shape == (5, r.k, D)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    g_fast = torch.autograd.grad((got * weights).sum(), [h, r.w])
+    g_ref = torch.autograd.grad((ref * weights).sum(), [h, r.w])
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
