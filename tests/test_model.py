@@ -354,3 +354,45 @@ def test_fast_dropout_draws_every_mask_from_dropout_mask():
     assert all(d.fast_masks for d in m.modules() if isinstance(d, Dropout))
     m.fast_dropout = False
     assert not any(d.fast_masks for d in m.modules() if isinstance(d, Dropout))
+
+
+@pytest.mark.parametrize("readout", ["last", "comirec_dr"])
+def test_one_gather_for_inputs_and_candidates_equals_two(readout):
+    """score_candidates and train_logits gather the inputs' and the candidates' embeddings in one lookup
+    (one dense table gradient a step): float64, the same logits and gradients as two lookups (encode of the
+    inputs, item_features of the candidates)."""
+    from benchbox.readouts import candidate_dot
+    torch.manual_seed(0)
+    n_items, B, L = 500, 6, 9
+    m = Recommender(n_items, "none" if readout != "last" else "attention", d_model=16, max_len=L, dropout=0.0,
+                    readout=readout).double().train()
+    m.group_lengths = False
+    lengths = torch.tensor([9, 4, 1, 9, 6, 2])
+    inputs = torch.randint(1, n_items + 1, (B, L)) * (torch.arange(L)[None] < lengths[:, None])
+    cand = torch.randint(1, n_items + 1, (B, 5))
+    targets = torch.randint(1, n_items + 1, (B, L)) * (inputs > 0)
+    negatives = torch.randint(1, n_items + 1, (B, L, 4))
+    assert cand.numel() <= n_items + 1 and targets.numel() * 5 <= n_items + 1  # the one-gather path
+
+    def grads(loss):
+        m.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    got = m.score_candidates(inputs, lengths, cand)
+    g_got = grads(bce_loss(got))
+    if readout == "last":
+        ref = candidate_dot(m.item_features(cand), m.encode_last(inputs, lengths))
+    else:
+        ref = m.readout.scores(m.encode(inputs, lengths), lengths, m.item_features(cand))
+    g_ref = grads(bce_loss(ref))
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    got = m.train_logits(inputs, lengths, targets, negatives)
+    g_got += grads(bce_loss(got, targets))
+    ids = torch.cat([targets[..., None], negatives], -1)
+    ref = m.readout.train_scores(m.encode(inputs, lengths), lengths, m.item_features(ids))
+    g_ref += grads(bce_loss(ref, targets))
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert len(g_got) == len(g_ref)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
