@@ -347,6 +347,30 @@ def _lnl2_vjp(a, z, G, xh, mean, rstd, gxl, m2, gam2):
     return dz, dgxl
 
 
+class _LNL2Grad(torch.autograd.Function):
+    """G = ln_l2_grad(z) over contiguous rows (gam2 = gamma^2 and gt = gamma (target - beta) broadcast to
+    z), with the VJP of ``_lnl2_vjp`` (native LN backward for the bulk): autograd of ``ln_l2_grad`` records
+    ~12 elementwise passes forward and ~25 backward. ``ln_l2_grad`` is the reference."""
+
+    @staticmethod
+    def forward(ctx, z, gam2, gt):
+        z = z.contiguous()
+        xh, mean, rstd, gxl = _lnl2_stats(z, gam2, gt)
+        G = _lnl2_from_stats(xh, rstd, gxl)
+        ctx.save_for_backward(z, G, xh, mean, rstd, gxl, gam2)
+        ctx.gt_shape = gt.shape
+        return G
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, a):
+        z, G, xh, mean, rstd, gxl, gam2 = ctx.saved_tensors
+        m2 = (gxl * xh).mean(-1, keepdim=True)
+        dz, dgxl = _lnl2_vjp(a.contiguous(), z, G, xh, mean, rstd, gxl, m2, gam2)
+        dgam2 = (xh * dgxl).sum_to_size(gam2.shape)
+        return dz, dgam2, dgxl.neg().sum_to_size(ctx.gt_shape)
+
+
 def _acc_bmm_(out, a, b, alpha=1.0):
     """out += alpha * a @ b in place; strided outputs (row slices) go through a temporary, since an in-place
     baddbmm_ into a non-contiguous tensor falls back to one small matmul per batch entry."""
@@ -1024,19 +1048,25 @@ class _TTTBase(Mixer):
         if not self._cheap_last(x):
             return super().forward_last(x, lengths)
         h, q, k, v, eta, _ = self._prepare(x, 0, None, False)
-        dt = q.dtype
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
-        gam, bet = (t.to(dt)[None, :, None, :] for t in (self.ttt_norm_weight, self.ttt_norm_bias))
-        W, b = self.W1.to(dt), self.b1.to(dt)
-        G = ln_l2_grad(k @ W + b, gam, gam * (v - k - bet))  # (B, H, L, D)
+        dt, H = q.dtype, self.num_heads
+        # head-major (H, B, L, D), contiguous: the weights shared by every row multiply one (B L, D) block
+        # per head (``x @ W`` over (B, H, L, D) would copy W per row, and its gradient would be B H small
+        # products summed), and the inner LN's hand-written VJP reads contiguous rows
+        q, k, v = (t.permute(2, 0, 1, 3).contiguous() for t in (q, k, v))
+        gam, bet = (t.to(dt)[:, None, None, :] for t in (self.ttt_norm_weight, self.ttt_norm_bias))
+        W, b = self.W1.to(dt), self.b1.to(dt)[:, None]  # (H, D, D), (H, 1, 1, D)
+        D = W.shape[-1]
+        Zk = torch.bmm(k.view(H, B * L, D), W).view(H, B, L, D) + b
+        G = _LNL2Grad.apply(Zk, gam * gam, gam * (v - k - bet))  # (H, B, L, D)
         rows, last = torch.arange(B, device=x.device), lengths - 1
-        ql = q[rows, :, last].unsqueeze(2)  # (B, H, 1, D)
+        ql = q[:, rows, last].unsqueeze(2)  # (H, B, 1, D)
         # coefficient of key s for the query at t = last: tok[t] * eta[s] for s <= t
         visible = torch.arange(L, device=x.device)[None, :] <= last[:, None]  # (B, L)
-        coef = (self._token_factors().to(dt)[last][:, None, None] * eta.transpose(1, 2) * visible[:, None, :]).unsqueeze(2)
-        P = (ql @ k.transpose(-1, -2) + 1.0) * coef  # (B, H, 1, L)
-        z = ql + ttt_layer_norm(ql @ W + b - P @ G, gam, bet)
-        return self._finish(h[rows, last].unsqueeze(1), z.transpose(1, 2)).squeeze(1)
+        coef = (self._token_factors().to(dt)[last][:, None] * visible * eta.permute(2, 0, 1)).unsqueeze(2)
+        P = (ql @ k.transpose(-1, -2) + 1.0) * coef  # (H, B, 1, L)
+        zq = torch.bmm(ql.view(H, B, D), W).view(H, B, 1, D) + b
+        z = ql + ttt_layer_norm(zq - P @ G, gam, bet)  # (H, B, 1, D)
+        return self._finish(h[rows, last].unsqueeze(1), z.permute(1, 2, 0, 3)).squeeze(1)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> dict[str, Any]:
         dtype = dtype or self.W1.dtype

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mixers
-from mixers.ttt import (TTTLinear, TTTMLP, _LinearChunks, _gelu_p, _gelu_pp, _gelu_t, _lnl2_bwd, _lnl2_fwd, gelu_tanh,
+from mixers.ttt import (TTTLinear, TTTMLP, _LinearChunks, _LNL2Grad, _gelu_p, _gelu_pp, _gelu_t, _lnl2_bwd, _lnl2_fwd, gelu_tanh,
                         ln_l2_grad, rope_fast, rope_real, rope_reference, _rope_factors)
 
 D = 8  # d_model; 2 heads of 4
@@ -207,6 +207,37 @@ def test_ln_l2_grad_is_the_gradient():
     torch.testing.assert_close(dz, auto[0])
     torch.testing.assert_close(dgt.sum((0, 1)), auto[1])
     torch.testing.assert_close(dg2.sum((0, 1)), auto[2])
+
+
+def test_lnl2_grad_function_is_the_gradient():
+    """The hand-written VJP of G = ln_l2_grad(z) that TTT-Linear's forward_last uses, with gamma^2 and gt
+    broadcast over rows as there ((H, 1, 1, D) and (H, B, L, D))."""
+    torch.manual_seed(0)
+    z = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    gam2 = (torch.rand(2, 1, 1, 5, dtype=torch.float64) + 0.5).requires_grad_(True)
+    gt = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(_LNL2Grad.apply(z, gam2, gt), ln_l2_grad_sq(z, gam2, gt), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(_LNL2Grad.apply, (z, gam2, gt))
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_forward_last_equals_forward_read_at_the_last_row(config):
+    """TTT-Linear's one-mini-batch forward_last (the instance regime's last block) against the full forward
+    read at lengths - 1: outputs and every gradient, float64, lengths 1..L, both inside one mini-batch."""
+    torch.manual_seed(1)
+    m = _perturb(TTTLinear(D, mini_batch_size=16, **CONFIGS[config]).double())
+    x = torch.randn(6, 10, D, dtype=torch.float64)
+    lengths = torch.tensor([10, 1, 4, 7, 9, 2])
+    gy = torch.randn(6, D, dtype=torch.float64)
+    got = []
+    for last_only in (True, False):
+        xx = x.clone().requires_grad_(True)
+        y = m.forward_last(xx, lengths) if last_only else m(xx)[torch.arange(6), lengths - 1]
+        got.append((y.detach(),) + torch.autograd.grad((y * gy).sum(), [xx] + list(m.parameters()),
+                                                        allow_unused=True, materialize_grads=True))
+    names = ["output", "input"] + [n for n, _ in m.named_parameters()]
+    for n, a, b in zip(names, *got):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda s, n=n: f"{n}: {s}")
 
 
 @pytest.mark.parametrize("shared", [False, True])
