@@ -141,7 +141,10 @@ def test_import_benchbox_is_light():
 runner = CliRunner()
 
 
-def test_typer_help_and_completion():
+def test_typer_help_and_completion(monkeypatch):
+    # the shell named explicitly (typer's own test switch): by default --show-completion detects the
+    # parent shell, which a detached process (nohup, some CI runners) does not have
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     r = runner.invoke(cli.app, ["--help"])
     assert r.exit_code == 0
     for command in ("run", "rerun", "datasets", "mixers", "bench", "sweep", "table", "report", "plot"):
