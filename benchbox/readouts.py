@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -66,6 +67,24 @@ def _causal_mask(t: int, s: int, device, t0: int = 0) -> torch.Tensor:
     return torch.arange(s, device=device)[None, :] <= torch.arange(t0, t0 + t, device=device)[:, None]
 
 
+class _PReLURows(torch.autograd.Function):
+    """nn.PReLU on rows (N, C) with its per-channel slopes a (C,): torch's forward, and a backward in plain
+    passes. torch's CPU ``_prelu_kernel_backward`` took 1.5 ms of a 10 ms DIN step (ML-1M, study protocol:
+    (10200, 36)); this one 1.9x less alone. The same values: slope 1 where x > 0, else a (x = 0 included)."""
+
+    @staticmethod
+    def forward(ctx, x, a):
+        ctx.save_for_backward(x, a)
+        return F.prelu(x, a)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, a = ctx.saved_tensors
+        slope = x.sign().clamp_(min=0).mul_(1 - a).add_(a)  # sign: 1 for x > 0, 0 at x = 0, -1 below
+        return g * slope, (g * x.clamp(max=0)).sum(0)
+
+
 class DINReadout(nn.Module):
     """DIN (Zhou et al. 2018): target attention. For a candidate c and each history item s, an
     activation unit MLP on [e_s, e_c, e_s - e_c, e_s * e_c] gives an UNNORMALISED weight (no softmax),
@@ -94,7 +113,7 @@ class DINReadout(nn.Module):
     def _pool_from_activations(self, z, h, lengths, causal: bool, t0: int):
         """z: (B,T,C,S,H) first-layer activations -> pooled interests (B,T,C,D); padding (and, if
         causal, history after target position t0 + t) weighs 0."""
-        w = self.w(self.act(z.flatten(0, -2)).view_as(z)).squeeze(-1)  # (B,T,C,S)
+        w = self.w(_PReLURows.apply(z.flatten(0, -2), self.act.weight).view_as(z)).squeeze(-1)  # (B,T,C,S)
         t, s = z.shape[1], z.shape[3]
         valid = torch.arange(s, device=h.device)[None, :] < lengths[:, None]  # (B,S)
         mask = valid[:, None, None, :]

@@ -238,3 +238,23 @@ def test_comirec_dr_last_position_routing_equals_the_reference(opts):
     g_ref = torch.autograd.grad((ref * weights).sum(), [h, r.w])
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_din_prelu_backward_is_torchs():
+    """DIN's PReLU with a hand-written backward: torch's values and gradients (float64, with exact zeros,
+    where torch takes the slope a), and gradcheck."""
+    from benchbox.readouts import _PReLURows
+    torch.manual_seed(0)
+    x = torch.randn(40, 6, dtype=torch.float64)
+    x[::7, 2] = 0.0
+    a = torch.rand(6, dtype=torch.float64)
+    g = torch.randn(40, 6, dtype=torch.float64)
+    got, ref = [], []
+    for fn, out in ((_PReLURows.apply, got), (torch.nn.functional.prelu, ref)):
+        xx, aa = x.clone().requires_grad_(True), a.clone().requires_grad_(True)
+        y = fn(xx, aa)
+        out += [y.detach(), *torch.autograd.grad((y * g).sum(), [xx, aa])]
+    for u, v in zip(got, ref):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(_PReLURows.apply, (torch.randn(9, 4, dtype=torch.float64, requires_grad=True),
+                                                       torch.rand(4, dtype=torch.float64, requires_grad=True)))
