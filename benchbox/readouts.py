@@ -99,7 +99,7 @@ class DINReadout(nn.Module):
         self.p = nn.Linear(d_model, hidden)
         self.q = nn.Linear(d_model, hidden, bias=False)
         self.r = nn.Parameter(torch.randn(hidden, d_model) * d_model ** -0.5)
-        self.act = nn.PReLU(hidden)
+        self.act = nn.PReLU(hidden)  # holds the slopes (state dict key act.weight); applied by _PReLURows
         self.w = nn.Linear(hidden, 1)
         self.out = nn.Linear(d_model, d_model)
 
