@@ -156,6 +156,24 @@ def test_comirec_sa_prefix_softmax_equals_masked_softmax():
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)
 
 
+def test_comirec_sa_logits_without_tanh_equal_the_plain_form():
+    """ComiRec-SA's CPU logits, (2 W2) sigmoid((2 W1) x) - W2 1, are W2 tanh(W1 x): values and every
+    gradient in float64, and to float32 noise in float32 (its training dtype)."""
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+        r = build_readout("comirec_sa", D, max_len=32).to(dtype)
+        with torch.no_grad():
+            r.w1.weight.mul_(8.0)  # pre-activations over +-5: both tails of tanh, not only its linear part
+        h = torch.randn(3, 20, D, dtype=dtype, requires_grad=True)
+        fast, ref = r._logits(h), r.logits_reference(h)
+        assert fast.shape == ref.shape == (3, 20, 4)
+        torch.testing.assert_close(fast, ref, rtol=0, atol=tol * ref.abs().max().item())
+        w = torch.randn_like(ref)
+        params = [h, r.w1.weight, r.w2.weight, r.pos]
+        for a, b in zip(torch.autograd.grad((fast * w).sum(), params), torch.autograd.grad((ref * w).sum(), params)):
+            torch.testing.assert_close(a, b, rtol=0, atol=tol * b.abs().max().item())
+
+
 def test_din_batched_matmul_form_equals_the_einsum_reference():
     """DIN's scores run as one baddbmm (_pool_chunk); _pool's plain einsum is the reference: the same
     scores and gradients, for training (causal, every position) and evaluation (the last position)."""
