@@ -58,8 +58,9 @@ class RunConfig:
     # instances only: torch.compile the training step's forward (and so its backward); evaluation stays eager.
     # An execution setting like threads: the same point, its numbers equal to float noise (train.compile_training)
     compile: bool = False
-    # dropout's random masks: "torch" = torch's dropout (its CPU bernoulli_, one float draw per element: 27% of
-    # a study-protocol SASRec step on CPU); "fast" = benchbox.model.dropout_mask everywhere (16-bit lanes, four
+    # dropout's random masks: "torch" = torch's dropout draws (its CPU bernoulli_, one float draw per element:
+    # 27% of a study-protocol SASRec step on CPU; drawn bit for bit as float64 uniform_ where that is the same
+    # stream, benchbox.model.torch_dropout_noise); "fast" = benchbox.model.dropout_mask everywhere (16-bit lanes, four
     # per 64-bit draw): the same distribution from another random stream, so other numbers (a sensitivity row)
     dropout_masks: str = "torch"
     download: bool = False

@@ -8,6 +8,7 @@ score = F_s . F_t, click probability = sigmoid(score).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -142,6 +143,40 @@ def dropout_mask(shape, p: float, dtype=torch.float32, device=None, scale: float
     return keep.to(dtype).mul_(scale * 65536 / (65536 - drop))
 
 
+@functools.cache
+def _uniform_is_bernoulli() -> bool:
+    """Whether this torch's CPU ``bernoulli_(q)`` is float64 ``uniform_`` compared with q: the same generator
+    calls in the same order (its plain kernel; a vendor library's kernel draws otherwise). Checked on
+    private generators, with a q that tells a float64 comparison from a float32 one, and on the generators'
+    states after the draws (what is drawn next must be the same too)."""
+    n = 257
+    u = torch.empty(n, dtype=torch.float64).uniform_(generator=torch.Generator().manual_seed(7))
+    i = next((i for i in range(n) if float(u[i].float()) < u[i].item()), None)
+    if i is None:
+        return False
+    q = math.nextafter(u[i].item(), 1.0)  # u[i] < q, but float32(q) <= u[i]
+    g_uniform, g_bernoulli = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    b = torch.empty(n).bernoulli_(q, generator=g_bernoulli)
+    return (torch.equal(b, (u < q).float())
+            and torch.equal(torch.empty(n, dtype=torch.float64).uniform_(generator=g_uniform), u)
+            and torch.equal(g_uniform.get_state(), g_bernoulli.get_state()))
+
+
+def torch_dropout_noise(shape, p: float, dtype, device=None, rows=None) -> torch.Tensor:
+    """torch CPU dropout's noise of ``shape``, bernoulli_(1 - p) then / (1 - p), read at ``rows`` if given
+    (divided after the read: the same values, only those rows of work). Where ``_uniform_is_bernoulli()``
+    holds it is drawn as float64 ``uniform_`` and a comparison: bit for bit the same noise, the generator
+    left where ``bernoulli_`` leaves it, in 0.6-0.7x the time (204 x 10 x 64 floats, 1 thread: 769 us for
+    ``bernoulli_``, 475 us for ``uniform_`` plus ~80 for the comparison and the conversion)."""
+    keep = 1.0 - p
+    cpu = torch.device(device or "cpu").type == "cpu"
+    if cpu and not torch.compiler.is_compiling() and _uniform_is_bernoulli():
+        u = torch.empty(shape, dtype=torch.float64, device=device).uniform_()
+        return ((u if rows is None else u[rows]) < keep).to(dtype).div_(keep)
+    noise = torch.empty(shape, dtype=dtype, device=device).bernoulli_(keep)
+    return (noise if rows is None else noise[rows]).div_(keep)
+
+
 class Dropout(nn.Dropout):
     """nn.Dropout; with ``fast_masks`` on, its masks come from ``dropout_mask`` (the same distribution to
     2^-16 in p, another random stream). The Recommender turns it on for its length-grouped path, whose
@@ -153,9 +188,13 @@ class Dropout(nn.Dropout):
         return self.fast_masks and self.training and self.p > 0
 
     def forward(self, x):
-        if not self._fast():
-            return super().forward(x)
-        return x * dropout_mask(x.shape, self.p, x.dtype, x.device)
+        if self._fast():
+            return x * dropout_mask(x.shape, self.p, x.dtype, x.device)
+        if self.training and 0 < self.p < 1 and x.device.type == "cpu" and not self.inplace \
+                and not torch.compiler.is_compiling() and _uniform_is_bernoulli():
+            # F.dropout's CPU computation (input times that noise), its draws made faster
+            return x * torch_dropout_noise(x.shape, self.p, x.dtype, x.device)
+        return super().forward(x)
 
     def add(self, x, y):
         """x + dropout(y); with fast masks one fused pass (addcmul), forward and backward."""
@@ -265,9 +304,9 @@ class Block(nn.Module):
             return base + y
         if len(mask_shape) == 2:
             return self.drop.add(base, y)
-        # as torch's CPU dropout: a Bernoulli(1 - p) mask of the input's shape, divided by 1 - p, times input
-        noise = y.new_empty(mask_shape).bernoulli_(1 - p)[rows]  # contiguous, as the Linear outputs it stands for
-        return base + y * noise.div_(1 - p)  # divided after the read: the same values, B rows of work instead of B L
+        # as torch's CPU dropout: a Bernoulli(1 - p) mask of the input's shape (contiguous, as the Linear
+        # outputs it stands for), divided by 1 - p, times input
+        return base + y * torch_dropout_noise(mask_shape, p, y.dtype, y.device, rows)
 
     def step(self, x, state):
         y, state = self.mixer.step(self.norm1(x), state)

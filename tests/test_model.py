@@ -332,7 +332,7 @@ def test_rmsnorm_is_torchs_with_a_hand_written_backward():
 
 def test_fast_dropout_draws_every_mask_from_dropout_mask():
     """Recommender.fast_dropout (run option dropout_masks="fast"): no bernoulli_ anywhere in a training step
-    (the last block's (B, L, D) masks become (B, D) row masks), torch's dropout without it; the grouped
+    (the last block's (B, L, D) masks become (B, D) row masks), torch's dropout draws without it; the grouped
     path's context hands the setting back as it found it."""
     from torch.profiler import profile
     torch.manual_seed(0)
@@ -345,10 +345,12 @@ def test_fast_dropout_draws_every_mask_from_dropout_mask():
         with profile() as p:
             m.score_candidates(inputs, lengths, torch.randint(1, 50, (16, 5))).sum().backward()
         return {e.key for e in p.key_averages()}
-    assert "aten::bernoulli_" in ops()
+    from benchbox.model import _uniform_is_bernoulli
+    torchs = "aten::uniform_" if _uniform_is_bernoulli() else "aten::bernoulli_"  # torch's draws, either way
+    assert torchs in ops()
     m.fast_dropout = True
     seen = ops()
-    assert "aten::bernoulli_" not in seen and "aten::random_" in seen
+    assert not {"aten::bernoulli_", "aten::uniform_"} & seen and "aten::random_" in seen
     with m._fast_masks():
         pass
     assert all(d.fast_masks for d in m.modules() if isinstance(d, Dropout))
@@ -396,3 +398,30 @@ def test_one_gather_for_inputs_and_candidates_equals_two(readout):
     assert len(g_got) == len(g_ref)
     for a, b in zip(g_got, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_dropout_draws_torchs_masks_bit_for_bit():
+    """Dropout's CPU path draws torch's dropout noise as float64 uniform_ and a comparison where that is
+    the same stream (``_uniform_is_bernoulli``): the same outputs, gradients and generator state after as
+    F.dropout, also read at some rows only (Block.forward_last). Elsewhere it is F.dropout itself."""
+    import torch.nn.functional as F
+    from benchbox.model import _uniform_is_bernoulli, torch_dropout_noise
+    print("uniform_ is bernoulli_ here:", _uniform_is_bernoulli())
+    for shape, p in (((204, 10, 64), 0.2), ((3, 7), 0.5), ((1001,), 0.1)):
+        x = torch.randn(*shape, requires_grad=True)
+        torch.manual_seed(5)
+        y_ref = F.dropout(x, p, True)
+        state_ref, next_ref = torch.get_rng_state(), torch.rand(4)
+        torch.manual_seed(5)
+        y = Dropout(p).train()(x)
+        assert torch.equal(y, y_ref) and torch.equal(torch.get_rng_state(), state_ref)
+        assert torch.equal(torch.rand(4), next_ref)
+        g = torch.randn_like(y)
+        assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x, g)[0])
+    rows = (torch.arange(20), torch.randint(0, 10, (20,)))
+    torch.manual_seed(3)
+    ref = torch.empty(20, 10, 8).bernoulli_(0.8)[rows].div_(0.8)
+    state_ref = torch.get_rng_state()
+    torch.manual_seed(3)
+    assert torch.equal(torch_dropout_noise((20, 10, 8), 0.2, torch.float32, None, rows), ref)
+    assert torch.equal(torch.get_rng_state(), state_ref)
