@@ -128,6 +128,12 @@ class DINReadout(nn.Module):
     # the elementwise passes (PReLU and its backward) that dominate; on 1 thread 2-8 Mi were alike
     # within noise and 64 Mi took twice as long
     CHUNK_ELEMENTS = 8 * 2 ** 20
+    # elements of one chunk of ``scores`` without autograd (evaluation): small enough for this CPU's L2
+    # (2 MiB a core) between the matmul and the elementwise passes. One ML-1M evaluation, sequence regime
+    # (6,040 users x 2 splits x 100 candidates x 200 items), 1 thread: 14.7 s in 8 Mi chunks, 9.7 s in 512 Ki
+    # (Beauty, study protocol: 3.8-4.3 -> 3.1-3.2 s). Training keeps the sizes above: its checkpointed chunks
+    # were slower at 512 Ki-1 Mi (ML-1M, sequence regime: 7.2-7.5 s a step against 6.3-6.7 at 8 Mi)
+    EVAL_CHUNK_ELEMENTS = 2 ** 19
     # target positions per chunk (see train_scores)
     TARGET_BLOCK = 16
     # False keeps every chunk's activations instead of recomputing them: one 128 x 200 batch then took
@@ -178,10 +184,12 @@ class DINReadout(nn.Module):
         s, hid = h.shape[1], self.r.shape[0]
         # the candidates stand at the last position (t0 = s - 1), so the causal mask hides nothing. The
         # einsum of _pool (the reference) materialised a (B, C, S, H, D) product: 5x slower per ML-1M step
-        if b * c * s * hid <= self.MAX_PAIR_ELEMENTS:
+        limit, chunk = ((self.MAX_PAIR_ELEMENTS, self.CHUNK_ELEMENTS) if torch.is_grad_enabled()
+                        else (self.EVAL_CHUNK_ELEMENTS, self.EVAL_CHUNK_ELEMENTS))
+        if b * c * s * hid <= limit:
             return self._pool_chunk(h, lengths, cand.unsqueeze(1), s - 1).squeeze(1)
-        # long histories (ML-1M: 100 candidates x 200 items): a few users at a time, as in training
-        bstep = max(1, self.CHUNK_ELEMENTS // (c * s * hid))
+        # many pairs (evaluation's 100 candidates, ML-1M's 200 items): a few users at a time
+        bstep = max(1, chunk // (c * s * hid))
         return torch.cat([self._pool_chunk(hb, lb, cb.unsqueeze(1), s - 1).squeeze(1)
                           for hb, lb, cb in zip(h.split(bstep), lengths.split(bstep), cand.split(bstep))])
 

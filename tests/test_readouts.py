@@ -135,8 +135,13 @@ def test_din_chunked_evaluation_equals_one_pass():
     lengths = torch.tensor([13, 9, 1, 13, 4])
     cand = torch.randn(5, 7, D, dtype=torch.float64)
     one_pass = r.scores(h, lengths, cand)
+    with torch.no_grad():
+        assert torch.equal(r.scores(h, lengths, cand), one_pass)  # 5 x 7 x 13 x 36 pairs: one chunk either way
     r.MAX_PAIR_ELEMENTS, r.CHUNK_ELEMENTS = 0, 7 * 13 * 36 * 2  # 2 users a chunk, the last one alone
     torch.testing.assert_close(r.scores(h, lengths, cand), one_pass, rtol=0, atol=1e-12)
+    r.EVAL_CHUNK_ELEMENTS = 7 * 13 * 36 * 2  # without autograd (evaluation) its own chunks: 2 users again
+    with torch.no_grad():
+        torch.testing.assert_close(r.scores(h, lengths, cand), one_pass, rtol=0, atol=1e-12)
 
 
 def test_comirec_sa_prefix_softmax_equals_masked_softmax():
