@@ -407,8 +407,9 @@ def test_dropout_draws_torchs_masks_bit_for_bit():
     import torch.nn.functional as F
     from benchbox.model import _uniform_is_bernoulli, torch_dropout_noise
     print("uniform_ is bernoulli_ here:", _uniform_is_bernoulli())
-    for shape, p in (((204, 10, 64), 0.2), ((3, 7), 0.5), ((1001,), 0.1)):
-        x = torch.randn(*shape, requires_grad=True)
+    for shape, p, transposed in (((204, 10, 64), 0.2, False), ((3, 7), 0.5, False), ((1001,), 0.1, False),
+                                 ((64, 300), 0.2, True)):  # transposed: as nn.GRU's batch_first output
+        x = torch.randn(*shape).t().requires_grad_() if transposed else torch.randn(*shape, requires_grad=True)
         torch.manual_seed(5)
         y_ref = F.dropout(x, p, True)
         state_ref, next_ref = torch.get_rng_state(), torch.rand(4)
@@ -423,5 +424,5 @@ def test_dropout_draws_torchs_masks_bit_for_bit():
     ref = torch.empty(20, 10, 8).bernoulli_(0.8)[rows].div_(0.8)
     state_ref = torch.get_rng_state()
     torch.manual_seed(3)
-    assert torch.equal(torch_dropout_noise((20, 10, 8), 0.2, torch.float32, None, rows), ref)
+    assert torch.equal(torch_dropout_noise(torch.empty(20, 10, 8), 0.2, rows), ref)
     assert torch.equal(torch.get_rng_state(), state_ref)
