@@ -405,8 +405,7 @@ def test_dropout_draws_torchs_masks_bit_for_bit():
     the same stream (``_uniform_is_bernoulli``): the same outputs, gradients and generator state after as
     F.dropout, also read at some rows only (Block.forward_last). Elsewhere it is F.dropout itself."""
     import torch.nn.functional as F
-    from benchbox.model import _uniform_is_bernoulli, torch_dropout_noise
-    print("uniform_ is bernoulli_ here:", _uniform_is_bernoulli())
+    from benchbox.model import torch_dropout_noise
     for shape, p, transposed in (((204, 10, 64), 0.2, False), ((3, 7), 0.5, False), ((1001,), 0.1, False),
                                  ((64, 300), 0.2, True)):  # transposed: as nn.GRU's batch_first output
         x = torch.randn(*shape).t().requires_grad_() if transposed else torch.randn(*shape, requires_grad=True)
