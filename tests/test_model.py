@@ -236,6 +236,30 @@ def test_dropout_mask_is_dropout_with_p_to_two_to_the_minus_16():
     assert torch.equal(d.eval()(x), x)
 
 
+def test_grouped_path_looks_up_the_groups_positions_only():
+    """The length-grouped path gathers each group's positions (inputs[rows, :n]) and the candidates in one
+    embedding call, not the padded batch: the rows looked up are the groups' positions plus the candidates."""
+    from benchbox.model import length_groups
+    torch.manual_seed(0)
+    m = Recommender(1000, "attention", d_model=8, max_len=40, dropout=0.0).train()  # candidates < n_items:
+    m.group_min_positions = 0  # they are gathered with the inputs (else from the item table)
+    lengths = torch.tensor([1, 2, 3, 5, 9, 17, 40, 33] * 8)
+    inputs = torch.randint(1, 100, (64, 40)) * (torch.arange(40)[None] < lengths[:, None])
+    cand = torch.randint(1, 100, (64, 5))
+    groups = length_groups(lengths, 40)
+    assert groups is not None
+    looked_up = []
+    hook = m.item_emb.register_forward_hook(lambda mod, args, out: looked_up.append(args[0].numel()))
+    try:
+        m.score_candidates(inputs, lengths, cand).sum().backward()
+        m.group_lengths = False
+        m.score_candidates(inputs, lengths, cand)
+    finally:
+        hook.remove()
+    assert looked_up == [sum(len(idx) * n for idx, n in groups) + cand.numel(), inputs.numel() + cand.numel()]
+    assert looked_up[0] < looked_up[1] / 2
+
+
 def test_grouped_path_draws_fast_masks_and_turns_them_off():
     """The length-grouped path's dropout uses dropout_mask (not bernoulli_), and only while it runs."""
     from benchbox.model import Dropout
