@@ -24,9 +24,11 @@ GROUP_MIN_ROWS = 8  # a smaller group joins its neighbour: each group is one mor
 GROUP_MAX_WORK = 0.8  # group only if the groups' padded positions are at most this share of the batch's
 
 
-def length_groups(lengths: torch.Tensor, width: int, min_positions: int = 0) -> list[tuple[torch.Tensor, int]] | None:
+def length_groups(lengths: torch.Tensor, width: int, min_positions: int = 0,
+                  per_octave: int = 1) -> list[tuple[torch.Tensor, int]] | None:
     """Rows of a right-padded (B, width) batch in groups of similar length: [(row indices, the group's
-    longest length), ...] by powers of two (lengths 1-2, 3-4, 5-8, ...), groups of fewer than
+    longest length), ...] by powers of two (lengths 1-2, 3-4, 5-8, ...; with ``per_octave`` 2 also at their
+    midpoints: 1-2, 3, 4, 5-6, 7-8, 9-12, ...: large batches of some mixers, ``group_midpoints_min_rows``), groups of fewer than
     GROUP_MIN_ROWS rows merged into a neighbour. None where one pass over the whole batch is as good:
     one group, too little padding to save, fewer than ``min_positions`` padded positions in the batch
     (each group is one more call of every layer: a small batch pays more in calls than it saves; the
@@ -46,7 +48,9 @@ def length_groups(lengths: torch.Tensor, width: int, min_positions: int = 0) -> 
     if (width < 4 or lengths.numel() < 2 * GROUP_MIN_ROWS or lengths.numel() * width < min_positions
             or lengths.device.type != "cpu" or torch.compiler.is_compiling()):
         return None
-    edges = [1 << k for k in range(1, max(1, (width - 1).bit_length()))] + [width]
+    octaves = range(1, max(1, (width - 1).bit_length()))
+    edges = sorted({e for k in octaves for e in ((1 << k, 3 << (k - 1)) if per_octave == 2 else (1 << k,)) if e < width})
+    edges.append(width)
     bucket = torch.bucketize(lengths, torch.tensor(edges, dtype=lengths.dtype))  # edges[i-1] < l <= edges[i]
     counts = torch.bincount(bucket, minlength=len(edges)).tolist()
     groups, pending, rows = [], [], 0  # bucket ids per group, small buckets carried into the next
@@ -346,11 +350,15 @@ class Recommender(nn.Module):
         # (length_groups); False: always the whole batch at once (the reference the tests hold it to)
         self.group_lengths = True
         self.group_min_positions = getattr(self.blocks[0].mixer, "group_min_positions", 0) if self.blocks else 0
+        self.group_midpoints_min_rows = getattr(self.blocks[0].mixer, "group_midpoints_min_rows", None) if self.blocks else None
         self.fast_dropout = False
 
     # ---- features -------------------------------------------------------------------------
     def _groups(self, lengths, width):
-        return length_groups(lengths, width, self.group_min_positions) if self.group_lengths else None
+        if not self.group_lengths:
+            return None
+        fine = self.group_midpoints_min_rows is not None and lengths.numel() >= self.group_midpoints_min_rows
+        return length_groups(lengths, width, self.group_min_positions, 2 if fine else 1)
 
     def encode(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, L) item ids -> (B, L, D) sequence features H (causal: H[t] sees items 0..t)."""

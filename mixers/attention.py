@@ -45,6 +45,7 @@ def attention_math_masked(q, k, v, visible, dropout_p: float = 0.0, training: bo
 
 class AttentionMixer(Mixer):
     BACKENDS = ("sdpa", "flash_attn", "math")
+    group_midpoints_min_rows = 2048  # mixers.base.Mixer
 
     def __init__(self, d_model: int, max_len: int = 512, *, num_heads: int = 2, dropout: float = 0.0,
                  positions: bool = True, backend: str = "auto"):

@@ -310,6 +310,7 @@ class MambaMixer(Mixer):
     # its PyTorch scan costs the most per position of any mixer here, so shorter groups pay off sooner:
     # measured on 1 CPU thread (Beauty, window 10), 0.96-1.12x at 1,020 positions, 1.45-1.83x at 2,040
     group_min_positions = 1536
+    group_midpoints_min_rows = 2048  # mixers.base.Mixer
 
     def __init__(self, d_model: int, max_len: int = 512, *, d_state: int = 16, d_conv: int = 4,
                  expand: int = 2, dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,

@@ -140,13 +140,20 @@ def test_length_groups_cover_every_row_once_with_its_groups_longest_length():
     from benchbox.model import GROUP_MIN_ROWS, length_groups
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 51, (300,), generator=g)
-    groups = length_groups(lengths, 50)
-    assert groups is not None and len(groups) >= 3
-    rows = torch.cat([idx for idx, _ in groups])
-    assert sorted(rows.tolist()) == list(range(300))
-    for idx, n in groups:
-        assert len(idx) >= GROUP_MIN_ROWS and n == int(lengths[idx].max())
-    assert [n for _, n in groups] == sorted(n for _, n in groups)
+    padded = {}
+    for per_octave in (1, 2):
+        groups = length_groups(lengths, 50, per_octave=per_octave)
+        assert groups is not None and len(groups) >= 3
+        rows = torch.cat([idx for idx, _ in groups])
+        assert sorted(rows.tolist()) == list(range(300))
+        for idx, n in groups:
+            assert len(idx) >= GROUP_MIN_ROWS and n == int(lengths[idx].max())
+        assert [n for _, n in groups] == sorted(n for _, n in groups)
+        padded[per_octave] = (len(groups), sum(len(idx) * n for idx, n in groups))
+    # the midpoints: more groups, less padding
+    assert padded[2][0] > padded[1][0] and padded[2][1] < padded[1][1]
+    assert [n for _, n in length_groups(torch.arange(1, 51).repeat(20), 50, per_octave=2)] == [
+        2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 50]
     # nothing to save: equal lengths, too few rows, or a batch too short to split
     assert length_groups(torch.full((300,), 50), 50) is None
     assert length_groups(lengths[:10], 50) is None
@@ -160,8 +167,9 @@ def test_length_groups_cover_every_row_once_with_its_groups_longest_length():
     assert got is None or all(len(idx) >= GROUP_MIN_ROWS for idx, _ in got)
 
 
+@pytest.mark.parametrize("midpoints", [False, True])
 @pytest.mark.parametrize("mixer", ["attention", "gru", "ttt_linear", "ttt_mlp", "mamba"])
-def test_length_groups_train_as_the_whole_batch(mixer):
+def test_length_groups_train_as_the_whole_batch(mixer, midpoints):
     """The grouped path (rows of similar length through the encoder together) against one pass over the
     padded batch, float64: without dropout, in training mode, the same logits and gradients for the
     instance regime's last-position scores and the sequence regime's every-position logits; with dropout,
@@ -197,10 +205,13 @@ def test_length_groups_train_as_the_whole_batch(mixer):
     torch.manual_seed(1)
     m = Recommender(100, mixer, d_model=16, max_len=L, dropout=0.0).double().train()
     m.group_min_positions = 0  # a small batch, grouped all the same
+    m.group_midpoints_min_rows = 0 if midpoints else None
     same(step(m, False), step(m, True))
     torch.manual_seed(1)
     m = Recommender(100, mixer, d_model=16, max_len=L, dropout=0.2).double()
     m.group_min_positions = 0
+    m.group_midpoints_min_rows = 0 if midpoints else None
+    assert len(m._groups(lengths, L)) == len(length_groups(lengths, L, per_octave=2 if midpoints else 1)) > 2
     same(step(m.eval(), False), step(m.eval(), True))
     first, again, whole = step(m.train(), True), step(m.train(), True), step(m.train(), False)
     same(first, again)
@@ -234,6 +245,22 @@ def test_dropout_mask_is_dropout_with_p_to_two_to_the_minus_16():
     (g,) = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(g, mask, rtol=0, atol=0)
     assert torch.equal(d.eval()(x), x)
+
+
+def test_midpoint_groups_from_the_mixers_row_threshold():
+    """Attention and Mamba split their length groups at the powers of two's midpoints from 2,048 rows a batch
+    (measured to pay there, not below); GRU and TTT never do."""
+    from benchbox.model import length_groups
+    g = torch.Generator().manual_seed(0)
+    for mixer, threshold in (("attention", 2048), ("mamba", 2048), ("gru", None), ("ttt_linear", None)):
+        m = Recommender(100, mixer, d_model=8, max_len=50)
+        assert m.group_midpoints_min_rows == threshold
+        for rows in (204, 2048):
+            lengths = torch.randint(1, 51, (rows,), generator=g)
+            fine = threshold is not None and rows >= threshold
+            want = length_groups(lengths, 50, m.group_min_positions, 2 if fine else 1)
+            assert [n for _, n in m._groups(lengths, 50)] == [n for _, n in want]
+            assert (len(want) > 6) == fine
 
 
 def test_grouped_path_looks_up_the_groups_positions_only():
