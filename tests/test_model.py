@@ -247,6 +247,25 @@ def test_dropout_mask_is_dropout_with_p_to_two_to_the_minus_16():
     assert torch.equal(d.eval()(x), x)
 
 
+def test_dropout_mask_keeps_exactly_the_lanes_at_or_above_the_threshold():
+    """dropout_mask's float clamp form keeps exactly the 16-bit lanes >= drop - 32768 (the comparison it
+    replaced, so the same masks from the same draws), in every dtype: 1M lanes hit every int16 value, the
+    threshold and its neighbours included; half precision must not round the lanes (float16 would)."""
+    from benchbox.model import dropout_mask
+    shape = (256, 4096)
+    for p in (0.2, 0.5, 0.05):
+        drop = round(p * 65536)
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            torch.manual_seed(11)
+            got = dropout_mask(shape, p, dtype, scale=1.5)
+            torch.manual_seed(11)
+            bits = torch.empty(shape[0] * shape[1] // 4, dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1)
+            lanes = bits.view(torch.int16).view(shape)
+            assert (lanes == drop - 32768).any() and (lanes == drop - 32769).any()
+            want = (lanes >= drop - 32768).to(dtype).mul_(1.5 * 65536 / (65536 - drop))
+            assert got.dtype == dtype and torch.equal(got, want), (p, dtype)
+
+
 def test_midpoint_groups_from_the_mixers_row_threshold():
     """Attention and Mamba split their length groups at the powers of two's midpoints from 2,048 rows a batch
     (measured to pay there, not below); GRU and TTT never do."""
