@@ -266,6 +266,48 @@ def test_dropout_mask_keeps_exactly_the_lanes_at_or_above_the_threshold():
             assert got.dtype == dtype and torch.equal(got, want), (p, dtype)
 
 
+def test_native_gelu_is_torchs_kernel_forward_and_backward_and_only_in_the_grouped_path(monkeypatch):
+    """GELU with ``native`` on runs torch's own CPU kernel (not oneDNN's, which builds a primitive for every new
+    shape) forward and backward: bit for bit what torch gives with oneDNN off, within float rounding of
+    nn.GELU. The grouped path turns it on for the blocks' FFN and off after; oneDNN's switch is restored."""
+    import torch.nn.functional as F
+    import benchbox.model as M
+    from benchbox.model import GELU, _NativeGELUFunction
+    torch.manual_seed(0)
+    x = (torch.randn(37, 11, 128) * 3).requires_grad_()
+    g = torch.randn(37, 11, 128)
+    act = GELU()
+    act.native = True
+    y = act(x)
+    (dx,) = torch.autograd.grad(y, x, g)
+    onednn = torch._C._get_mkldnn_enabled()
+    with torch.backends.mkldnn.flags(enabled=False):
+        want, want_dx = F.gelu(x.detach()), torch.ops.aten.gelu_backward(g, x.detach())
+    assert torch._C._get_mkldnn_enabled() == onednn
+    assert torch.equal(y, want) and torch.equal(dx, want_dx)
+    torch.testing.assert_close(y, F.gelu(x.detach()), rtol=0, atol=1e-5)
+    calls = []
+    real = _NativeGELUFunction.apply
+    _NativeGELUFunction.apply = lambda *a: calls.append(a[0].shape) or real(*a)
+    try:
+        m = Recommender(100, "attention", d_model=8, max_len=20, dropout=0.2).train()
+        m.group_min_positions = 0
+        lengths = torch.tensor([1, 2, 3, 20] * 16)
+        inputs = torch.randint(1, 100, (64, 20)) * (torch.arange(20)[None] < lengths[:, None])
+        m.encode_last(inputs, lengths).sum().backward()
+        assert not calls  # 64 rows: below NATIVE_GELU_MIN_ROWS, oneDNN's cached primitives serve
+        monkeypatch.setattr(M, "NATIVE_GELU_MIN_ROWS", 64)
+        m.encode_last(inputs, lengths).sum().backward()
+        assert len(calls) >= 2 * len(m._groups(lengths, 20))  # both blocks' FFN in every group
+        assert not any(a.native for a in m.modules() if isinstance(a, GELU))
+        n = len(calls)
+        m.group_lengths = False
+        m.encode_last(inputs, lengths)
+        assert len(calls) == n
+    finally:
+        _NativeGELUFunction.apply = real
+
+
 def test_midpoint_groups_from_the_mixers_row_threshold():
     """Attention and Mamba split their length groups at the powers of two's midpoints from 2,048 rows a batch
     (measured to pay there, not below); GRU and TTT never do."""
@@ -421,7 +463,7 @@ def test_fast_dropout_draws_every_mask_from_dropout_mask():
     m.fast_dropout = True
     seen = ops()
     assert not {"aten::bernoulli_", "aten::uniform_"} & seen and "aten::random_" in seen
-    with m._fast_masks():
+    with m._grouped_kernels():
         pass
     assert all(d.fast_masks for d in m.modules() if isinstance(d, Dropout))
     m.fast_dropout = False
