@@ -32,9 +32,10 @@ NATIVE_GELU_MIN_ROWS = 1024
 def length_groups(lengths: torch.Tensor, width: int, min_positions: int = 0,
                   per_octave: int = 1) -> list[tuple[torch.Tensor, int]] | None:
     """Rows of a right-padded (B, width) batch in groups of similar length: [(row indices, the group's
-    longest length), ...] by powers of two (lengths 1-2, 3-4, 5-8, ...; with ``per_octave`` 2 also at their
-    midpoints: 1-2, 3, 4, 5-6, 7-8, 9-12, ...: large batches of some mixers, ``group_midpoints_min_rows``), groups of fewer than
-    GROUP_MIN_ROWS rows merged into a neighbour. None where one pass over the whole batch is as good:
+    longest length), ...] by powers of two (lengths 1-2, 3-4, 5-8, ...; with ``per_octave`` 2 also at
+    their midpoints: 1-2, 3, 4, 5-6, 7-8, 9-12, ..., for large batches of some mixers, see the mixer's
+    ``group_midpoints_min_rows``), groups of fewer than GROUP_MIN_ROWS rows merged into a neighbour.
+    None where one pass over the whole batch is as good:
     one group, too little padding to save, fewer than ``min_positions`` padded positions in the batch
     (each group is one more call of every layer: a small batch pays more in calls than it saves; the
     mixer's ``group_min_positions``), lengths on an accelerator (reading them would wait for the device)
@@ -53,9 +54,10 @@ def length_groups(lengths: torch.Tensor, width: int, min_positions: int = 0,
     if (width < 4 or lengths.numel() < 2 * GROUP_MIN_ROWS or lengths.numel() * width < min_positions
             or lengths.device.type != "cpu" or torch.compiler.is_compiling()):
         return None
-    octaves = range(1, max(1, (width - 1).bit_length()))
-    edges = sorted({e for k in octaves for e in ((1 << k, 3 << (k - 1)) if per_octave == 2 else (1 << k,)) if e < width})
-    edges.append(width)
+    powers = [1 << k for k in range(1, max(1, (width - 1).bit_length()))]  # 2, 4, ..., below width
+    if per_octave == 2:
+        powers += [3 * (p // 2) for p in powers if 3 * (p // 2) < width]  # the midpoints 3, 6, 12, ...
+    edges = sorted(powers) + [width]
     bucket = torch.bucketize(lengths, torch.tensor(edges, dtype=lengths.dtype))  # edges[i-1] < l <= edges[i]
     counts = torch.bincount(bucket, minlength=len(edges)).tolist()
     groups, pending, rows = [], [], 0  # bucket ids per group, small buckets carried into the next
@@ -273,12 +275,17 @@ class RMSNorm(nn.RMSNorm):
 def _without_onednn():
     """torch's own CPU kernels where it would call oneDNN (``torch.backends.mkldnn.flags(enabled=False)``
     without its Python cost and its TF32 warning)."""
-    was = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
+    get, set_ = getattr(torch._C, "_get_mkldnn_enabled", None), getattr(torch._C, "_set_mkldnn_enabled", None)
+    if get is None or set_ is None:  # a torch without these private switches: the public context manager
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+        return
+    was = get()
+    set_(False)
     try:
         yield
     finally:
-        torch._C._set_mkldnn_enabled(was)
+        set_(was)
 
 
 class _NativeGELUFunction(torch.autograd.Function):
@@ -405,7 +412,8 @@ class Recommender(nn.Module):
         # (length_groups); False: always the whole batch at once (the reference the tests hold it to)
         self.group_lengths = True
         self.group_min_positions = getattr(self.blocks[0].mixer, "group_min_positions", 0) if self.blocks else 0
-        self.group_midpoints_min_rows = getattr(self.blocks[0].mixer, "group_midpoints_min_rows", None) if self.blocks else None
+        self.group_midpoints_min_rows = (getattr(self.blocks[0].mixer, "group_midpoints_min_rows", None)
+                                         if self.blocks else None)
         self.fast_dropout = False
 
     # ---- features -------------------------------------------------------------------------
@@ -526,10 +534,10 @@ class Recommender(nn.Module):
     def _lookup_groups(self, inputs, groups, ids, table=None):
         """``_lookup`` for the length-grouped path: each group's inputs ``inputs[rows, :n]`` (B_g, n, D) and
         the candidates' features, gathering the groups' positions only. A gather of the padded batch reads
-        every padding position, and its backward writes each one (RecBole's rows, Beauty at window 50:
-        112,640 rows looked up a step for 21,074 in groups; 8.6 + 2.3 ms of a 138 ms step), and splitting
-        its output into groups is a copy each way. The same embeddings; the embedding's gradient rows are
-        summed in another order (float noise)."""
+        every padding position and its backward writes each one, and splitting its output into groups is a
+        copy each way (RecBole's rows, Beauty at window 50: 112,640 ids a step where the groups hold 21,074
+        positions and the candidates 10,240; the step 148.7 -> 141.4 ms). The same embeddings; the
+        embedding's gradient rows are summed in another order (float noise)."""
         parts = [inputs[idx, :n] for idx, n in groups]
         sizes = [p.numel() for p in parts]
         with_candidates = table is None and ids.numel() <= self.n_items + 1  # as _lookup: one gather for both
