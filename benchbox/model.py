@@ -105,44 +105,15 @@ class _MergeGroups(torch.autograd.Function):
         return (None, None, None, *(g[idx, :n] if ctx.per_position else g[idx] for idx, n in ctx.groups))
 
 
-class _SplitGroups(torch.autograd.Function):
-    """``x[rows, :n]`` of every group, the inverse of _MergeGroups: the backward writes each group's
-    gradient into one zero (B, L, ...) (the groups' rows are disjoint), where indexing each group would
-    give one zero (B, L, ...) per group and sum them."""
-
-    @staticmethod
-    def forward(ctx, groups, x):
-        ctx.groups, ctx.shape = groups, x.shape
-        return tuple(x[idx, :n] for idx, n in groups)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
-        ref = next(g for g in grads if g is not None)
-        buf = ref.new_zeros(ctx.shape)
-        for (idx, n), g in zip(ctx.groups, grads):
-            if g is not None:
-                buf[idx, :n] = g
-        return None, buf
-
-
-def per_group(fn, inputs: torch.Tensor | list[torch.Tensor], lengths: torch.Tensor, groups,
-              width: int | None = None) -> torch.Tensor:
-    """``fn(inputs[rows, :n], lengths[rows])`` of every group, put back at its rows: a (B, L, ...) output
-    (zeros past a group's length, i.e. in padding) or, where fn returns one row per sequence, (B, ...).
-    Exact for a causal fn (the encoder): a real position never reads the padding. ``inputs`` may also be
-    the groups' parts already (``inputs[rows, :n]`` of each, as Recommender._lookup_groups gathers them),
-    with ``width``, the padded batch's L."""
-    if isinstance(inputs, torch.Tensor):
-        batch = inputs.shape[:2]
-        parts = (_SplitGroups.apply(groups, inputs) if inputs.requires_grad
-                 else [inputs[idx, :n] for idx, n in groups])
-    else:
-        batch, parts = (len(lengths), width), inputs
+def per_group(fn, parts: list[torch.Tensor], lengths: torch.Tensor, groups, width: int) -> torch.Tensor:
+    """``fn(part, lengths[rows])`` of every group's part (its rows' inputs ``x[rows, :n]``, as
+    Recommender._lookup_groups gathers them), put back at its rows: a (B, width, ...) output (zeros past a
+    group's length, i.e. in padding) or, where fn returns one row per sequence, (B, ...). Exact for a
+    causal fn (the encoder): a real position never reads the padding."""
     outs = [fn(part, lengths[idx]) for part, (idx, _) in zip(parts, groups)]
     ref = outs[-1]
     per_position = ref.dim() > 2
-    shape = (*batch, *ref.shape[2:]) if per_position else (batch[0], *ref.shape[1:])
+    shape = (len(lengths), width, *ref.shape[2:]) if per_position else (len(lengths), *ref.shape[1:])
     return _MergeGroups.apply(groups, shape, per_position, *outs)
 
 
@@ -425,15 +396,7 @@ class Recommender(nn.Module):
 
     def encode(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, L) item ids -> (B, L, D) sequence features H (causal: H[t] sees items 0..t)."""
-        return self._encode_embedded(self.item_emb(inputs), lengths)
-
-    def _encode_embedded(self, emb, lengths):
-        """``encode`` of the inputs' embeddings (B, L, D), as ``_lookup`` gives them."""
-        groups = self._groups(lengths, emb.shape[1]) if self.blocks else None
-        if groups is not None:
-            with self._grouped_kernels(len(lengths)):
-                return per_group(self._encode, emb, lengths, groups)
-        return self._encode(emb, lengths)
+        return self._encoded(self._encode, inputs, lengths)[0]
 
     @property
     def fast_dropout(self) -> bool:
@@ -486,16 +449,9 @@ class Recommender(nn.Module):
     def encode_last(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, D) = ``encode`` at each row's last real position (lengths - 1), the last block computing
         that position only. The reference is last_position(encode(...)); tests hold them together."""
-        return self._encode_last_embedded(self.item_emb(inputs), lengths)
-
-    def _encode_last_embedded(self, emb, lengths):
         if not self.blocks:
-            return last_position(self._encode_embedded(emb, lengths), lengths)
-        groups = self._groups(lengths, emb.shape[1])
-        if groups is not None:
-            with self._grouped_kernels(len(lengths)):
-                return per_group(self._encode_last, emb, lengths, groups)
-        return self._encode_last(emb, lengths)
+            return last_position(self.encode(inputs, lengths), lengths)
+        return self._encoded(self._encode_last, inputs, lengths)[0]
 
     def _encode_last(self, emb, lengths):
         x = self.emb_drop.scaled(emb, self.emb_scale)
@@ -518,12 +474,15 @@ class Recommender(nn.Module):
             return gather_rows(self.item_table(), ids)
         return self.item_features(ids)
 
-    def _lookup(self, inputs, ids, table=None):
-        """The inputs' embeddings (B, L, D) and the candidates' features F (ids' shape + (D,)). Where the
+    def _lookup(self, inputs, ids=None, table=None):
+        """The inputs' embeddings (B, L, D) and the candidates' features F (ids' shape + (D,); None without
+        ids). Where the
         candidates go through the embedding (few of them, no table), both are one gather: each gather's
         backward is a zero-filled dense (n_items + 1, D) gradient, and the two were summed, every step
         (Beauty, study protocol: ~30% of a ComiRec-DR step). Features and gradients are the same, up to
         the order in which one item's gradient rows are summed."""
+        if ids is None:
+            return self.item_emb(inputs), None
         if table is not None or ids.numel() > self.n_items + 1:
             return self.item_emb(inputs), self._candidate_features(ids, table)
         b, n = inputs.shape[0], inputs.shape[1]
@@ -531,7 +490,7 @@ class Recommender(nn.Module):
         x, c = emb.split([n, emb.shape[1] - n], 1)
         return x, self.target_mlp(c.reshape(*ids.shape, -1) * self.emb_scale)
 
-    def _lookup_groups(self, inputs, groups, ids, table=None):
+    def _lookup_groups(self, inputs, groups, ids=None, table=None):
         """``_lookup`` for the length-grouped path: each group's inputs ``inputs[rows, :n]`` (B_g, n, D) and
         the candidates' features, gathering the groups' positions only. A gather of the padded batch reads
         every padding position and its backward writes each one, and splitting its output into groups is a
@@ -540,18 +499,19 @@ class Recommender(nn.Module):
         embedding's gradient rows are summed in another order (float noise)."""
         parts = [inputs[idx, :n] for idx, n in groups]
         sizes = [p.numel() for p in parts]
-        with_candidates = table is None and ids.numel() <= self.n_items + 1  # as _lookup: one gather for both
+        # as _lookup: one gather for both where the candidates go through the embedding
+        with_candidates = ids is not None and table is None and ids.numel() <= self.n_items + 1
         flat = torch.cat([p.reshape(-1) for p in parts] + ([ids.reshape(-1)] if with_candidates else []))
         emb = self.item_emb(flat).split(sizes + ([ids.numel()] if with_candidates else []))
         xs = [e.view(*p.shape, -1) for e, p in zip(emb, parts)]
         if with_candidates:
             return xs, self.target_mlp(emb[-1].view(*ids.shape, -1) * self.emb_scale)
-        return xs, self._candidate_features(ids, table)
+        return xs, None if ids is None else self._candidate_features(ids, table)
 
-    def _encoded(self, encode, inputs, lengths, ids, table=None):
+    def _encoded(self, encode, inputs, lengths, ids=None, table=None):
         """``encode`` (``_encode`` or ``_encode_last``) of the inputs' embeddings, and the candidates'
-        features: in length groups where they pay (``_groups``), each group looked up on its own positions
-        (``_lookup_groups``), else the whole padded batch."""
+        features (None without ids): in length groups where they pay (``_groups``), each group looked up on
+        its own positions (``_lookup_groups``), else the whole padded batch."""
         groups = self._groups(lengths, inputs.shape[1]) if self.blocks else None
         if groups is None:
             emb, cand = self._lookup(inputs, ids, table)
@@ -570,11 +530,9 @@ class Recommender(nn.Module):
         """(B, C) logits of candidates (B, C) at each row's last position (evaluation, and the instance
         regime's training rows). The "last" readout needs H there only: ``encode_last``."""
         if isinstance(self.readout, LastReadout):
-            if not self.blocks:
-                emb, cand = self._lookup(inputs, candidates, table)
-                return candidate_dot(cand, last_position(self._encode(emb, lengths), lengths))
-            h, cand = self._encoded(self._encode_last, inputs, lengths, candidates, table)
-            return candidate_dot(cand, h)
+            h, cand = self._encoded(self._encode_last if self.blocks else self._encode, inputs, lengths,
+                                    candidates, table)
+            return candidate_dot(cand, h if self.blocks else last_position(h, lengths))
         h, cand = self._encoded(self._encode, inputs, lengths, candidates, table)
         return self.readout.scores(h, lengths, cand)
 

@@ -192,7 +192,9 @@ def test_length_groups_train_as_the_whole_batch(mixer, midpoints):
         torch.manual_seed(5)
         last = m.score_candidates(inputs, lengths, cand)
         every = m.train_logits(inputs, lengths, targets, negatives)
-        (bce_loss(last) + bce_loss(every, targets)).backward()
+        # encode / encode_last go the same grouped way (their gradients join the check)
+        feats = m.encode(inputs, lengths)[real].square().mean() + m.encode_last(inputs, lengths).square().mean()
+        (bce_loss(last) + bce_loss(every, targets) + feats).backward()
         return last.detach(), every.detach()[real], [p.grad.clone() for p in m.parameters() if p.grad is not None]
 
     def same(x, y):
