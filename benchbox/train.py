@@ -317,6 +317,11 @@ def _json(d: dict) -> str:
     return json.dumps(d, sort_keys=True)
 
 
+def _is_compile_failure(e: BaseException) -> bool:
+    """An error raised by torch.compile's machinery (dynamo, AOTAutograd, inductor), not by the model."""
+    return any(c.__module__.startswith(("torch._dynamo", "torch._inductor")) for c in type(e).__mro__)
+
+
 def _train_epoch(model, opt, loader, dev, amp, progress, epoch, epochs):
     total, n_tok, n_batches = 0.0, 0, len(loader)
     task = progress.add_task(f"epoch {epoch}/{epochs}", total=n_batches, loss=float("nan"), tps=0.0) \
@@ -328,6 +333,12 @@ def _train_epoch(model, opt, loader, dev, amp, progress, epoch, epochs):
             value = train_step(model, opt, batch, dev, amp)
         except Diverged as e:
             raise Diverged(f"{e} at epoch {epoch}, step {step + 1}") from None
+        except Exception as e:
+            if _is_compile_failure(e):  # torch.compile's own failure (forward or backward graph): one clear line
+                first = (str(e).strip().splitlines() or [""])[-1][:200]
+                raise BenchboxError(f"torch.compile failed on this model and machine ({type(e).__name__}: {first}) "
+                                    f"at epoch {epoch}, step {step + 1}; run without --compile") from e
+            raise
         total += value * tok
         n_tok += tok
         if task is not None:

@@ -198,9 +198,17 @@ def main(argv=None):
             if diff > 1e-4:
                 sys.exit(f"{kernel} L{L} mbs{mbs}: ours and the official layer differ by {diff:.2e}")
         cases = [(ours, call_ours), (ref, call_ref)]
+        compile_failed = None
         if a.compile:  # the first call compiles, inside the untimed warm-up
             cases.append((torch.compile(ours, dynamic=False), call_ours))
-        t_ours, t_ref, *t_comp = time_interleaved(cases, x, max(a.warmup, 1), a.repeats, clock)
+        try:
+            t_ours, t_ref, *t_comp = time_interleaved(cases, x, max(a.warmup, 1), a.repeats, clock)
+        except Exception as e:  # torch.compile's own failure: the case's eager columns still stand
+            if not (a.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))):
+                raise
+            compile_failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:120]}"
+            t_ours, t_ref = time_interleaved(cases[:2], x, max(a.warmup, 1), a.repeats, clock)
+            t_comp = []
         tok = a.batch_size * L
         row = dict(kernel=kernel, seq_len=L, mini_batch_size=mbs or "", batch_size=a.batch_size, d_model=a.d_model,
                    heads=a.heads, threads=a.threads, ours_tok_s=round(tok / t_ours), reference_tok_s=round(tok / t_ref),
@@ -208,7 +216,10 @@ def main(argv=None):
                    torch=torch.__version__, cpu=platform.processor() or platform.machine(), allocator=allocator,
                    time=time.strftime("%Y-%m-%dT%H:%M:%S"))
         line = f"| {kernel} | {L} | {mbs or '-'} | {row['ours_tok_s']:,} | {row['reference_tok_s']:,} | {row['ratio']:.2f}x |"
-        if a.compile:
+        if a.compile and compile_failed:
+            row.update(compile_error=compile_failed)
+            line += f" compile failed ({compile_failed}) | - |"
+        elif a.compile:
             row.update(compiled_tok_s=round(tok / t_comp[0]), compiled_ratio=round(t_ref / t_comp[0], 2))
             line += f" {row['compiled_tok_s']:,} | {row['compiled_ratio']:.2f}x |"
         rows.append(row)

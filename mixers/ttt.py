@@ -724,6 +724,17 @@ class _LinearChunks(torch.autograd.Function):
         return dk, dq, dW, db, dgt, dgam2, dP, dM, de, None, None, None
 
 
+def _tok_at_positions(tok: torch.Tensor, inmb: torch.Tensor, S: int) -> torch.Tensor:
+    """tok[inmb] for inmb = arange(S) % K. Inside a compiled graph as repeats of tok instead: the backward
+    of an index is a scatter-add, and inductor (torch 2.13, CPU) fails to generate it into a tensor of one
+    element (mini-batches of one token), while a repeat's backward is a plain sum. Eager keeps the index
+    (the same numbers as ever)."""
+    if not torch.compiler.is_compiling():
+        return tok[inmb]
+    K = tok.shape[0]
+    return tok.repeat(-(-S // K))[:S]
+
+
 def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma, beta,
              mini_batch_size: int, mb_per_chunk: int, need_state: bool = False):
     """Same contract as ``ttt_reference``, and ``params`` may also be the layer's own (H, ...) weights,
@@ -781,7 +792,7 @@ def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma
     cross = mb[None, :] < mb[:, None]
     tokd = tok.to(dt)
     tok_last = tokd[K - 1]
-    Tm = torch.where(same, tokd[inmb][:, None], torch.zeros((), dtype=dt, device=dev))
+    Tm = torch.where(same, _tok_at_positions(tokd, inmb, S)[:, None], torch.zeros((), dtype=dt, device=dev))
     if g > 1:
         Tm = Tm + cross.to(dt) * tok_last
     lrT = lrc.transpose(-1, -2)  # (nc, BH, 1, S)
@@ -1062,7 +1073,10 @@ class _TTTBase(Mixer):
         ql = q[:, rows, last].unsqueeze(2)  # (H, B, 1, D)
         # coefficient of key s for the query at t = last: tok[t] * eta[s] for s <= t
         visible = torch.arange(L, device=x.device)[None, :] <= last[:, None]  # (B, L)
-        coef = (self._token_factors().to(dt)[last][:, None] * visible * eta.permute(2, 0, 1)).unsqueeze(-1)
+        tok = self._token_factors().to(dt)
+        # tok[last]; compiled as a one-hot product (see _tok_at_positions: no scatter in the backward)
+        tok_last = (F.one_hot(last, tok.shape[0]).to(dt) @ tok) if torch.compiler.is_compiling() else tok[last]
+        coef = (tok_last[:, None] * visible * eta.permute(2, 0, 1)).unsqueeze(-1)
         # P as a column (H, B, L, 1) and its products as broadcast multiplies: as (1, L) x (L, D) matmuls their
         # gradients are rank-1 outer products, which a batched GEMM does ~20x slower than a multiply
         P = ((k * ql).sum(-1, keepdim=True) + 1.0) * coef

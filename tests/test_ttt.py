@@ -395,3 +395,46 @@ def test_compiled_ttt_mlp_equals_eager():
     torch.testing.assert_close(yc, ye, rtol=1e-4, atol=1e-5)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,L,mbs", [("ttt_linear", 7, 1), ("ttt_linear", 9, 4), ("ttt_mlp", 6, 1),
+                                        ("ttt_linear", 1, 1), ("ttt_linear", 5, 8)])
+def test_compiled_form_gathers_the_token_factors_without_an_index(monkeypatch, kind, L, mbs):
+    """What a compiled graph traces (torch.compiler.is_compiling() True): the token factors are taken by repeats
+    (ttt_fast) and a one-hot product (forward_last), never by an index, whose backward scatter inductor
+    failed to generate for mini-batches of one token (torch 2.13, CPU). The same values and gradients as the
+    eager form, in float64; and the eager form (the numbers of every run so far) keeps its index."""
+    def nodes_to(out, leaf):
+        """The autograd nodes on the paths from ``out`` back to the parameter ``leaf``: their names, and an
+        index node as "IndexBackward0 of (sizes)" (the indexed tensor's)."""
+        memo = {}
+
+        def reaches(f):
+            if f is None:
+                return False
+            if f not in memo:
+                memo[f] = False  # a graph is acyclic; this only guards the recursion
+                memo[f] = getattr(f, "variable", None) is leaf or any([reaches(g) for g, _ in f.next_functions])
+            return memo[f]
+        reaches(out.grad_fn)
+        return {type(f).__name__ + (f" of {tuple(f._saved_self_sym_sizes)}" if hasattr(f, "_saved_self_sym_sizes")
+                                    else "") for f, ok in memo.items() if ok}
+
+    torch.manual_seed(0)
+    m = _perturb(mixers.build(kind, D, 16, num_heads=2, mini_batch_size=mbs).double())
+    x = torch.randn(3, L, D, dtype=torch.float64)
+    lengths = torch.tensor([L, max(1, L - 1), 1])
+    results = {}
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+        y, last = m(x), m.forward_last(x, lengths)
+        grads = torch.autograd.grad((y * torch.cos(y)).sum() + last.sum(), list(m.parameters()))
+        tok = m.learnable_token_idx
+        results[compiling] = (y, last, grads, nodes_to(y, tok) | nodes_to(last, tok))
+    (y0, l0, g0, nodes0), (y1, l1, g1, nodes1) = results[False], results[True]
+    tok_index = f"IndexBackward0 of ({mbs},)"  # an index into the token factors themselves
+    assert tok_index not in nodes1
+    assert tok_index in nodes0
+    assert torch.allclose(y1, y0, atol=1e-12, rtol=0) and torch.allclose(l1, l0, atol=1e-12, rtol=0)
+    for a, b in zip(g1, g0):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
