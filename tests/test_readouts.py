@@ -144,21 +144,32 @@ def test_din_chunked_evaluation_equals_one_pass():
         torch.testing.assert_close(r.scores(h, lengths, cand), one_pass, rtol=0, atol=1e-12)
 
 
-def test_comirec_sa_prefix_softmax_equals_masked_softmax():
-    """The O(L) prefix-sum form of ComiRec-SA's causal interests against the plain masked softmax."""
+@pytest.mark.parametrize("dtype,spread,block", [(torch.float32, 40.0, 8), (torch.float64, 40.0, 8),
+                                                 (torch.float64, 1000.0, 4), (torch.float64, 1.0, 32),
+                                                 (torch.float32, 1000.0, 8)])
+def test_comirec_sa_prefix_softmax_equals_masked_softmax(dtype, spread, block):
+    """The blocked prefix-softmax form of ComiRec-SA's causal interests (_causal_softmax_pool) against the plain
+    masked softmax, values and gradients: several blocks, a block past the end (length 1), one block longer
+    than the sequence, and logits spread over ~100-2,000 (exp() of the early ones under one global shift
+    would underflow float32, of the later ones overflow): finite everywhere, exact in float64."""
     torch.manual_seed(0)
-    r = build_readout("comirec_sa", D, max_len=32)
+    r = build_readout("comirec_sa", D, max_len=32).to(dtype)
+    r.CAUSAL_BLOCK = block
     with torch.no_grad():
-        r.w2.weight.mul_(40.0)  # logits spread over ~100: exp() of the early ones underflows float32
-    h = torch.randn(3, 20, D, requires_grad=True)
-    lengths = torch.tensor([20, 9, 1])
+        r.w2.weight.mul_(spread)
+    h = torch.randn(4, 20, D, dtype=dtype, requires_grad=True)
+    lengths = torch.tensor([20, 9, 1, 17])
     fast, ref = r.interests(h, lengths, causal=True), r.interests_naive(h, lengths)
     valid = (torch.arange(20)[None, :] < lengths[:, None])[..., None, None]
     assert torch.isfinite(fast).all()
-    torch.testing.assert_close(fast * valid, ref * valid, rtol=1e-5, atol=1e-5)
-    g1, = torch.autograd.grad((fast * valid).sum(), h)
-    g2, = torch.autograd.grad((ref * valid).sum(), h)
-    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(fast * valid, ref * valid, rtol=tol, atol=tol)
+    w = torch.randn(fast.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    g1, = torch.autograd.grad((fast * valid * w).sum(), h)
+    g2, = torch.autograd.grad((ref * valid * w).sum(), h)
+    assert torch.isfinite(g1).all()
+    scale = g2.abs().max().item()
+    torch.testing.assert_close(g1, g2, rtol=0, atol=(1e-11 if dtype == torch.float64 else 1e-5) * max(scale, 1.0))
 
 
 def test_comirec_sa_logits_without_tanh_equal_the_plain_form():
