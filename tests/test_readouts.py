@@ -236,12 +236,17 @@ def test_candidate_dot_and_gather_rows_match_their_references(n_cand):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("opts", [{}, {"bilinear": "position"}, {"inputs": "unit", "num_interests": 3}])
-def test_comirec_dr_causal_routing_equals_the_reference_layout(opts):
-    """The causal routing in the (B, K, T, S) layout against ComiRec-DR's own (B, T, S, K) layout, float64:
-    interests and the gradients through them."""
+@pytest.mark.parametrize("block", [None, 16, 5, 1])
+@pytest.mark.parametrize("opts", [{}, {"bilinear": "position"}, {"inputs": "unit", "num_interests": 3},
+                                  {"iterations": 1}])
+def test_comirec_dr_causal_routing_equals_the_reference_layout(opts, block):
+    """The causal routing against ComiRec-DR's own dense (B, T, S, K) layout, float64, interests and the
+    gradients through them: the dense (B, K, T, S) layout (block None), and, with the shared map, the
+    routing by target blocks (one block of 16, blocks of 5 with a short last one, single targets)."""
     torch.manual_seed(0)
     r = build_readout("comirec_dr", D, max_len=12, **opts).double()
+    if block is not None:
+        r.BLOCKED_MIN_LEN, r.TARGET_BLOCK = 0, block
     h = torch.randn(5, 12, D, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([12, 7, 1, 3, 12])
     weights = torch.randn(5, 12, r.k, D, dtype=torch.float64)
