@@ -317,7 +317,7 @@ def _json(d: dict) -> str:
     return json.dumps(d, sort_keys=True)
 
 
-def _is_compile_failure(e: BaseException) -> bool:
+def is_compile_failure(e: BaseException) -> bool:
     """An error raised by torch.compile's machinery (dynamo, AOTAutograd, inductor), not by the model."""
     return any(c.__module__.startswith(("torch._dynamo", "torch._inductor")) for c in type(e).__mro__)
 
@@ -334,7 +334,7 @@ def _train_epoch(model, opt, loader, dev, amp, progress, epoch, epochs):
         except Diverged as e:
             raise Diverged(f"{e} at epoch {epoch}, step {step + 1}") from None
         except Exception as e:
-            if _is_compile_failure(e):  # torch.compile's own failure (forward or backward graph): one clear line
+            if is_compile_failure(e):  # torch.compile's own failure (forward or backward graph): one clear line
                 first = (str(e).strip().splitlines() or [""])[-1][:200]
                 raise BenchboxError(f"torch.compile failed on this model and machine ({type(e).__name__}: {first}) "
                                     f"at epoch {epoch}, step {step + 1}; run without --compile") from e

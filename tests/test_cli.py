@@ -173,4 +173,4 @@ def test_a_torch_compile_failure_is_one_line_exit_2_and_keeps_results(tmp_path, 
     assert "torch.compile failed on this model and machine (InductorError" in err and "run without --compile" in err
     assert "at epoch 1, step 1" in err
     assert (rdir / "runs.csv").read_bytes() == before
-    assert not train._is_compile_failure(ValueError("a model's own error"))
+    assert not train.is_compile_failure(ValueError("a model's own error"))
