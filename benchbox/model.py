@@ -476,11 +476,10 @@ class Recommender(nn.Module):
 
     def _lookup(self, inputs, ids=None, table=None):
         """The inputs' embeddings (B, L, D) and the candidates' features F (ids' shape + (D,); None without
-        ids). Where the
-        candidates go through the embedding (few of them, no table), both are one gather: each gather's
-        backward is a zero-filled dense (n_items + 1, D) gradient, and the two were summed, every step
-        (Beauty, study protocol: ~30% of a ComiRec-DR step). Features and gradients are the same, up to
-        the order in which one item's gradient rows are summed."""
+        ids). Where the candidates go through the embedding (few of them, no table), both are one gather:
+        each gather's backward is a zero-filled dense (n_items + 1, D) gradient, and the two were summed,
+        every step (Beauty, study protocol: ~30% of a ComiRec-DR step). Features and gradients are the
+        same, up to the order in which one item's gradient rows are summed."""
         if ids is None:
             return self.item_emb(inputs), None
         if table is not None or ids.numel() > self.n_items + 1:
