@@ -85,6 +85,78 @@ class _PReLURows(torch.autograd.Function):
         return g * slope, (g * x.clamp(max=0)).sum(0)
 
 
+class _DINPairs(torch.autograd.Function):
+    """DIN's activation unit over every (candidate, history item) pair, y[b, n, s] = sum_h w_h PReLU(z)[b, n, h, s]
+    with z[b, n, h, s] = ps[b, s, h] + qc[b, n, h] + sum_d cand[b, n, d] r[h, d] h[b, s, d], forward and backward
+    by hand. The pairs are laid out (n, h, s): one batched matmul of (cand_n * r_h) rows (N H x D) by the
+    history (D x S) gives z, and its backward is two more. Autograd of the same arithmetic in the (n, s, h)
+    layout (checkpointed) recorded ~25 elementwise passes over z, the forward twice, and the (S, H, D) product
+    h_s * r_h per target block; this one makes about a dozen passes. With ``save`` z is kept for the backward
+    (memory: every chunk's z at once); without it z is recomputed there (one more matmul, z one chunk at a
+    time). ML-1M, sequence regime, 1 thread: 4.8 -> 3.3 s a step. ``DINReadout._pool`` (an einsum) is the
+    reference."""
+
+    @staticmethod
+    def _z(h, cand, ps, qc, r):
+        b, n, d = cand.shape
+        cr = (cand.unsqueeze(2) * r).view(b, n * r.shape[0], d)  # (B, N H, D)
+        z = torch.bmm(cr, h.transpose(1, 2)).view(b, n, r.shape[0], h.shape[1])
+        # ps transposed once (small): added as a strided view, it made this add 7x slower
+        return z.add_(ps.transpose(1, 2).contiguous().unsqueeze(1)).add_(qc.unsqueeze(-1)), cr
+
+    @staticmethod
+    def forward(ctx, h, cand, ps, qc, r, a, w, save: bool):
+        z, _ = _DINPairs._z(h, cand, ps, qc, r)
+        b, n, hid, s = z.shape
+        # y = sum_h w_h z + sum_h (a_h - 1) w_h min(z, 0): the linear part from z's factors (a (N, D) x (D, S)
+        # product), then one pass over the pairs (torch's PReLU over these shapes, channels in the middle, ran
+        # 2-3x slower than on rows). The weights as a real (B N, 1, H) tensor: an expanded one sends bmm to a
+        # copying per-matrix loop.
+        y = torch.bmm(cand * (w @ r), h.transpose(1, 2)).add_((ps @ w).unsqueeze(1)).add_((qc @ w).unsqueeze(-1))
+        zneg = z.clamp(max=0.0) if save else z.clamp_max_(0.0)  # z itself when not kept for the backward
+        wneg = ((a - 1) * w).view(1, 1, hid).expand(b * n, 1, hid).contiguous()
+        y.view(b * n, 1, s).baddbmm_(wneg, zneg.view(b * n, hid, s))
+        ctx.save = save
+        ctx.save_for_backward(h, cand, ps, qc, r, a, w, *((z,) if save else ()))
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        h, cand, ps, qc, r, a, w = ctx.saved_tensors[:7]
+        b, n, d = cand.shape
+        s, hid = h.shape[1], r.shape[0]
+        if ctx.save:
+            z = ctx.saved_tensors[7]
+            cr = (cand.unsqueeze(2) * r).view(b, n * hid, d)
+        else:
+            z, cr = _DINPairs._z(h, cand, ps, qc, r)
+        zf = z.view(b * n, hid, s)
+        gyf = gy.reshape(b * n, 1, s)
+        # PReLU's slope: 1 where z > 0, else a (z = 0 included, as torch's). u = [z > 0] from clamp and sign
+        # (torch.where over these shapes ran 6x slower than the four passes here)
+        zpos = zf.clamp(min=0)
+        zneg = zf - zpos
+        u = zpos.sign_()
+        dz = u.mul_(((1 - a) * w)[:, None]).add_((a * w)[:, None]).mul_(gyf)
+        # dw = sum gy PReLU(z) = sum gy z - (1 - a) sum gy min(z, 0), da = w sum gy min(z, 0); sum gy z from the
+        # factors of z (no pass over the pairs): ps . (sum_n gy) + qc . (sum_s gy) + cr . (gy h)
+        g2 = gy.reshape(b, n, s)
+        s_all = ((ps * g2.sum(1)[..., None]).sum((0, 1)) + (qc * g2.sum(2)[..., None]).sum((0, 1))
+                 + (cr.view(b, n, hid, d) * torch.bmm(g2, h)[:, :, None]).sum((0, 1, 3)))
+        s_neg = zneg.mul_(gyf).sum((0, 2))
+        dw = s_all - (1 - a) * s_neg
+        da = w * s_neg
+        dqc = dz.sum(-1).view(b, n, hid)
+        dps = dz.view(b, n, hid, s).sum(1).transpose(1, 2)
+        dzb = dz.view(b, n * hid, s)
+        dcr = torch.bmm(dzb, h).view(b, n, hid, d)
+        dh = torch.bmm(dzb.transpose(1, 2), cr)
+        dcand = (dcr * r).sum(2)  # (einsum's plans for these two ran bmm one matrix at a time)
+        dr = (dcr * cand.unsqueeze(2)).sum((0, 1))
+        return dh, dcand, dps, dqc, dr, da, dw, None
+
+
 class DINReadout(nn.Module):
     """DIN (Zhou et al. 2018): target attention. For a candidate c and each history item s, an
     activation unit MLP on [e_s, e_c, e_s - e_c, e_s * e_c] gives an UNNORMALISED weight (no softmax),
@@ -114,7 +186,11 @@ class DINReadout(nn.Module):
         """z: (B,T,C,S,H) first-layer activations -> pooled interests (B,T,C,D); padding (and, if
         causal, history after target position t0 + t) weighs 0."""
         w = self.w(_PReLURows.apply(z.flatten(0, -2), self.act.weight).view_as(z)).squeeze(-1)  # (B,T,C,S)
-        t, s = z.shape[1], z.shape[3]
+        return self._pool_from_weights(w, h, lengths, causal, t0)
+
+    def _pool_from_weights(self, w, h, lengths, causal: bool, t0: int):
+        """w: (B,T,C,S) attention weights -> pooled interests (B,T,C,D), masked as _pool_from_activations."""
+        t, s = w.shape[1], w.shape[3]
         valid = torch.arange(s, device=h.device)[None, :] < lengths[:, None]  # (B,S)
         mask = valid[:, None, None, :]
         if causal:
@@ -122,8 +198,11 @@ class DINReadout(nn.Module):
         w = w.masked_fill(~mask, 0.0)
         return self.out(torch.einsum("btcs,bsd->btcd", w, h))
 
-    # elements of the (B,T,C,S,H) activation tensor above which training goes chunk by chunk
-    MAX_PAIR_ELEMENTS = 64 * 2 ** 20
+    # elements of the (B,T,C,S,H) activation tensor above which training goes chunk by chunk (blocks of target
+    # positions over their visible history only). Was 64 Mi: one chunk then computed every (t, s) pair of a
+    # Beauty or Electronics batch (L 50), the masked half too. At 8 Mi, 1 thread: their long batches 1.2-1.4x
+    # faster, a whole epoch within noise (Beauty 5.8-6.4 s against 6.3-7.2), peak memory 0.9 GB against 2.3
+    MAX_PAIR_ELEMENTS = 8 * 2 ** 20
     # elements of one chunk: small enough to stay in the CPU's last-level cache between the matmul and
     # the elementwise passes (PReLU and its backward) that dominate; on 1 thread 2-8 Mi were alike
     # within noise and 64 Mi took twice as long
@@ -136,46 +215,71 @@ class DINReadout(nn.Module):
     EVAL_CHUNK_ELEMENTS = 2 ** 19
     # target positions per chunk (see train_scores)
     TARGET_BLOCK = 16
-    # False keeps every chunk's activations instead of recomputing them: one 128 x 200 batch then took
-    # 6.7 GB against 1.5 GB, for no clear gain in time (18-28 s against 21-22 s, 1 thread)
+    # ``_DINPairs`` keeps every chunk's pre-activations z for its backward while all of a step's z fit in
+    # this many bytes, else recomputes each chunk's there. ML-1M, sequence regime (batch 128, L 200: 2 GB of
+    # z), 1 thread: 3.3 s a step keeping z (3.4 GB peak), 3.6 s recomputing (1.1 GB); 4.8 s (1.5 GB) before
+    SAVE_PAIRS_BYTES = 3 * 2 ** 30
+    # the few-candidates form (autograd) recomputes each chunk in the backward pass (checkpoint), or with
+    # False keeps every chunk's activations: one 128 x 200 batch then took 6.7 GB against 1.5 GB
     CHECKPOINT = True
+
+    def _form(self, t: int, c: int, s: int) -> str:
+        """How a chunk of t target positions x c candidates over s history items is computed: "candidates"
+        (few a position, the instance regime's 5 at one: h_s * cand first, then a matmul with r), "pairs"
+        (training, s >= PAIRS_MIN_RATIO t c: ``_DINPairs``, whose (cand * r_h) rows cost t c H D) or "history"
+        (h_s * r_h first, S H D; evaluation's 100 candidates, short histories)."""
+        if t * c < self.r.shape[0]:
+            return "candidates"
+        return "pairs" if torch.is_grad_enabled() and s >= self.PAIRS_MIN_RATIO * t * c else "history"
+
+    # history items per candidate row from which training uses _DINPairs (see _form). 1 thread, sequence regime:
+    # Beauty 40.6 ms a step at 0.5, 44.1 at 1, 49.0 at 0 (every chunk); ML-1M 3.3-3.5 s at any of them
+    PAIRS_MIN_RATIO = 0.5
 
     def train_scores(self, h, lengths, cand):
         b, t, c, _ = cand.shape
         s, hid = h.shape[1], self.r.shape[0]
-        if b * t * c * s * hid <= self.MAX_PAIR_ELEMENTS:  # _pool's arithmetic (its reference) as one baddbmm
+        if b * t * c * s * hid <= self.MAX_PAIR_ELEMENTS:  # _pool's arithmetic (its reference) in one chunk
             return self._pool_chunk(h, lengths, cand, 0)
         # Long sequences (ML-1M, L 200): the activation tensor is O(L^2) per sequence and would need
         # ~20 GB at batch 128. Go over (users, target positions) in chunks; a chunk ending at t1 only
         # sees history s < t1 (the causal mask zeroes the rest, so slicing it off is exact and halves
-        # the work), and checkpointing keeps only each chunk's scores for the backward pass.
-        # Blocks of TARGET_BLOCK target positions waste only their own upper triangle (about
+        # the work). Blocks of TARGET_BLOCK target positions waste only their own upper triangle (about
         # TARGET_BLOCK / 2L of the work); several users a chunk fill a cache-sized budget. Candidates are
         # split() (not sliced: the backward of a slice writes a zero tensor of the whole input).
         tstep = min(t, self.TARGET_BLOCK)
         bstep = max(1, min(b, self.CHUNK_ELEMENTS // (c * hid * tstep * s)))
+        pairs = b * c * hid * sum(min(tstep, t - t0) * min(s, t0 + tstep) for t0 in range(0, t, tstep))
+        save = pairs * h.element_size() <= self.SAVE_PAIRS_BYTES
         rows = []
         for hb, lb, cb in zip(h.split(bstep), lengths.split(bstep), cand.split(bstep)):
             cols = []
             for t0, cbt in zip(range(0, t, tstep), cb.split(tstep, 1)):
                 args = (hb[:, :t0 + cbt.shape[1]], lb, cbt, t0)
-                cols.append(checkpoint(self._pool_chunk, *args, use_reentrant=False) if self.CHECKPOINT
-                            else self._pool_chunk(*args))
+                recompute = self.CHECKPOINT and self._form(cbt.shape[1], c, args[0].shape[1]) != "pairs"
+                cols.append(checkpoint(self._pool_chunk, *args, use_reentrant=False) if recompute
+                            else self._pool_chunk(*args, save=save))
             rows.append(torch.cat(cols, 1))
         return torch.cat(rows, 0)
 
-    def _pool_chunk(self, h, lengths, cand, t0: int):
-        """Scores of one chunk: the arithmetic of _pool, with P h_s added by the batched matmul itself."""
+    def _pool_chunk(self, h, lengths, cand, t0: int, save: bool = True):
+        """Scores of one chunk: the arithmetic of _pool in the form ``_form`` picks (``save``: _DINPairs keeps
+        its z for the backward)."""
         b, t, c, d = cand.shape
         s, hid = h.shape[1], self.r.shape[0]
-        if t * c < hid:  # few candidates (the instance regime's 5): h_s * cand first, then one matmul with r
-            hc = h[:, None, :, :] * cand.reshape(b, t * c, 1, d)  # (B, TC, S, D)
-            z = (hc @ self.r.T).view(b, t, c, s, hid) + self.p(h)[:, None, None]
-        else:  # many: h_s * r_h first (B, S*H, D), one batched matmul with the candidates
+        form = self._form(t, c, s)
+        if form == "pairs":
+            y = _DINPairs.apply(h, cand.reshape(b, t * c, d), self.p(h), self.q(cand).view(b, t * c, hid), self.r,
+                                self.act.weight, self.w.weight.view(hid), save)
+            return (self._pool_from_weights(y.view(b, t, c, s) + self.w.bias, h, lengths, True, t0) * cand).sum(-1)
+        if form == "history":  # h_s * r_h first (B, S H, D): its (D x S H) product with the candidates is z in an
+            # (s, h) layout. ML-1M's evaluation: 9.5 s against 10.3 as _DINPairs (100 candidates x H x D a user)
             hr = (h[:, :, None, :] * self.r).reshape(b, s * hid, d)
-            # z[b,tc,(s,h)] = P h_s + sum_d (h_s * r_h)[d] cand[d] + Q cand
             z = torch.baddbmm(self.p(h).reshape(b, 1, s * hid), cand.reshape(b, t * c, d), hr.transpose(1, 2))
             z = z.view(b, t, c, s, hid)
+        else:  # few candidates (the instance regime's 5 at one position): h_s * cand first, then one matmul with r
+            hc = h[:, None, :, :] * cand.reshape(b, t * c, 1, d)  # (B, TC, S, D)
+            z = (hc @ self.r.T).view(b, t, c, s, hid) + self.p(h)[:, None, None]
         z = z + self.q(cand)[:, :, :, None, :]
         return (self._pool_from_activations(z, h, lengths, True, t0) * cand).sum(-1)
 

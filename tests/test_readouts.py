@@ -190,11 +190,14 @@ def test_comirec_sa_logits_without_tanh_equal_the_plain_form():
             torch.testing.assert_close(a, b, rtol=0, atol=tol * b.abs().max().item())
 
 
-def test_din_batched_matmul_form_equals_the_einsum_reference():
-    """DIN's scores run as one baddbmm (_pool_chunk); _pool's plain einsum is the reference: the same
-    scores and gradients, for training (causal, every position) and evaluation (the last position)."""
+@pytest.mark.parametrize("pairs_min_ratio", [1.0, 0.0])
+def test_din_batched_matmul_form_equals_the_einsum_reference(pairs_min_ratio):
+    """DIN's scores run as batched matmuls (_pool_chunk's three forms); _pool's plain einsum is the reference:
+    the same scores and gradients, for training (causal, every position) and evaluation (the last position).
+    With PAIRS_MIN_RATIO 0 the many-candidates chunks run as _DINPairs, else (9 items < 45 rows) h_s * r_h first."""
     torch.manual_seed(0)
     r = build_readout("din", D).double()
+    r.PAIRS_MIN_RATIO = pairs_min_ratio
     h = torch.randn(4, 9, D, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([9, 5, 1, 3])
     train = (lambda c: r.train_scores(h, lengths, c), lambda c: (r._pool(h, lengths, c, causal=True) * c).sum(-1))
@@ -297,3 +300,74 @@ def test_din_prelu_backward_is_torchs():
         torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(_PReLURows.apply, (torch.randn(9, 4, dtype=torch.float64, requires_grad=True),
                                                        torch.rand(4, dtype=torch.float64, requires_grad=True)))
+
+
+@pytest.mark.parametrize("save", [True, False])
+def test_din_pairs_function_matches_autograd_of_the_plain_form(save):
+    """DIN's activation unit by hand (_DINPairs: z in an (n, h, s) layout, PReLU and its slope-weighted sum, a
+    backward without autograd, z kept or recomputed) against autograd of the plain arithmetic, float64: values
+    and all seven gradients, with exact zeros in z (where torch's PReLU takes the slope a), and gradcheck."""
+    from benchbox.readouts import _DINPairs
+    torch.manual_seed(0)
+    b, n, s, hid = 3, 7, 5, 6
+    f64 = dict(dtype=torch.float64)
+    h, cand = torch.randn(b, s, D, **f64), torch.randn(b, n, D, **f64)
+    ps, qc = torch.randn(b, s, hid, **f64), torch.randn(b, n, hid, **f64)
+    r, a, w = torch.randn(hid, D, **f64), torch.rand(hid, **f64), torch.randn(hid, **f64)
+    cand[1, 2] = 0.0  # candidate (1, 2): z = ps + qc; made exactly 0 at every history item for unit 3
+    qc[1, 2, 3] = 1.5
+    ps[1, :, 3] = -1.5
+    inputs = [t.clone().requires_grad_(True) for t in (h, cand, ps, qc, r, a, w)]
+
+    def pre(h, cand, ps, qc, r):  # z (B, N, H, S)
+        return ps.transpose(1, 2)[:, None] + qc[..., None] + torch.einsum("bnd,hd,bsd->bnhs", cand, r, h)
+
+    def plain(h, cand, ps, qc, r, a, w):
+        z = pre(h, cand, ps, qc, r)
+        return (torch.nn.functional.prelu(z.transpose(1, 2), a).transpose(1, 2) * w[:, None]).sum(2)
+
+    z = pre(h, cand, ps, qc, r)
+    assert (z[1, 2, 3] == 0).all() and (z != 0).sum() == z.numel() - s
+    gy = torch.randn(b, n, s, **f64)
+    fast = _DINPairs.apply(*inputs, save)
+    ref = plain(*inputs)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-12)
+    for u, v in zip(torch.autograd.grad((fast * gy).sum(), inputs), torch.autograd.grad((ref * gy).sum(), inputs)):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+    # gradcheck away from the kink (finite differences straddle z = 0): fresh inputs, smaller
+    g = torch.Generator().manual_seed(1)
+    shapes = ((2, 3, D), (2, 4, D), (2, 3, hid), (2, 4, hid), (hid, D))
+    small = [torch.randn(*sh, generator=g, **f64) for sh in shapes] + [torch.rand(hid, generator=g, **f64),
+                                                                       torch.randn(hid, generator=g, **f64)]
+    assert torch.autograd.gradcheck(lambda *x: _DINPairs.apply(*x, save), [t.requires_grad_(True) for t in small])
+
+
+def test_din_training_keeps_or_recomputes_the_pairs_by_its_byte_budget():
+    """Long sequences: _DINPairs keeps every chunk's z while the step's pairs fit SAVE_PAIRS_BYTES, else
+    recomputes them in the backward: the same scores and gradients to the bit either way."""
+    from benchbox import readouts
+    torch.manual_seed(0)
+    r = build_readout("din", D).double()
+    b, L, C = 3, 16, 5
+    h = torch.randn(b, L, D, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([16, 7, 2])
+    cand = torch.randn(b, L, C, D, dtype=torch.float64, requires_grad=True)
+    r.MAX_PAIR_ELEMENTS, r.CHUNK_ELEMENTS, r.TARGET_BLOCK = 0, C * 36 * 8 * L * 2, 8
+    r.PAIRS_MIN_RATIO = 0.0  # every chunk (8 positions x 5 candidates >= 36 units) as _DINPairs
+    saved = []
+    real = readouts._DINPairs.apply
+    readouts._DINPairs.apply = lambda *x: saved.append(x[-1]) or real(*x)
+    try:
+        outs = []
+        for budget in (10 ** 12, 0):
+            r.SAVE_PAIRS_BYTES = budget
+            out = r.train_scores(h, lengths, cand)
+            outs.append((out, torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                                                  [h, cand, *r.parameters()])))
+    finally:
+        readouts._DINPairs.apply = real
+    n = len(saved) // 2
+    assert n >= 4 and saved == [True] * n + [False] * n  # 2 user chunks x 2 target blocks, each way
+    assert torch.equal(outs[0][0], outs[1][0])
+    for u, v in zip(outs[0][1], outs[1][1]):
+        assert torch.equal(u, v)
