@@ -735,6 +735,10 @@ def _tok_at_positions(tok: torch.Tensor, inmb: torch.Tensor, S: int) -> torch.Te
     return tok.repeat(-(-S // K))[:S]
 
 
+# a ragged last chunk runs on its own when its padding would exceed 1/TAIL_SPLIT_MIN_PAD of the sequence
+TAIL_SPLIT_MIN_PAD = 8
+
+
 def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma, beta,
              mini_batch_size: int, mb_per_chunk: int, need_state: bool = False):
     """Same contract as ``ttt_reference``, and ``params`` may also be the layer's own (H, ...) weights,
@@ -769,9 +773,10 @@ def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma
             # a short sequence (the study's window of 10) is one chunk: a second, padded chunk costs more
             # than materialising W once saves (CPU, 1 thread: L 10 mbs 1 21 ms in one chunk, 36 ms in two)
             g = n_mb
-        elif L % (g * K):
-            # a ragged tail: the whole chunks, then the tail alone from their final weights, instead of padding
-            # the last chunk (L 50 with mini-batches of 16 computed 64 positions)
+        elif L % (g * K) and (g * K - L % (g * K)) * TAIL_SPLIT_MIN_PAD > L:
+            # a ragged tail that would pad much: the whole chunks, then the tail alone from their final weights
+            # (L 50 with mini-batches of 16 computed 64 positions). Kernel ratios, 2 threads, split / padded:
+            # L 50 mbs 16 1.87-1.94x / 1.75-1.79x; L 200 (8 padded of 208) 2.10-2.21x / 2.17-2.26x, so padded
             # (split, not sliced: a slice's backward writes a zero tensor of the whole input)
             cut = L - L % (g * K)
             (q1, q2), (k1, k2), (v1, v2), (lr1, lr2) = (t.split([cut, L - cut], 1) for t in (q, k, v, lr))
