@@ -98,15 +98,20 @@ def test_comirec_dr_unit_inputs_route_the_scaled_features():
         build_readout("comirec_dr", D, inputs="raw")
 
 
+def _din_batch(L: int, C: int, lengths: list[int]):
+    """A float64 DIN readout and a training batch of len(lengths) users: h (B, L, D), lengths, cand (B, L, C, D)."""
+    torch.manual_seed(0)
+    r = build_readout("din", D).double()
+    h = torch.randn(len(lengths), L, D, dtype=torch.float64, requires_grad=True)
+    cand = torch.randn(len(lengths), L, C, D, dtype=torch.float64, requires_grad=True)
+    return r, h, torch.tensor(lengths), cand
+
+
 def test_din_chunked_training_equals_one_pass():
     """Long sequences go over target positions in checkpointed chunks, each over its visible history
     only: the scores and every gradient must equal the one-pass computation."""
-    torch.manual_seed(0)
-    r = build_readout("din", D).double()
-    b, L, C = 3, 11, 4
-    h = torch.randn(b, L, D, dtype=torch.float64, requires_grad=True)
-    lengths = torch.tensor([11, 7, 2])
-    cand = torch.randn(b, L, C, D, dtype=torch.float64, requires_grad=True)
+    L, C = 11, 4
+    r, h, lengths, cand = _din_batch(L, C, [11, 7, 2])
 
     def run(limit, chunk=0):
         r.MAX_PAIR_ELEMENTS, r.CHUNK_ELEMENTS = limit, chunk
@@ -342,30 +347,23 @@ def test_din_pairs_function_matches_autograd_of_the_plain_form(save):
     assert torch.autograd.gradcheck(lambda *x: _DINPairs.apply(*x, save), [t.requires_grad_(True) for t in small])
 
 
-def test_din_training_keeps_or_recomputes_the_pairs_by_its_byte_budget():
+def test_din_training_keeps_or_recomputes_the_pairs_by_its_byte_budget(monkeypatch):
     """Long sequences: _DINPairs keeps every chunk's z while the step's pairs fit SAVE_PAIRS_BYTES, else
     recomputes them in the backward: the same scores and gradients to the bit either way."""
     from benchbox import readouts
-    torch.manual_seed(0)
-    r = build_readout("din", D).double()
-    b, L, C = 3, 16, 5
-    h = torch.randn(b, L, D, dtype=torch.float64, requires_grad=True)
-    lengths = torch.tensor([16, 7, 2])
-    cand = torch.randn(b, L, C, D, dtype=torch.float64, requires_grad=True)
+    L, C = 16, 5
+    r, h, lengths, cand = _din_batch(L, C, [16, 7, 2])
     r.MAX_PAIR_ELEMENTS, r.CHUNK_ELEMENTS, r.TARGET_BLOCK = 0, C * 36 * 8 * L * 2, 8
     r.PAIRS_MIN_RATIO = 0.0  # every chunk (8 positions x 5 candidates >= 36 units) as _DINPairs
     saved = []
     real = readouts._DINPairs.apply
-    readouts._DINPairs.apply = lambda *x: saved.append(x[-1]) or real(*x)
-    try:
-        outs = []
-        for budget in (10 ** 12, 0):
-            r.SAVE_PAIRS_BYTES = budget
-            out = r.train_scores(h, lengths, cand)
-            outs.append((out, torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
-                                                  [h, cand, *r.parameters()])))
-    finally:
-        readouts._DINPairs.apply = real
+    monkeypatch.setattr(readouts._DINPairs, "apply", lambda *x: saved.append(x[-1]) or real(*x))
+    outs = []
+    for budget in (10 ** 12, 0):
+        r.SAVE_PAIRS_BYTES = budget
+        out = r.train_scores(h, lengths, cand)
+        outs.append((out, torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                                              [h, cand, *r.parameters()])))
     n = len(saved) // 2
     assert n >= 4 and saved == [True] * n + [False] * n  # 2 user chunks x 2 target blocks, each way
     assert torch.equal(outs[0][0], outs[1][0])
