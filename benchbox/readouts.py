@@ -269,8 +269,13 @@ class DINReadout(nn.Module):
         s, hid = h.shape[1], self.r.shape[0]
         form = self._form(t, c, s)
         if form == "pairs":
-            y = _DINPairs.apply(h, cand.reshape(b, t * c, d), self.p(h), self.q(cand).view(b, t * c, hid), self.r,
-                                self.act.weight, self.w.weight.view(hid), save)
+            args = (h, cand.reshape(b, t * c, d), self.p(h), self.q(cand).view(b, t * c, hid), self.r,
+                    self.act.weight, self.w.weight.view(hid))
+            if torch.is_autocast_enabled(h.device.type):  # one dtype throughout the hand-written passes: float32
+                with torch.autocast(h.device.type, enabled=False):
+                    y = _DINPairs.apply(*(x.float() for x in args), save)
+            else:
+                y = _DINPairs.apply(*args, save)
             return (self._pool_from_weights(y.view(b, t, c, s) + self.w.bias, h, lengths, True, t0) * cand).sum(-1)
         if form == "history":  # h_s * r_h first (B, S H, D): its (D x S H) product with the candidates is z in an
             # (s, h) layout. ML-1M's evaluation: 9.5 s against 10.3 as _DINPairs (100 candidates x H x D a user)

@@ -369,3 +369,22 @@ def test_din_training_keeps_or_recomputes_the_pairs_by_its_byte_budget(monkeypat
     assert torch.equal(outs[0][0], outs[1][0])
     for u, v in zip(outs[0][1], outs[1][1]):
         assert torch.equal(u, v)
+
+
+def test_din_pairs_run_in_float32_under_bfloat16_autocast():
+    """Under autocast (``--dtype bfloat16``) the hand-written _DINPairs gets one dtype, float32: training's
+    scores and gradients stay finite and close to the float32 run's (they crashed on mixed dtypes before)."""
+    torch.manual_seed(0)
+    r = build_readout("din", D)
+    r.PAIRS_MIN_RATIO = 0.0
+    h = torch.randn(2, 9, D, requires_grad=True)
+    cand = torch.randn(2, 9, 5, D, requires_grad=True)
+    lengths = torch.tensor([9, 4])
+    ref = r.train_scores(h, lengths, cand)
+    g_ref, = torch.autograd.grad(ref.sum(), h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = r.train_scores(h, lengths, cand)
+    g, = torch.autograd.grad(out.float().sum(), h)
+    assert torch.isfinite(out).all() and torch.isfinite(g).all()
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+    torch.testing.assert_close(g, g_ref, rtol=0.05, atol=0.05 * g_ref.abs().max().item())
