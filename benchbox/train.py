@@ -322,6 +322,11 @@ def is_compile_failure(e: BaseException) -> bool:
     return any(c.__module__.startswith(("torch._dynamo", "torch._inductor")) for c in type(e).__mro__)
 
 
+def error_line(e: BaseException, width: int = 200) -> str:
+    """``Type: the last line of its message`` (cut to ``width``): a long compiler error told in one line."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:width]}"
+
+
 def _train_epoch(model, opt, loader, dev, amp, progress, epoch, epochs):
     total, n_tok, n_batches = 0.0, 0, len(loader)
     task = progress.add_task(f"epoch {epoch}/{epochs}", total=n_batches, loss=float("nan"), tps=0.0) \
@@ -335,8 +340,7 @@ def _train_epoch(model, opt, loader, dev, amp, progress, epoch, epochs):
             raise Diverged(f"{e} at epoch {epoch}, step {step + 1}") from None
         except Exception as e:
             if is_compile_failure(e):  # torch.compile's own failure (forward or backward graph): one clear line
-                first = (str(e).strip().splitlines() or [""])[-1][:200]
-                raise BenchboxError(f"torch.compile failed on this model and machine ({type(e).__name__}: {first}) "
+                raise BenchboxError(f"torch.compile failed on this model and machine ({error_line(e)}) "
                                     f"at epoch {epoch}, step {step + 1}; run without --compile") from e
             raise
         total += value * tok

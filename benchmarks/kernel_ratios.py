@@ -40,7 +40,7 @@ import mixers  # noqa: E402
 from benchbox import BenchboxError  # noqa: E402
 from benchbox.efficiency import CLOCK_HELP, CLOCKS, cpu_allocator, pick_clock  # noqa: E402
 from benchbox.results import append_rows  # noqa: E402
-from benchbox.train import is_compile_failure  # noqa: E402
+from benchbox.train import error_line, is_compile_failure  # noqa: E402
 
 OFFICIAL_URL = ("https://raw.githubusercontent.com/test-time-training/ttt-lm-pytorch/"
                 "6990c68c979a0dd4d8fca41cc93e11e83d89914e/ttt.py")
@@ -207,7 +207,7 @@ def main(argv=None):
         except Exception as e:  # torch.compile's own failure: the case's eager columns still stand
             if not (a.compile and is_compile_failure(e)):
                 raise
-            compile_failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:120]}"
+            compile_failed = error_line(e, 120)
             t_ours, t_ref = time_interleaved(cases[:2], x, max(a.warmup, 1), a.repeats, clock)
             t_comp = []
         tok = a.batch_size * L
