@@ -98,8 +98,16 @@ def ln_l2_grad(z: torch.Tensor, gamma: torch.Tensor, gt: torch.Tensor, eps: floa
     return rstd * (gx - gx.mean(-1, keepdim=True) - xh * (gx * xh).mean(-1, keepdim=True))
 
 
+def _unit_affine(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight 1 and bias 0 for a layer norm over z's last dim: torch's CPU layer norm forward (2.13) without
+    weight and bias takes a slower path, 1.7x the time at rows of 32 (528 against 312 us at 3 x 256 x 16 x
+    32), with the same bits (its backward is not slower without them, so ``_ln_bwd`` is called bare)."""
+    D = z.shape[-1]
+    return z.new_ones(D), z.new_zeros(D)
+
+
 def ttt_layer_norm(z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
-    return torch.addcmul(beta, F.layer_norm(z, z.shape[-1:], eps=eps), gamma)
+    return torch.addcmul(beta, F.layer_norm(z, z.shape[-1:], *_unit_affine(z), eps=eps), gamma)
 
 
 def rope_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float):
@@ -255,6 +263,84 @@ def _from_chunks(t: torch.Tensor, B: int, H: int, L: int) -> torch.Tensor:
     return t.reshape(n, H, B, S, D).permute(2, 0, 3, 1, 4).reshape(B, n * S, H, D)[:, :L]
 
 
+
+class _ToChunksAndTail(torch.autograd.Function):
+    """(B, L, H, D) -> the whole chunks (nc, H B, S, D) of its first nc S positions and the rest as one
+    short chunk (1, H B, L - nc S, D), rows head-major as ``_to_chunks``. One permuting copy each way: a
+    split's backward would be a cat of the two gradients, and a slice's a zero-filled (B, L, H, D) each."""
+
+    @staticmethod
+    def forward(ctx, t, nc, S):
+        B, L, H, D = t.shape
+        ctx.nc, ctx.S, ctx.shape = nc, S, t.shape
+        cut = nc * S
+        main = t[:, :cut].reshape(B, nc, S, H, D).permute(1, 3, 0, 2, 4).reshape(nc, H * B, S, D)
+        tail = t[:, cut:].reshape(B, 1, L - cut, H, D).permute(1, 3, 0, 2, 4).reshape(1, H * B, L - cut, D)
+        return main, tail
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dmain, dtail):
+        nc, S, (B, L, H, D) = ctx.nc, ctx.S, ctx.shape
+        cut = nc * S
+        dt = dmain.new_zeros(ctx.shape) if dmain is None or dtail is None else dmain.new_empty(ctx.shape)
+        if dmain is not None:
+            dt[:, :cut].view(B, nc, S, H, D).copy_(dmain.view(nc, H, B, S, D).permute(2, 0, 3, 1, 4))
+        if dtail is not None:
+            dt[:, cut:].view(B, 1, L - cut, H, D).copy_(dtail.view(1, H, B, L - cut, D).permute(2, 0, 3, 1, 4))
+        return dt, None, None
+
+
+class _FromChunksAndTail(torch.autograd.Function):
+    """The inverse of ``_ToChunksAndTail``: whole chunks (nc, H B, S, D) and a short one (1, H B, r, D) ->
+    (B, nc S + r, H, D), contiguous, with no cat forward nor split backward."""
+
+    @staticmethod
+    def forward(ctx, main, tail, B, H):
+        nc, _, S, D = main.shape
+        r = tail.shape[2]
+        out = main.new_empty(B, nc * S + r, H, D)
+        out[:, :nc * S].view(B, nc, S, H, D).copy_(main.view(nc, H, B, S, D).permute(2, 0, 3, 1, 4))
+        out[:, nc * S:].view(B, 1, r, H, D).copy_(tail.view(1, H, B, r, D).permute(2, 0, 3, 1, 4))
+        ctx.dims = nc, S, r, H
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d):
+        nc, S, r, H = ctx.dims
+        B, _, _, D = d.shape
+        cut = nc * S
+        dmain = d[:, :cut].reshape(B, nc, S, H, D).permute(1, 3, 0, 2, 4).reshape(nc, H * B, S, D)
+        dtail = d[:, cut:].reshape(B, 1, r, H, D).permute(1, 3, 0, 2, 4).reshape(1, H * B, r, D)
+        return dmain, dtail, None, None
+
+
+def _dual_coefs(qc, kc, lrc, tokd, K: int, g: int):
+    """The W-independent coefficients of chunks (n, BH, S, D) of g mini-batches of K tokens (a chunk shorter
+    than g K has a short last mini-batch): P = (Q K^T + 1) coef, M (None when g == 1), coef, e. Tm[t, s]: tok
+    of t for s <= t in t's mini-batch, tok_last for s in an earlier mini-batch of the chunk, 0 otherwise;
+    the update of W at the chunk end uses e = tok_last * lr."""
+    n, BH, S, _ = kc.shape
+    dev, dt = kc.device, kc.dtype
+    pos = torch.arange(S, device=dev)
+    mb, inmb = pos // K, pos % K
+    same = (mb[:, None] == mb[None, :]) & (pos[None, :] <= pos[:, None])
+    cross = mb[None, :] < mb[:, None]
+    tok_last = tokd[K - 1]
+    Tm = torch.where(same, _tok_at_positions(tokd, inmb, S)[:, None], torch.zeros((), dtype=dt, device=dev))
+    if g > 1:
+        Tm = Tm + cross.to(dt) * tok_last
+    coef = Tm * lrc.transpose(-1, -2)  # (n, BH, S, S)
+    e = tok_last * lrc  # (n, BH, S, 1)
+    flat = lambda t: t.reshape(n * BH, *t.shape[2:])  # noqa: E731
+    P = (torch.bmm(flat(qc), flat(kc).transpose(1, 2)).view(n, BH, S, S) + 1.0) * coef
+    M = None
+    if g > 1:
+        KK = torch.bmm(flat(kc), flat(kc).transpose(1, 2)).view(n, BH, S, S)
+        M = (KK + 1.0) * (cross.to(dt) * e.transpose(-1, -2))
+    return P, M, coef, e
+
 # --------------------------------------------------------------------------------------------------
 # hand-written forward/backward of one chunk of the TTT-MLP scan (no autograd inside)
 # --------------------------------------------------------------------------------------------------
@@ -330,7 +416,7 @@ def _lnl2_grad_rows(z, gam2, ngt, eps=LN_EPS):
     if z.shape[1] > 2:
         return _lnl2_fwd(z, gam2, ngt.neg(), eps)[0]
     D = z.shape[-1]
-    xh, mean, rstd = torch.native_layer_norm(z, [D], None, None, eps)
+    xh, mean, rstd = torch.native_layer_norm(z, [D], *_unit_affine(z), eps)
     return _ln_bwd(torch.addcmul(ngt, gam2, xh), z, [D], mean, rstd, None, None, [True, False, False])[0]
 
 
@@ -583,6 +669,10 @@ class _MLPChunk(torch.autograd.Function):
         return (dkq, dW1, db1, dW2, db2, dgt, dgam2, dP, dcoef, dM, de.transpose(1, 2), None, None, None)
 
 
+def _at(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
+    return None if t is None else t[i]
+
+
 class _LinearChunks(torch.autograd.Function):
     """The whole TTT-Linear scan over ``nc`` chunks (g mini-batches of K tokens, S = g K), per (batch, head)
     row, with a hand-written backward: autograd would record ~15 small ops per chunk and materialise
@@ -594,63 +684,80 @@ class _LinearChunks(torch.autograd.Function):
     copied per row (L 10 mbs 10, B 128, H 2, D 32, CPU: 1.75x -> 1.99x the official layer, eager);
     gt = gamma (target - beta) (nc, BH, S, D); gam2 = gamma^2 (BH, 1, D); P (nc, BH, S, S) the Q-side dual
     coefficients (already times Q.K + 1); M (nc, BH, S, S) the K-side coefficients of earlier mini-batches
-    of the chunk (None when g == 1); e (nc, BH, S, 1) = tok_last * lr. Returns the pre-norm Q-side output
-    (nc, BH, S, D) and, with ``need_state``, the weights after the last chunk."""
+    of the chunk (None when g == 1); e (nc, BH, S, 1) = tok_last * lr. Optionally a ragged tail after the
+    whole chunks: kt, qt, gtt, Pt, Mt, et, the same with one chunk of r < S rows (Mt None when r <= K), so
+    that no padded row is ever computed. Returns the pre-norm Q-side output (nc, BH, S, D), then the tail's
+    (1, BH, r, D) when there is one, then with ``need_state`` (no tail) the weights after the last chunk."""
 
     @staticmethod
-    def forward(ctx, kc, qc, W0, b0, gt, gam2, P, M, e, K, g, need_state):
+    def forward(ctx, kc, qc, W0, b0, gt, gam2, P, M, e, K, g, need_state, kt=None, qt=None, gtt=None, Pt=None,
+                Mt=None, et=None):
         nc, BH, S, D = kc.shape
+        tail = kt is not None
+        if need_state and tail:
+            raise ValueError("need_state requires whole chunks")
         H = W0.shape[0]
         shared = H != BH
         Zq = kc.new_empty(nc, BH, S, D)
+        Zt = kt.new_empty(kt.shape) if tail else None
         Ws, Gs, saved = [], [], []  # per chunk: weights at its start, G, what lnl2's backward needs
         W, b = W0, b0
-        for c in range(nc):
+        n = nc + tail
+        for c in range(n):
+            if c < nc:
+                k_c, q_c, gt_c, P_c, M_c, e_c, Z_c = (_at(t, c) for t in (kc, qc, gt, P, M, e, Zq))
+                g_c = g
+            else:
+                k_c, q_c, gt_c, P_c, M_c, e_c, Z_c = (_at(t, 0) for t in (kt, qt, gtt, Pt, Mt, et, Zt))
+                g_c = -(-kt.shape[2] // K)
+            S_c = k_c.shape[1]
             Ws.append(W)
             heads = shared and c == 0  # W, b: (H, D, D), (H, 1, D); rows h B + b are head h's
             if heads:
-                Zk = torch.baddbmm(b, kc[c].view(H, -1, D), W).view(BH, S, D)
+                Zk = torch.baddbmm(b, k_c.view(H, -1, D), W).view(BH, S_c, D)
             else:
-                Zk = torch.baddbmm(b, kc[c], W)
-            if g == 1:
-                xh, mean, rstd, gxl = _lnl2_stats(Zk, gam2, gt[c])
+                Zk = torch.baddbmm(b, k_c, W)
+            if g_c == 1:
+                xh, mean, rstd, gxl = _lnl2_stats(Zk, gam2, gt_c)
                 G = _lnl2_from_stats(xh, rstd, gxl)
             else:  # the mini-batches of the chunk one after the other, in dual form: only G is sequential
-                G, ngt = torch.empty_like(Zk), gt[c].neg()
-                for m in range(g):
+                G, ngt = torch.empty_like(Zk), gt_c.neg()
+                for m in range(g_c):
                     R, E = slice(m * K, (m + 1) * K), m * K
                     z = Zk[:, R]
                     if m:  # Zk becomes the z of every row, in place (it is this loop's own tensor)
-                        z.sub_(_rows_times(M[c, :, R, :E], G[:, :E]))
+                        z.sub_(_rows_times(M_c[:, R, :E], G[:, :E]))
                     G[:, R] = _lnl2_grad_rows(z, gam2, ngt[:, R])
-                xh, mean, rstd, gxl = _lnl2_stats(Zk, gam2, gt[c])  # what the backward reads, all rows at once
+                xh, mean, rstd, gxl = _lnl2_stats(Zk, gam2, gt_c)  # what the backward reads, all rows at once
             saved.append((Zk, xh, mean, rstd, gxl))
             Gs.append(G)
             if heads:
-                torch.baddbmm(b, qc[c].view(H, -1, D), W, out=Zq[c].view(H, -1, D))
-                Zq[c].baddbmm_(P[c], G, alpha=-1.0)
+                torch.baddbmm(b, q_c.view(H, -1, D), W, out=Z_c.view(H, -1, D))
+                Z_c.baddbmm_(P_c, G, alpha=-1.0)
             else:
-                torch.baddbmm(b, qc[c], W, out=Zq[c]).baddbmm_(P[c], G, alpha=-1.0)
-            if c < nc - 1 or need_state:
-                eG = e[c] * G
+                torch.baddbmm(b, q_c, W, out=Z_c).baddbmm_(P_c, G, alpha=-1.0)
+            if c < n - 1 or need_state:
+                eG = e_c * G
                 if heads:  # from here on every row has its own weights
-                    W = torch.sub(W.unsqueeze(1), torch.bmm(kc[c].transpose(1, 2), eG).view(H, -1, D, D)).view(BH, D, D)
+                    W = torch.sub(W.unsqueeze(1), torch.bmm(k_c.transpose(1, 2), eG).view(H, -1, D, D)).view(BH, D, D)
                     b = torch.sub(b.unsqueeze(1), eG.sum(1, keepdim=True).view(H, -1, 1, D)).view(BH, 1, D)
                 else:
-                    W = torch.baddbmm(W, kc[c].transpose(1, 2), eG, alpha=-1.0)
+                    W = torch.baddbmm(W, k_c.transpose(1, 2), eG, alpha=-1.0)
                     b = b - eG.sum(1, keepdim=True)
-        ctx.K, ctx.g, ctx.need_state = K, g, need_state
+        ctx.K, ctx.g, ctx.need_state, ctx.tail = K, g, need_state, tail
         ctx.Ws, ctx.Gs, ctx.lnl2 = Ws, Gs, saved  # intermediates (not inputs/outputs): plain attributes
-        ctx.save_for_backward(kc, qc, gam2, P, M, e)
+        ctx.save_for_backward(kc, qc, gam2, P, M, e, kt, qt, Pt, Mt, et)
         if need_state:
             return Zq, W, b
-        return Zq
+        return (Zq, Zt) if tail else Zq
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dZq, dWn=None, dbn=None):
-        kc, qc, gam2, P, M, e = ctx.saved_tensors
-        K, g = ctx.K, ctx.g
+    def backward(ctx, dZq, *more):
+        kc, qc, gam2, P, M, e, kt, qt, Pt, Mt, et = ctx.saved_tensors
+        K, g, tail = ctx.K, ctx.g, ctx.tail
+        dZt = more[0] if tail else None
+        dWn, dbn = (more[0], more[1]) if ctx.need_state else (None, None)
         nc, BH, S, D = kc.shape
         H = ctx.Ws[0].shape[0]
         shared = H != BH
@@ -659,7 +766,12 @@ class _LinearChunks(torch.autograd.Function):
         dk, dq, dgt = torch.empty_like(kc), torch.empty_like(qc), torch.empty_like(kc)
         dP = torch.empty_like(P)
         dM = torch.empty_like(M) if M is not None else None
-        if M is not None:
+        if tail:
+            dZt = kt.new_zeros(kt.shape) if dZt is None else dZt.contiguous()
+            dkt, dqt, dgtt, dPt = torch.empty_like(kt), torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(Pt)
+            dMt = torch.empty_like(Mt) if Mt is not None else None
+            det = torch.zeros_like(et)
+        if M is not None or (tail and Mt is not None):
             mb = torch.arange(S, device=kc.device) // K
             neg_cross = -(mb[None, :] < mb[:, None]).to(kc.dtype)
         de = torch.zeros_like(e)
@@ -669,61 +781,74 @@ class _LinearChunks(torch.autograd.Function):
             dWn = kc.new_zeros(BH, D, D) if dWn is None else dWn
             dbn = kc.new_zeros(BH, 1, D) if dbn is None else dbn
         dW = db = None  # gradient w.r.t. the weights at the start of chunk c + 1
-        for c in reversed(range(nc)):
-            W, G, dZc = ctx.Ws[c], ctx.Gs[c], dZq[c]
+        n = nc + tail
+        for c in reversed(range(n)):
+            if c < nc:
+                k_c, q_c, P_c, M_c, e_c, dZc, dq_c, dk_c, dgt_c, dP_c, dM_c = (
+                    _at(t, c) for t in (kc, qc, P, M, e, dZq, dq, dk, dgt, dP, dM))
+                g_c = g
+            else:
+                k_c, q_c, P_c, M_c, e_c, dZc, dq_c, dk_c, dgt_c, dP_c, dM_c = (
+                    _at(t, 0) for t in (kt, qt, Pt, Mt, et, dZt, dqt, dkt, dgtt, dPt, dMt))
+                g_c = -(-kt.shape[2] // K)
+            S_c = k_c.shape[1]
+            W, G = ctx.Ws[c], ctx.Gs[c]
             heads = shared and c == 0
             # by head: (H, B S, D) views of a chunk's rows, and the per-row (BH, ...) gradients summed over B
             hv = (lambda t: t.view(H, -1, t.shape[-1])) if heads else (lambda t: t)  # noqa: E731
             rows_sum = (lambda t: t.view(H, -1, *t.shape[1:]).sum(1)) if heads else (lambda t: t)  # noqa: E731
             # Zq = Q W + b - P G
-            torch.bmm(dZc, G.transpose(1, 2), out=dP[c]).neg_()
-            dG = torch.bmm(P[c].transpose(1, 2), dZc).neg_()
-            torch.bmm(hv(dZc), W.transpose(1, 2), out=hv(dq[c]))
-            dWc = torch.bmm(hv(qc[c]).transpose(1, 2), hv(dZc))
+            torch.bmm(dZc, G.transpose(1, 2), out=dP_c).neg_()
+            dG = torch.bmm(P_c.transpose(1, 2), dZc).neg_()
+            torch.bmm(hv(dZc), W.transpose(1, 2), out=hv(dq_c))
+            dWc = torch.bmm(hv(q_c).transpose(1, 2), hv(dZc))
             dbc = hv(dZc).sum(1, keepdim=True)
             dWu = None
-            if c < nc - 1 or upd_last:  # W_next = W - K^T (e G), b_next = b - sum(e G)
-                dWu, dbu = (dW, db) if c < nc - 1 else (dWn, dbn)
-                dEG = torch.baddbmm(dbu, kc[c], dWu).neg_()
-                dG.addcmul_(e[c], dEG)
+            if c < n - 1 or upd_last:  # W_next = W - K^T (e G), b_next = b - sum(e G)
+                dWu, dbu = (dW, db) if c < n - 1 else (dWn, dbn)
+                dEG = torch.baddbmm(dbu, k_c, dWu).neg_()
+                dG.addcmul_(e_c, dEG)
                 de[c] = (G * dEG).sum(-1, keepdim=True)
-                eG = e[c] * G
+                eG = e_c * G
                 dWc.add_(rows_sum(dWu))
                 dbc.add_(rows_sum(dbu))
-            # G = lnl2(Zk) (mini-batch by mini-batch in reverse when g > 1); dgt[c] holds dgxl until negated
+            # G = lnl2(Zk) (mini-batch by mini-batch in reverse when g > 1); dgt_c holds dgxl until negated
             Zk, xh, mean, rstd, gxl = ctx.lnl2[c]
             m2 = (gxl * xh).mean(-1, keepdim=True)
-            if g == 1:
-                dZk, dgt[c] = _lnl2_vjp(dG, Zk, G, xh, mean, rstd, gxl, m2, gam2)
+            if g_c == 1:
+                dZk, dgt_c[:] = _lnl2_vjp(dG, Zk, G, xh, mean, rstd, gxl, m2, gam2)
             else:
                 dZk = torch.empty_like(dG)
                 # the native LN backward reads mean and rstd as if contiguous (it ignores their strides):
                 # one copy per chunk into (g, BH, K, 1), whose [m] is the mini-batch's rows in order
-                # (a single chunk shorter than g K has a short last mini-batch: padded here, cut below)
-                mean_g, rstd_g = (F.pad(t, (0, 0, 0, g * K - S)).view(BH, g, K, 1).transpose(0, 1).contiguous()
+                # (a chunk shorter than g K has a short last mini-batch: padded here, cut below)
+                mean_g, rstd_g = (F.pad(t, (0, 0, 0, g_c * K - S_c)).view(BH, g_c, K, 1).transpose(0, 1).contiguous()
                                   for t in (mean, rstd))
-                for m in reversed(range(g)):
+                for m in reversed(range(g_c)):
                     R, E = slice(m * K, (m + 1) * K), m * K
                     mg, rg = mean_g[m], rstd_g[m]
-                    if (m + 1) * K > S:
-                        mg, rg = mg[:, :S - E].contiguous(), rg[:, :S - E].contiguous()
-                    dz, dgt[c, :, R] = _lnl2_vjp(dG[:, R], Zk[:, R], G[:, R], xh[:, R], mg, rg,
-                                                 gxl[:, R], m2[:, R], gam2)
+                    if (m + 1) * K > S_c:
+                        mg, rg = mg[:, :S_c - E].contiguous(), rg[:, :S_c - E].contiguous()
+                    dz, dgt_c[:, R] = _lnl2_vjp(dG[:, R], Zk[:, R], G[:, R], xh[:, R], mg, rg,
+                                                gxl[:, R], m2[:, R], gam2)
                     dZk[:, R] = dz
                     if m:
-                        _acc_rows_t_(dG[:, :E], M[c, :, R, :E], dz, alpha=-1.0)
+                        _acc_rows_t_(dG[:, :E], M_c[:, R, :E], dz, alpha=-1.0)
                 # z of a row minus M G of the chunk's earlier mini-batches: dM = -dZk G^T on those entries
-                torch.bmm(dZk, G.transpose(1, 2), out=dM[c]).mul_(neg_cross)
-            dgam2.add_((xh * dgt[c]).sum(1, keepdim=True))
-            dgt[c].neg_()
+                torch.bmm(dZk, G.transpose(1, 2), out=dM_c).mul_(neg_cross[:S_c, :S_c])
+            dgam2.add_((xh * dgt_c).sum(1, keepdim=True))
+            dgt_c.neg_()
             # Zk = K W + b
-            dWc.baddbmm_(hv(kc[c]).transpose(1, 2), hv(dZk))
+            dWc.baddbmm_(hv(k_c).transpose(1, 2), hv(dZk))
             dbc.add_(hv(dZk).sum(1, keepdim=True))
-            dkc = torch.bmm(hv(dZk), W.transpose(1, 2), out=hv(dk[c])).view(BH, S, D)
+            dkc = torch.bmm(hv(dZk), W.transpose(1, 2), out=hv(dk_c)).view(BH, S_c, D)
             if dWu is not None:
                 dkc.baddbmm_(eG, dWu.transpose(1, 2), alpha=-1.0)
             dW, db = dWc, dbc
-        return dk, dq, dW, db, dgt, dgam2, dP, dM, de, None, None, None
+        grads = (dk, dq, dW, db, dgt, dgam2, dP, dM, de, None, None, None)
+        if tail:
+            return grads + (dkt, dqt, dgtt, dPt, dMt, det)
+        return grads + (None,) * 6
 
 
 def _tok_at_positions(tok: torch.Tensor, inmb: torch.Tensor, S: int) -> torch.Tensor:
@@ -737,7 +862,8 @@ def _tok_at_positions(tok: torch.Tensor, inmb: torch.Tensor, S: int) -> torch.Te
     return tok.repeat(-(-S // K))[:S]
 
 
-# a ragged last chunk runs on its own when its padding would exceed 1/TAIL_SPLIT_MIN_PAD of the sequence
+# TTT-MLP: a ragged last chunk runs as a second scan when its padding would exceed 1/TAIL_SPLIT_MIN_PAD of the
+# sequence (TTT-Linear's scan takes a short last chunk itself: ``_LinearChunks``' tail)
 TAIL_SPLIT_MIN_PAD = 8
 
 
@@ -775,11 +901,11 @@ def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma
             # a short sequence (the study's window of 10) is one chunk: a second, padded chunk costs more
             # than materialising W once saves (CPU, 1 thread: L 10 mbs 1 21 ms in one chunk, 36 ms in two)
             g = n_mb
-        elif L % (g * K) and (g * K - L % (g * K)) * TAIL_SPLIT_MIN_PAD > L:
-            # a ragged tail that would pad much: the whole chunks, then the tail alone from their final weights
-            # (L 50 with mini-batches of 16 computed 64 positions). Kernel ratios, 2 threads, split / padded:
-            # L 50 mbs 16 1.87-1.94x / 1.75-1.79x; L 200 (8 padded of 208) 2.10-2.21x / 2.17-2.26x, so padded
-            # (split, not sliced: a slice's backward writes a zero tensor of the whole input)
+        elif kind == "mlp" and L % (g * K) and (g * K - L % (g * K)) * TAIL_SPLIT_MIN_PAD > L:
+            # TTT-MLP's ragged tail that would pad much: the whole chunks, then the tail alone from their final
+            # weights (measured on TTT-Linear before its scan took the tail itself, kernel ratios, 2 threads,
+            # split / padded: L 50 mbs 16 1.87-1.94x / 1.75-1.79x; L 200 (8 padded of 208) 2.10-2.21x /
+            # 2.17-2.26x, so padded). Split, not sliced: a slice's backward writes a zero tensor of the input.
             cut = L - L % (g * K)
             (q1, q2), (k1, k2), (v1, v2), (lr1, lr2) = (t.split([cut, L - cut], 1) for t in (q, k, v, lr))
             z1, p1 = ttt_fast(kind, q1, k1, v1, lr1, tok, params, gamma, beta, K, g, True)
@@ -792,35 +918,28 @@ def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma
         # positions). Causal inside the chunk, so the padded positions never reached a real one; exact.
         S = L
     BH = B * H
-    dev, dt = q.device, q.dtype
-
-    kc, qc, vc = (_to_chunks(t, nc, S) for t in (k, q, v))
-    lrc = _to_chunks(lr.unsqueeze(-1), nc, S)  # (nc, BH, S, 1)
+    dt = q.dtype
+    # TTT-Linear's ragged tail (L 50 with mini-batches of 16) runs as a short last chunk of its own inside the
+    # scan: no padded row is computed (L 50 computed 64 positions) and nothing is split, cat or copied per row
+    tail = kind == "linear" and (nc - 1) * S < L < nc * S
+    if tail:
+        nc -= 1
+        (kc, kt), (qc, qt), (vc, vt), (lrc, lrt) = (_ToChunksAndTail.apply(t, nc, S)
+                                                    for t in (k, q, v, lr.unsqueeze(-1)))
+    else:
+        kc, qc, vc = (_to_chunks(t, nc, S) for t in (k, q, v))
+        lrc = _to_chunks(lr.unsqueeze(-1), nc, S)  # (nc, BH, S, 1)
     gam = gamma.to(dt).repeat_interleave(B, 0).unsqueeze(1)  # (BH, 1, D), rows head-major as _to_chunks'
     bet = beta.to(dt).repeat_interleave(B, 0).unsqueeze(1)
     # gamma and beta expanded over the chunks: autograd then sums their gradients over S (contiguous rows) and
     # the expand over nc, where one sum over the (nc, S) dims of an (nc, BH, S, D) tensor was 7x slower
     gam_c, bet_c = gam.expand(nc, -1, -1, -1), bet.expand(nc, -1, -1, -1)
     gt = gam_c * (vc - kc - bet_c)  # gamma * (target - beta)
-
-    # W-independent coefficients. Tm[t, s]: tok of t for s <= t in t's mini-batch, tok_last for s in an
-    # earlier mini-batch of the chunk, 0 otherwise; the update of W at the chunk end uses tok_last * lr.
-    pos = torch.arange(S, device=dev)
-    mb, inmb = pos // K, pos % K
-    same = (mb[:, None] == mb[None, :]) & (pos[None, :] <= pos[:, None])
-    cross = mb[None, :] < mb[:, None]
     tokd = tok.to(dt)
-    tok_last = tokd[K - 1]
-    Tm = torch.where(same, _tok_at_positions(tokd, inmb, S)[:, None], torch.zeros((), dtype=dt, device=dev))
-    if g > 1:
-        Tm = Tm + cross.to(dt) * tok_last
-    lrT = lrc.transpose(-1, -2)  # (nc, BH, 1, S)
-    coef = Tm * lrT  # (nc, BH, S, S)
-    e = tok_last * lrc  # (nc, BH, S, 1)
-    flat = lambda t: t.reshape(nc * BH, *t.shape[2:])  # noqa: E731
-    P = (torch.bmm(flat(qc), flat(kc).transpose(1, 2)).view(nc, BH, S, S) + 1.0) * coef
-    if g > 1:
-        M = (torch.bmm(flat(kc), flat(kc).transpose(1, 2)).view(nc, BH, S, S) + 1.0) * (cross.to(dt) * e.transpose(-1, -2))
+    P, M, coef, e = _dual_coefs(qc, kc, lrc, tokd, K, g)
+    if tail:
+        gtt = gam * (vt - kt - bet)
+        Pt, Mt, _, et = _dual_coefs(qt, kt, lrt, tokd, K, -(-kt.shape[2] // K))
 
     shared = params["W1"].dim() == 3  # (H, D, F) for every row, else (B, H, D, F)
     if shared and kind == "linear":
@@ -830,9 +949,9 @@ def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma
     else:
         p = {n: t.transpose(0, 1).reshape(BH, *t.shape[2:]) for n, t in params.items()}
     if kind == "linear":
-        res = _LinearChunks.apply(kc, qc, p["W1"], p["b1"], gt, gam * gam, P, M if g > 1 else None, e, K, g,
-                                  need_state)
-        Zq = res[0] if need_state else res
+        res = _LinearChunks.apply(kc, qc, p["W1"], p["b1"], gt, gam * gam, P, M, e, K, g, need_state,
+                                  *((kt, qt, gtt, Pt, Mt, et) if tail else ()))
+        Zq = res[0] if need_state or tail else res
         new = {"W1": res[1], "b1": res[2]} if need_state else params
     else:
         # per-chunk views via unbind (one backward node) rather than indexing (one full-size zero tensor per index)
@@ -856,7 +975,10 @@ def ttt_fast(kind: str, q, k, v, lr, tok, params: dict[str, torch.Tensor], gamma
         new = {"W1": W1, "b1": b1, "W2": W2, "b2": b2} if need_state else params
 
     out = qc + ttt_layer_norm(Zq, gam_c, bet_c)
-    out = _from_chunks(out, B, H, L)
+    if tail:
+        out = _FromChunksAndTail.apply(out, qt + ttt_layer_norm(res[1], gam, bet), B, H)
+    else:
+        out = _from_chunks(out, B, H, L)
     new = {n: t.reshape(H, B, *t.shape[1:]).transpose(0, 1).contiguous() for n, t in new.items()} if need_state else params
     return out, new
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import mixers
-from mixers.ttt import (TTTLinear, TTTMLP, _LinearChunks, _LNL2Grad, _gelu_p, _gelu_pp, _gelu_t, _lnl2_bwd, _lnl2_fwd, gelu_tanh,
-                        ln_l2_grad, rope_fast, rope_real, rope_reference, _rope_factors)
+from mixers.ttt import (TTTLinear, TTTMLP, _FromChunksAndTail, _LinearChunks, _LNL2Grad, _ToChunksAndTail, _gelu_p,
+                        _gelu_pp, _gelu_t, _lnl2_bwd, _lnl2_fwd, _rope_factors, _to_chunks, gelu_tanh, ln_l2_grad,
+                        rope_fast, rope_real, rope_reference)
 
 D = 8  # d_model; 2 heads of 4
 KINDS = {"ttt_linear": TTTLinear, "ttt_mlp": TTTMLP}
@@ -242,27 +243,54 @@ def test_forward_last_equals_forward_read_at_the_last_row(config):
 
 
 @pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("need_state", [False, True])
+@pytest.mark.parametrize("need_state,tail", [(False, 0), (True, 0), (False, 1), (False, 3)])
 @pytest.mark.parametrize("K,g,S", [(4, 1, 4), (2, 3, 6), (2, 3, 5), (1, 4, 4)])
-def test_linear_chunks_backward_is_the_gradient(K, g, S, need_state, shared):
+def test_linear_chunks_backward_is_the_gradient(K, g, S, need_state, tail, shared):
     """The hand-written backward of the TTT-Linear scan, every input, with and without the final state
     (the state's gradient is what streaming training would use); S = 5 is a shorter last mini-batch.
-    ``shared``: start weights (H, D, D) for all B rows of a head (rows head-major), as ``forward`` passes."""
-    torch.manual_seed(S + 10 * g)
+    ``shared``: start weights (H, D, D) for all B rows of a head (rows head-major), as ``forward`` passes.
+    ``tail``: a short last chunk of that many rows after the whole ones (K 2 and 1: more than one mini-batch)."""
+    torch.manual_seed(S + 10 * g + 100 * tail)
     nc, BH, Dh = 2, 4, 3
     W_rows = 2 if shared else BH  # 2 heads of 2 rows each
     r = lambda *shape, s=1.0: (torch.randn(*shape, dtype=torch.float64) * s).requires_grad_(True)  # noqa: E731
-    args = (r(nc, BH, S, Dh), r(nc, BH, S, Dh), r(W_rows, Dh, Dh, s=0.3), r(W_rows, 1, Dh), r(nc, BH, S, Dh),
-            (torch.rand(BH, 1, Dh, dtype=torch.float64) + 0.5).requires_grad_(True), r(nc, BH, S, S),
-            r(nc, BH, S, S, s=0.3) if g > 1 else None,
-            (torch.rand(nc, BH, S, 1, dtype=torch.float64) * 0.3).requires_grad_(True))
-    fn = lambda *a: _LinearChunks.apply(*a, K, g, need_state)  # noqa: E731
+
+    def chunk_args(n, S, g):
+        return (r(n, BH, S, Dh), r(n, BH, S, Dh), r(n, BH, S, Dh), r(n, BH, S, S),
+                r(n, BH, S, S, s=0.3) if g > 1 else None,
+                (torch.rand(n, BH, S, 1, dtype=torch.float64) * 0.3).requires_grad_(True))
+
+    kc, qc, gt, P, M, e = chunk_args(nc, S, g)
+    args = (kc, qc, r(W_rows, Dh, Dh, s=0.3), r(W_rows, 1, Dh), gt,
+            (torch.rand(BH, 1, Dh, dtype=torch.float64) + 0.5).requires_grad_(True), P, M, e)
+    if tail:
+        kt, qt, gtt, Pt, Mt, et = chunk_args(1, tail, -(-tail // K))
+        assert (Mt is not None) == (tail > K)
+        fn = lambda *a: _LinearChunks.apply(*a[:9], K, g, need_state, *a[9:])  # noqa: E731
+        args = args + (kt, qt, gtt, Pt, Mt, et)
+    else:
+        fn = lambda *a: _LinearChunks.apply(*a, K, g, need_state)  # noqa: E731
     assert torch.autograd.gradcheck(fn, args)
     if shared:  # the same as those weights copied to every row of their head
         per_row = (args[:2] + (args[2].repeat_interleave(2, 0), args[3].repeat_interleave(2, 0)) + args[4:])
         for a, b in zip(_as_tuple(fn(*args)), _as_tuple(fn(*per_row))):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
+
+
+def test_chunks_and_tail_layout_round_trips_with_its_gradients():
+    """(B, L, H, D) <-> whole chunks (nc, H B, S, D) + a short last chunk (1, H B, r, D), rows head-major as
+    ``_to_chunks``: the same numbers as the padded layout's, and each way's backward by gradcheck."""
+    torch.manual_seed(0)
+    B, L, H, Dh, S, nc = 3, 11, 2, 4, 4, 2
+    x = torch.randn(B, L, H, Dh, dtype=torch.float64, requires_grad=True)
+    main, tail = _ToChunksAndTail.apply(x, nc, S)
+    padded = _to_chunks(x.detach(), nc + 1, S)
+    assert torch.equal(main, padded[:nc]) and torch.equal(tail, padded[nc:, :, :L - nc * S])
+    assert torch.equal(_FromChunksAndTail.apply(main, tail, B, H), x)
+    assert torch.autograd.gradcheck(lambda t: _ToChunksAndTail.apply(t, nc, S), (x,))
+    assert torch.autograd.gradcheck(lambda m, t: _FromChunksAndTail.apply(m, t, B, H),
+                                    (main.detach().requires_grad_(True), tail.detach().requires_grad_(True)))
 
 def _as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
