@@ -99,14 +99,17 @@ class _DINPairs(torch.autograd.Function):
     @staticmethod
     def _z(h, cand, ps, qc, r):
         b, n, d = cand.shape
-        cr = (cand.unsqueeze(2) * r).view(b, n * r.shape[0], d)  # (B, N H, D)
-        z = torch.bmm(cr, h.transpose(1, 2)).view(b, n, r.shape[0], h.shape[1])
-        # ps transposed once (small): added as a strided view, it made this add 7x slower
-        return z.add_(ps.transpose(1, 2).contiguous().unsqueeze(1)).add_(qc.unsqueeze(-1)), cr
+        hid, s = r.shape[0], h.shape[1]
+        # the biases first, one pass writing z (ps transposed once, small: added as a strided view it ran 7x
+        # slower), then the product accumulated onto them (two in-place adds after the matmul were two passes)
+        z = torch.add(ps.transpose(1, 2).contiguous().unsqueeze(1), qc.unsqueeze(-1))  # (B, N, H, S)
+        cr = (cand.unsqueeze(2) * r).view(b, n * hid, d)
+        z.view(b, n * hid, s).baddbmm_(cr, h.transpose(1, 2))
+        return z
 
     @staticmethod
     def forward(ctx, h, cand, ps, qc, r, a, w, save: bool):
-        z, _ = _DINPairs._z(h, cand, ps, qc, r)
+        z = _DINPairs._z(h, cand, ps, qc, r)
         b, n, hid, s = z.shape
         # y = sum_h w_h z + sum_h (a_h - 1) w_h min(z, 0): the linear part from z's factors (a (N, D) x (D, S)
         # product), then one pass over the pairs (torch's PReLU over these shapes, channels in the middle, ran
@@ -126,34 +129,35 @@ class _DINPairs(torch.autograd.Function):
         h, cand, ps, qc, r, a, w = ctx.saved_tensors[:7]
         b, n, d = cand.shape
         s, hid = h.shape[1], r.shape[0]
-        if ctx.save:
-            z = ctx.saved_tensors[7]
-            cr = (cand.unsqueeze(2) * r).view(b, n * hid, d)
-        else:
-            z, cr = _DINPairs._z(h, cand, ps, qc, r)
+        z = ctx.saved_tensors[7] if ctx.save else _DINPairs._z(h, cand, ps, qc, r)
         zf = z.view(b * n, hid, s)
         gyf = gy.reshape(b * n, 1, s)
-        # PReLU's slope: 1 where z > 0, else a (z = 0 included, as torch's). u = [z > 0] from clamp and sign
-        # (torch.where over these shapes ran 6x slower than the four passes here)
-        zpos = zf.clamp(min=0)
-        zneg = zf - zpos
-        u = zpos.sign_()
-        dz = u.mul_(((1 - a) * w)[:, None]).add_((a * w)[:, None]).mul_(gyf)
-        # dw = sum gy PReLU(z) = sum gy z - (1 - a) sum gy min(z, 0), da = w sum gy min(z, 0); sum gy z from the
-        # factors of z (no pass over the pairs): ps . (sum_n gy) + qc . (sum_s gy) + cr . (gy h)
         g2 = gy.reshape(b, n, s)
-        s_all = ((ps * g2.sum(1)[..., None]).sum((0, 1)) + (qc * g2.sum(2)[..., None]).sum((0, 1))
-                 + (cr.view(b, n, hid, d) * torch.bmm(g2, h)[:, :, None]).sum((0, 1, 3)))
-        s_neg = zneg.mul_(gyf).sum((0, 2))
+        # dz = gy PReLU'(z) w = c2 gy + c1 tb with tb = gy [z > 0] (z = 0 takes the slope a, as torch's PReLU):
+        # dz itself is never formed. Its four uses (sums over s and over n, products with h and with the
+        # (cand_n * r_h) rows) take c2 gy through small (B, N, S) factors and c1 tb with c1 folded into r, so
+        # the pairs are read three times here (tb, its two sums) besides the two matmuls and min(z, 0)
+        c1, c2 = (1 - a) * w, a * w
+        tb = torch.ops.aten.threshold_backward(gyf.expand_as(zf), zf, 0.0)  # one pass; torch.where ran 6x slower
+        gh = torch.bmm(g2, h)  # (B, N, D)
+        gs_n, gs_s = g2.sum(1), g2.sum(2)  # (B, S), (B, N)
+        # dw = sum gy PReLU(z) = sum gy z - (1 - a) sum gy min(z, 0), da = w sum gy min(z, 0); sum gy z from the
+        # factors of z: ps . (sum_n gy) + qc . (sum_s gy) + r . sum(cand * gy h); sum gy min(z, 0) as a batched
+        # matrix-vector product (a product and a sum over the pairs were two passes, 3.4x the time)
+        s_all = ((ps * gs_n[..., None]).sum((0, 1)) + (qc * gs_s[..., None]).sum((0, 1))
+                 + r @ (cand * gh).sum((0, 1)))
+        s_neg = torch.bmm(zf.clamp(max=0.0), gyf.transpose(1, 2)).sum(0).view(hid)
         dw = s_all - (1 - a) * s_neg
         da = w * s_neg
-        dqc = dz.sum(-1).view(b, n, hid)
-        dps = dz.view(b, n, hid, s).sum(1).transpose(1, 2)
-        dzb = dz.view(b, n * hid, s)
-        dcr = torch.bmm(dzb, h).view(b, n, hid, d)
-        dh = torch.bmm(dzb.transpose(1, 2), cr)
-        dcand = (dcr * r).sum(2)  # (einsum's plans for these two ran bmm one matrix at a time)
-        dr = (dcr * cand.unsqueeze(2)).sum((0, 1))
+        dqc = torch.addcmul(tb.sum(-1).view(b, n, hid) * c1, gs_s[..., None], c2)
+        dps = torch.addcmul(tb.view(b, n, hid, s).sum(1).transpose(1, 2) * c1, gs_n[..., None], c2)
+        tbb = tb.view(b, n * hid, s)
+        r1, r2 = c1[:, None] * r, c2 @ r  # (H, D), (D,)
+        dh = torch.bmm(tbb.transpose(1, 2), (cand.unsqueeze(2) * r1).view(b, n * hid, d))
+        dh.baddbmm_(g2.transpose(1, 2), cand * r2)
+        tcr = torch.bmm(tbb, h).view(b, n, hid, d)  # (einsum's plans for the two below ran bmm one matrix at a time)
+        dcand = (tcr * r1).sum(2).addcmul_(gh, r2)
+        dr = (tcr * cand.unsqueeze(2)).sum((0, 1)).mul_(c1[:, None]).addcmul_(c2[:, None], (cand * gh).sum((0, 1)))
         return dh, dcand, dps, dqc, dr, da, dw, None
 
 
