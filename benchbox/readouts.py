@@ -111,16 +111,18 @@ class _DINPairs(torch.autograd.Function):
     def forward(ctx, h, cand, ps, qc, r, a, w, save: bool):
         z = _DINPairs._z(h, cand, ps, qc, r)
         b, n, hid, s = z.shape
-        # y = sum_h w_h z + sum_h (a_h - 1) w_h min(z, 0): the linear part from z's factors (a (N, D) x (D, S)
-        # product), then one pass over the pairs (torch's PReLU over these shapes, channels in the middle, ran
-        # 2-3x slower than on rows). The weights as a real (B N, 1, H) tensor: an expanded one sends bmm to a
-        # copying per-matrix loop.
-        y = torch.bmm(cand * (w @ r), h.transpose(1, 2)).add_((ps @ w).unsqueeze(1)).add_((qc @ w).unsqueeze(-1))
-        zneg = z.clamp(max=0.0) if save else z.clamp_max_(0.0)  # z itself when not kept for the backward
-        wneg = ((a - 1) * w).view(1, 1, hid).expand(b * n, 1, hid).contiguous()
-        y.view(b * n, 1, s).baddbmm_(wneg, zneg.view(b * n, hid, s))
+        # PReLU(z) = a z + (1 - a) max(z, 0), so y = sum_h a_h w_h z + sum_h (1 - a_h) w_h max(z, 0): the linear
+        # part from z's factors (a (N, D) x (D, S) product), then z made max(z, 0) in place (one pass; kept, it is
+        # all the backward reads: [z > 0] and max(z, 0)) and one batched matvec (torch's PReLU over these
+        # shapes, channels in the middle, ran 2-3x slower than on rows). The weights as a real (B N, 1, H)
+        # tensor: an expanded one sends bmm to a copying per-matrix loop.
+        aw = a * w
+        y = torch.bmm(cand * (aw @ r), h.transpose(1, 2)).add_((ps @ aw).unsqueeze(1)).add_((qc @ aw).unsqueeze(-1))
+        zpos = z.relu_()
+        wpos = ((1 - a) * w).view(1, 1, hid).expand(b * n, 1, hid).contiguous()
+        y.view(b * n, 1, s).baddbmm_(wpos, zpos.view(b * n, hid, s))
         ctx.save = save
-        ctx.save_for_backward(h, cand, ps, qc, r, a, w, *((z,) if save else ()))
+        ctx.save_for_backward(h, cand, ps, qc, r, a, w, *((zpos,) if save else ()))
         return y
 
     @staticmethod
@@ -129,26 +131,27 @@ class _DINPairs(torch.autograd.Function):
         h, cand, ps, qc, r, a, w = ctx.saved_tensors[:7]
         b, n, d = cand.shape
         s, hid = h.shape[1], r.shape[0]
-        z = ctx.saved_tensors[7] if ctx.save else _DINPairs._z(h, cand, ps, qc, r)
-        zf = z.view(b * n, hid, s)
+        zpos = ctx.saved_tensors[7] if ctx.save else _DINPairs._z(h, cand, ps, qc, r).relu_()  # max(z, 0)
+        zf = zpos.view(b * n, hid, s)
         gyf = gy.reshape(b * n, 1, s)
         g2 = gy.reshape(b, n, s)
         # dz = gy PReLU'(z) w = c2 gy + c1 tb with tb = gy [z > 0] (z = 0 takes the slope a, as torch's PReLU):
         # dz itself is never formed. Its four uses (sums over s and over n, products with h and with the
         # (cand_n * r_h) rows) take c2 gy through small (B, N, S) factors and c1 tb with c1 folded into r, so
-        # the pairs are read three times here (tb, its two sums) besides the two matmuls and min(z, 0)
+        # the pairs are read four times here (tb, its two sums, sum gy max(z, 0)) besides the two matmuls
         c1, c2 = (1 - a) * w, a * w
         tb = torch.ops.aten.threshold_backward(gyf.expand_as(zf), zf, 0.0)  # one pass; torch.where ran 6x slower
         gh = torch.bmm(g2, h)  # (B, N, D)
         gs_n, gs_s = g2.sum(1), g2.sum(2)  # (B, S), (B, N)
-        # dw = sum gy PReLU(z) = sum gy z - (1 - a) sum gy min(z, 0), da = w sum gy min(z, 0); sum gy z from the
-        # factors of z: ps . (sum_n gy) + qc . (sum_s gy) + r . sum(cand * gy h); sum gy min(z, 0) as a batched
-        # matrix-vector product (a product and a sum over the pairs were two passes, 3.4x the time)
+        # dw = sum gy PReLU(z) = a sum gy z + (1 - a) sum gy max(z, 0), da = w sum gy min(z, 0) = w (sum gy z -
+        # sum gy max(z, 0)); sum gy z from the factors of z: ps . (sum_n gy) + qc . (sum_s gy) + r . sum(cand * gy
+        # h); sum gy max(z, 0) as a batched matrix-vector product (a product and a sum over the pairs were two
+        # passes, 3.4x the time)
         s_all = ((ps * gs_n[..., None]).sum((0, 1)) + (qc * gs_s[..., None]).sum((0, 1))
                  + r @ (cand * gh).sum((0, 1)))
-        s_neg = torch.bmm(zf.clamp(max=0.0), gyf.transpose(1, 2)).sum(0).view(hid)
-        dw = s_all - (1 - a) * s_neg
-        da = w * s_neg
+        s_pos = torch.bmm(zf, gyf.transpose(1, 2)).sum(0).view(hid)
+        dw = a * s_all + (1 - a) * s_pos
+        da = w * (s_all - s_pos)
         dqc = torch.addcmul(tb.sum(-1).view(b, n, hid) * c1, gs_s[..., None], c2)
         dps = torch.addcmul(tb.view(b, n, hid, s).sum(1).transpose(1, 2) * c1, gs_n[..., None], c2)
         tbb = tb.view(b, n * hid, s)
