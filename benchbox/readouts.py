@@ -91,10 +91,10 @@ class _DINPairs(torch.autograd.Function):
     by hand. The pairs are laid out (n, h, s): one batched matmul of (cand_n * r_h) rows (N H x D) by the
     history (D x S) gives z, and its backward is two more. Autograd of the same arithmetic in the (n, s, h)
     layout (checkpointed) recorded ~25 elementwise passes over z, the forward twice, and the (S, H, D) product
-    h_s * r_h per target block; this one makes about a dozen passes. With ``save`` z is kept for the backward
-    (memory: every chunk's z at once); without it z is recomputed there (one more matmul, z one chunk at a
-    time). ML-1M, sequence regime, 1 thread: 4.8 -> 3.3 s a step. ``DINReadout._pool`` (an einsum) is the
-    reference."""
+    h_s * r_h per target block; this one makes six (two forward, four backward) besides its matmuls. With
+    ``save`` max(z, 0) is kept for the backward (memory: every chunk's at once); without it z is recomputed
+    there (one more matmul, z one chunk at a time). ML-1M, sequence regime, 1 thread: 4.8 -> 2.75 s a step.
+    ``DINReadout._pool`` (an einsum) is the reference."""
 
     @staticmethod
     def _z(h, cand, ps, qc, r):
@@ -222,9 +222,9 @@ class DINReadout(nn.Module):
     EVAL_CHUNK_ELEMENTS = 2 ** 19
     # target positions per chunk (see train_scores)
     TARGET_BLOCK = 16
-    # ``_DINPairs`` keeps every chunk's pre-activations z for its backward while all of a step's z fit in
-    # this many bytes, else recomputes each chunk's there. ML-1M, sequence regime (batch 128, L 200: 2 GB of
-    # z), 1 thread: 3.3 s a step keeping z (3.4 GB peak), 3.6 s recomputing (1.1 GB); 4.8 s (1.5 GB) before
+    # ``_DINPairs`` keeps every chunk's max(z, 0) for its backward while all of a step's fit in this many
+    # bytes, else recomputes each chunk's z there. ML-1M, sequence regime (batch 128, L 200: 2 GB of pairs),
+    # 1 thread, when it came (e81f3b8): 3.3 s a step keeping z (3.4 GB peak), 3.6 s recomputing (1.1 GB)
     SAVE_PAIRS_BYTES = 3 * 2 ** 30
     # the few-candidates form (autograd) recomputes each chunk in the backward pass (checkpoint), or with
     # False keeps every chunk's activations: one 128 x 200 batch then took 6.7 GB against 1.5 GB
