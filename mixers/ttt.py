@@ -263,7 +263,6 @@ def _from_chunks(t: torch.Tensor, B: int, H: int, L: int) -> torch.Tensor:
     return t.reshape(n, H, B, S, D).permute(2, 0, 3, 1, 4).reshape(B, n * S, H, D)[:, :L]
 
 
-
 class _ToChunksAndTail(torch.autograd.Function):
     """(B, L, H, D) -> the whole chunks (nc, H B, S, D) of its first nc S positions and the rest as one
     short chunk (1, H B, L - nc S, D), rows head-major as ``_to_chunks``. One permuting copy each way: a
@@ -340,6 +339,7 @@ def _dual_coefs(qc, kc, lrc, tokd, K: int, g: int):
         KK = torch.bmm(flat(kc), flat(kc).transpose(1, 2)).view(n, BH, S, S)
         M = (KK + 1.0) * (cross.to(dt) * e.transpose(-1, -2))
     return P, M, coef, e
+
 
 # --------------------------------------------------------------------------------------------------
 # hand-written forward/backward of one chunk of the TTT-MLP scan (no autograd inside)
