@@ -277,6 +277,15 @@ def test_linear_chunks_backward_is_the_gradient(K, g, S, need_state, tail, share
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_linear_chunks_refuse_a_state_after_a_short_tail():
+    """The final weights are only defined after whole chunks (``ttt_fast`` never asks for both)."""
+    t = torch.randn(2, 4, 4, 3)
+    tail = (torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 2),
+            None, torch.rand(1, 4, 2, 1))
+    with pytest.raises(ValueError, match="need_state"):
+        _LinearChunks.apply(t, t, torch.randn(4, 3, 3), torch.randn(4, 1, 3), t, torch.rand(4, 1, 3),
+                            torch.randn(2, 4, 4, 4), None, torch.rand(2, 4, 4, 1), 4, 1, True, *tail)
+
 
 def test_chunks_and_tail_layout_round_trips_with_its_gradients():
     """(B, L, H, D) <-> whole chunks (nc, H B, S, D) + a short last chunk (1, H B, r, D), rows head-major as
@@ -291,6 +300,7 @@ def test_chunks_and_tail_layout_round_trips_with_its_gradients():
     assert torch.autograd.gradcheck(lambda t: _ToChunksAndTail.apply(t, nc, S), (x,))
     assert torch.autograd.gradcheck(lambda m, t: _FromChunksAndTail.apply(m, t, B, H),
                                     (main.detach().requires_grad_(True), tail.detach().requires_grad_(True)))
+
 
 def _as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
