@@ -30,7 +30,8 @@ def run(mixer: str = "ttt_linear", dataset: str = "synthetic", *, results_dir="r
 # the numbers a rerun compares: the selected epoch's metrics, where it was selected, the last loss
 COMPARED_EXTRA = ("best_epoch", "epochs_run", "final_train_loss")
 # settings of the environment that can change a number; a rerun says which of them differ
-ENVIRONMENT = ("git_commit", "torch_version", "numpy_version", "python_version", "device", "threads", "data_sha256")
+ENVIRONMENT = ("git_commit", "torch_version", "numpy_version", "python_version", "device", "threads", "data_sha256",
+               "blas")
 
 
 @dataclass
@@ -87,5 +88,7 @@ def rerun(run_id: str, results_dir="results", *, data_dir: str | None = None, th
     names = [k for k in row if k.startswith(("val_", "test_")) and row[k] != ""] + list(COMPARED_EXTRA)
     comparison = [(k, _number(row.get(k)), _number(new.get(k))) for k in names]
     now = {**environment(resolve_device(cfg.device)), "data_sha256": new.get("data_sha256", "")}
-    changes = [(k, str(row.get(k, "")), str(now[k])) for k in ENVIRONMENT if str(row.get(k, "")) != str(now[k])]
+    # rows made before a setting was recorded have it empty: unknown, not a change
+    changes = [(k, str(row.get(k, "")), str(now[k])) for k in ENVIRONMENT
+               if str(row.get(k, "")) != str(now[k]) and not (k == "blas" and not row.get(k))]
     return Rerun(row, new, comparison, changes)

@@ -1,5 +1,5 @@
 """The command line, a thin typer layer over the API: ``benchbox run | rerun | datasets | mixers | bench |
-sweep | table | plot | report``.
+sweep | table | plot | report | blas``. The ``benchbox`` command enters through ``__main__.py``.
 
 Every user mistake (typer's own usage errors too) becomes one line on stderr and exit code 2, never a
 traceback; a diverged run exits 3; ``rerun --check`` exits 1 when the numbers differ.
@@ -174,7 +174,8 @@ def run_command(seed: Annotated[int, _o("seed of the model, the batches and the 
     console.print(metrics_table(r, f"{r['mixer']} ({r['readout']}) on {r['dataset']}: best epoch {r['best_epoch']}"
                                    f"/{r['epochs_run']}, seed {seed}"))
     console.print(f"{r['sec_per_epoch']:.1f} s/epoch train, {r['eval_seconds']:.1f} s eval in all, peak memory "
-                  f"{r['peak_mem_mb']:.0f} MB, {r['params']:,} parameters, device {r['device']}")
+                  f"{r['peak_mem_mb']:.0f} MB, {r['params']:,} parameters, device {r['device']}, "
+                  f"blas {r['blas']}")
     if results_dir:
         console.print(f"run {r['run_id']} appended to {os.path.join(results_dir, 'runs.csv')}")
 
@@ -225,6 +226,24 @@ def datasets_command(data_dir: Annotated[Optional[str], typer.Option(help="folde
     cols = ("name", "title", "max_len", "found at", "users", "items", "interactions", "median len")
     console.print(_table(f"datasets (data dir: {resolve(data_dir) or 'unset: --data-dir or BENCHBOX_DATA'})", cols,
                          ([r[c] for c in cols] for r in rows)))
+
+
+@app.command("blas")
+def blas_command(path: Annotated[bool, typer.Option("--path", help="print only the shim's path (building it "
+                                                    "once), for LD_PRELOAD in a Python session of your own")] = False):
+    """What torch's CPU matrix products run in here, and whether MKL's fast kernels are taken (AMD CPUs)."""
+    from .blas import SHIM_ENV, blas_in_force, build_shim, shim_loaded, shim_wanted
+    if path:
+        built = build_shim()
+        if built is None:
+            raise BenchboxError("no C compiler (cc, or $CC) built the shim")
+        print(built)
+        return
+    wanted, why = shim_wanted()
+    console.print(f"blas in force: {blas_in_force()}")
+    state = ("loaded" if shim_loaded() else "wanted, not loaded in this process (the benchbox command and python -m "
+             "benchbox preload it)") if wanted else "not wanted"
+    console.print(f"shim: {state} ({why}); {SHIM_ENV}=off keeps MKL's own choice")
 
 
 @app.command("mixers")

@@ -92,6 +92,16 @@ def test_rerun_reproduces_a_row_and_check_catches_a_difference(tmp_path, capsys)
     assert "NOT reproduced" in capsys.readouterr().out
     assert cli.main(["rerun", "no-such-run", "--results-dir", str(tmp_path)]) == 2
     assert "no run matching 'no-such-run'" in capsys.readouterr().err
+    # the BLAS path is a setting that changes last digits: a rerun names it when it differs, and rows made
+    # before it was recorded (empty) are unknown, not different
+    assert not [c for c in again.environment_changes if c[0] == "blas"]
+    for stored, listed in (("", False), ("openblas", True)):
+        rows = results.read_rows(tmp_path / "runs.csv")
+        rows[0]["blas"] = stored
+        (tmp_path / "runs.csv").unlink()
+        results.append_rows(tmp_path / "runs.csv", rows)
+        changes = benchbox.rerun(res.run_id, tmp_path, log=None).environment_changes
+        assert [c for c in changes if c[0] == "blas"] == ([("blas", stored, res.row["blas"])] if listed else [])
 
 
 def test_api_sweep_table_and_report(tmp_path):

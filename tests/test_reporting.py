@@ -396,3 +396,76 @@ def test_run_rows_record_the_allocator():
     rows = run_bench(["gru"], [8], [2], d_model=8, n_layers=1, modes=("train",), repeats=1, warmup=0, n_items=50,
                      out=None, isolate=False)
     assert [r["allocator"] for r in rows] == [environment(torch.device("cpu"))["allocator"]]
+    assert [r["blas"] for r in rows] == [environment(torch.device("cpu"))["blas"]]
+
+
+# ------------------------------------------------------------------------------------------------
+# MKL's fast kernels on AMD: the vendor-check shim (benchbox/blas.py), wanted where it should be, correct
+# where loaded, and taken by the benchbox command (never by main() called in-process)
+# ------------------------------------------------------------------------------------------------
+from benchbox import blas  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_AMD = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512dq avx512vl\n"
+
+
+def test_shim_is_wanted_on_amd_linux_only_and_can_be_turned_off():
+    assert blas.shim_wanted(_AMD, {}, "Linux", "x86_64") == (True, "AMD CPU with AVX-512")
+    assert blas.shim_wanted(_AMD.replace(" avx512f", ""), {}, "Linux", "x86_64") == (True, "AMD CPU with AVX2")
+    assert not blas.shim_wanted(_AMD.replace(" avx2", ""), {}, "Linux", "x86_64")[0]
+    assert not blas.shim_wanted(_AMD.replace("AuthenticAMD", "GenuineIntel"), {}, "Linux", "x86_64")[0]
+    assert not blas.shim_wanted(_AMD, {}, "Darwin", "x86_64")[0]
+    assert not blas.shim_wanted(_AMD, {}, "Linux", "aarch64")[0]
+    assert blas.shim_wanted(_AMD, {blas.SHIM_ENV: "off"}, "Linux", "x86_64") == (False, f"{blas.SHIM_ENV}=off")
+
+
+def _cc_and_mkl(tmp_path):
+    if not torch.backends.mkl.is_available() or platform.system() != "Linux":
+        pytest.skip("the shim is for torch's MKL on Linux")
+    path = blas.build_shim(tmp_path)
+    if path is None:
+        pytest.skip("no C compiler to build the shim")
+    return path
+
+
+_PRODUCTS = """
+import torch
+from benchbox.blas import blas_in_force
+torch.manual_seed(0)
+worst = 0.0
+for m, k, n in [(2040, 64, 256), (33, 7, 130), (1, 64, 1), (512, 512, 512)]:
+    a, b, c = torch.randn(m, k), torch.randn(k, n), torch.randn(n)
+    exact = a.double() @ b.double()
+    for got in (a @ b, torch.addmm(c, a, b) - c, torch.nn.functional.linear(a, b.t().contiguous()),
+                torch.bmm(a[None].expand(3, m, k), b[None].expand(3, k, n))[2]):
+        worst = max(worst, ((got.double() - exact).abs().max() / exact.abs().max()).item())
+print(blas_in_force(), worst)
+"""
+
+
+def test_shim_preloaded_keeps_torch_products_exact_to_float32(tmp_path):
+    path = _cc_and_mkl(tmp_path)
+    assert blas.build_shim(tmp_path) == path  # built once, then found
+    env = {**os.environ, "LD_PRELOAD": str(path)}
+    shimmed = subprocess.run([sys.executable, "-c", _PRODUCTS], capture_output=True, text=True, env=env, check=True)
+    plain = subprocess.run([sys.executable, "-c", _PRODUCTS], capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}, check=True)
+    (which, err), (which0, err0) = shimmed.stdout.split(), plain.stdout.split()
+    assert (which, which0) == ("mkl+shim", "mkl")
+    assert float(err) < 1e-5 and float(err0) < 1e-5, (err, err0)
+
+
+def test_benchbox_command_takes_the_shim_where_wanted(tmp_path):
+    _cc_and_mkl(tmp_path)
+    env = {**{k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.SHIM_ENV)},
+           "BENCHBOX_CACHE": str(tmp_path / "cache")}
+    def blas_line(*args, **extra):
+        out = subprocess.run([sys.executable, *args, "blas"], capture_output=True, text=True, env={**env, **extra},
+                             cwd=ROOT, check=True).stdout
+        return out.splitlines()[0]
+    wanted = blas.shim_wanted()[0]
+    assert blas_line("-m", "benchbox") == ("blas in force: mkl+shim" if wanted else "blas in force: mkl")
+    assert (tmp_path / "cache" / blas.SHIM_FILE).exists() == wanted
+    assert blas_line("-m", "benchbox", **{blas.SHIM_ENV: "off"}) == "blas in force: mkl"
+    assert blas_line("-m", "benchbox.cli") == "blas in force: mkl"  # main() itself never re-executes
