@@ -131,9 +131,10 @@ def test_api_bench(tmp_path):
 
 
 def test_no_engine_module_imports_the_cli():
-    """The CLI sits on top: no module of the library imports it (module- or function-level)."""
+    """The CLI sits on top: no module of the library imports it (module- or function-level). Only the
+    program's entry (``__main__.py``: the preload re-exec, then the CLI) sits above it."""
     for f in sorted((ROOT / "benchbox").glob("*.py")):
-        if f.name == "cli.py":
+        if f.name in ("cli.py", "__main__.py"):
             continue
         for n in ast.walk(ast.parse(f.read_text())):
             if isinstance(n, ast.ImportFrom):
