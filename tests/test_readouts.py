@@ -388,3 +388,22 @@ def test_din_pairs_run_in_float32_under_bfloat16_autocast():
     assert torch.isfinite(out).all() and torch.isfinite(g).all()
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
     torch.testing.assert_close(g, g_ref, rtol=0.05, atol=0.05 * g_ref.abs().max().item())
+
+
+def test_pick_interest_equals_gather_forward_and_backward():
+    """The target-chosen interest (index_select forward, zeros + index_copy_ backward) is gather's, bit for bit."""
+    from benchbox.readouts import _PickInterest
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(3, 7, 4, 5, generator=g)
+    k = torch.randint(0, 4, (3, 7), generator=g)
+    k[0, 0], k[-1, -1] = 0, 3  # both ends of the interest axis
+    up = torch.randn(3, 7, 5, generator=g)
+    a, b = v.clone().requires_grad_(), v.clone().requires_grad_()
+    fast = _PickInterest.apply(a, k)
+    ref = b.gather(2, k[..., None, None].expand(-1, -1, 1, 5)).squeeze(2)
+    assert torch.equal(fast, ref)
+    (fast * up).sum().backward()
+    (ref * up).sum().backward()
+    assert torch.equal(a.grad, b.grad) and (a.grad != 0).sum() == 3 * 7 * 5  # one interest per position
+    vd = v.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: _PickInterest.apply(x, k), (vd,))
