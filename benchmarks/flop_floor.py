@@ -44,13 +44,27 @@ def gemm_rate(n: int = 1024, reps: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
+# torch's counter has formulas for baddbmm and addmm but not for their in-place forms, which DIN's pairs use
+# (readouts._DINPairs: the forward accumulates its product onto the biases): counted as the out-of-place ones.
+# (the mapping's formulas get shapes: 2 b m k n multiply-adds counted as FLOPs, as torch's own formulas do).
+def _baddbmm_flops(self_shape, b1_shape, b2_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * b1_shape[0] * b1_shape[1] * b1_shape[2] * b2_shape[2]
+
+
+def _addmm_flops(self_shape, m1_shape, m2_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * m1_shape[0] * m1_shape[1] * m2_shape[1]
+
+
+IN_PLACE_PRODUCTS = {torch.ops.aten.baddbmm_: _baddbmm_flops, torch.ops.aten.addmm_: _addmm_flops}
+
+
 def step_flops(cfg, steps: int) -> tuple[float, int, int]:
     """Mean counted FLOPs of one training step, steps per epoch, epochs of the budget."""
     tr = build_training(cfg)
     tr.model.train()
     batches = iter(tr.loader)
     train_step(tr.model, tr.opt, next(batches), tr.dev, tr.amp)  # first step outside the count (lazy init)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=IN_PLACE_PRODUCTS)
     with counter:
         for _ in range(steps):
             train_step(tr.model, tr.opt, next(batches), tr.dev, tr.amp)
