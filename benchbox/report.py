@@ -168,11 +168,11 @@ def write_report(results_dir="results", out=None) -> Path:
     others = [f for f in sorted(figures.glob("*.png")) if not f.name.startswith("sweep_")] if figures.exists() else []
     if others:
         lines += ["## Figures", ""] + [f"![{f.stem}](figures/{f.name})" for f in others] + [""]
-    env_cols = ["device", "torch_version", "python_version", "git_commit"]
+    env_cols = ["device", "blas", "torch_version", "python_version", "git_commit"]  # blas: '' in rows before it
     if len(runs):
         envs = runs.reindex(columns=env_cols).astype(object)
         envs = envs.where(envs.notna(), "").drop_duplicates()
-        lines += ["## Environments", "", "| device | torch | python | commit |", "|---|---|---|---|"]
+        lines += ["## Environments", "", "| device | BLAS | torch | python | commit |", "|---|---|---|---|---|"]
         lines += [f"| {' | '.join(map(str, e))} |" for e in sorted(envs.itertuples(index=False, name=None), key=str)] + [""]
     out = Path(out or results_dir / "report.md")
     out.parent.mkdir(parents=True, exist_ok=True)

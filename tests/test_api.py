@@ -117,6 +117,9 @@ def test_api_sweep_table_and_report(tmp_path):
     assert logs[-1].endswith("1 point(s) without a measured row of their kind")  # sweep rows are not Table 1 rows
     report = benchbox.write_report(tmp_path).read_text()
     assert f"### {res.sweep_id}: gru on synthetic over num_layers (2), 1 seed: 2 ok" in report
+    env = benchbox.load_runs(tmp_path).iloc[0]  # the environments table names the BLAS path the rows ran with
+    assert "| device | BLAS | torch | python | commit |" in report
+    assert f"| {env['device']} | {env['blas']} | {env['torch_version']} |" in report
     md, csv_path = benchbox.table(datasets="beauty", models=["GRU4Rec"], no_run=True, results_dir=tmp_path)
     assert "## Sampled metrics" in md.read_text() and "### beauty" not in md.read_text()  # no Table 1 rows yet
 
