@@ -218,6 +218,14 @@ def test_table_dry_run_estimates_from_measured_rows_of_the_same_kind(tmp_path):
     assert g["sec_per_epoch"] == 1 and g["device"] == "cuda" and cost_summary([g])["unit"] == "GPU-s"
     (g,) = estimate_cost(table_points(make_config(cover="last"), ["beauty"], ["SASRec"], [5]), gpu, device="cpu")
     assert g["cpu_seconds"] is None
+    # rows that ran with the BLAS path in force now price the point; the others only where there are none
+    now = environment(torch.device("cpu"))["blas"]
+    tagged = [{**r, "blas": now if i == 2 else "some-other-blas"} for i, r in enumerate(rows)]  # 30 s/epoch
+    (g,) = estimate_cost(table_points(make_config(cover="last", device="cpu"), ["beauty"], ["SASRec"], [5]), tagged)
+    assert g["sec_per_epoch"] == 30 and g["measured_rows"] == 1
+    older = [{**r, "blas": ""} for r in rows]  # rows from before the column: all of them count
+    (g,) = estimate_cost(table_points(make_config(cover="last", device="cpu"), ["beauty"], ["SASRec"], [5]), older)
+    assert g["sec_per_epoch"] == 20 and g["measured_rows"] == 3
 
 
 def test_dry_run_prices_a_converged_point_from_its_study_budget_epochs(tmp_path):
