@@ -89,23 +89,23 @@ def build_shim(folder: Path | None = None) -> Path | None:
     """The shim library, built once into ``folder`` (default: the cache folder) with ``$CC`` (default
     ``cc``); None where no compiler builds it (MKL's own choice then stays)."""
     from .paths import cache_dir
-    folder = Path(folder) if folder is not None else cache_dir()
-    path = folder / SHIM_FILE
-    if path.exists():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".shim-build-") as tmp:
-        src, out = Path(tmp) / "shim.c", Path(tmp) / SHIM_FILE
-        src.write_text(_SOURCE)
-        try:
+    try:  # an unwritable cache folder, like a missing compiler, only means MKL's own choice
+        folder = Path(folder) if folder is not None else cache_dir()
+        path = folder / SHIM_FILE
+        if path.exists():
+            return path
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".shim-build-") as tmp:
+            src, out = Path(tmp) / "shim.c", Path(tmp) / SHIM_FILE
+            src.write_text(_SOURCE)
             done = subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", "-O2", "-o", str(out), str(src)],
                                   capture_output=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        if done.returncode != 0 or not out.exists():
-            return None
-        os.replace(out, path)  # atomic: builders in parallel each rename a whole file
-    return path
+            if done.returncode != 0 or not out.exists():
+                return None
+            os.replace(out, path)  # atomic: builders in parallel each rename a whole file
+        return path
+    except (OSError, subprocess.TimeoutExpired):
+        return None
 
 
 def reexec_with_shim(args: list[str]) -> None:

@@ -477,3 +477,8 @@ def test_benchbox_command_takes_the_shim_where_wanted(tmp_path):
     assert (tmp_path / "cache" / blas.SHIM_FILE).exists() == wanted
     assert blas_line("-m", "benchbox", **{blas.SHIM_ENV: "off"}) == "blas in force: mkl"
     assert blas_line("-m", "benchbox.cli") == "blas in force: mkl"  # main() itself never re-executes
+    # no compiler, or a cache folder that cannot be written: the command runs on, with MKL's own choice
+    (tmp_path / "a-file").write_text("")
+    assert blas_line("-m", "benchbox", BENCHBOX_CACHE=str(tmp_path / "a-file" / "cache")) == "blas in force: mkl"
+    assert blas_line("-m", "benchbox", BENCHBOX_CACHE=str(tmp_path / "c2"), CC="no-such-compiler") == \
+        "blas in force: mkl"
