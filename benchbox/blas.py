@@ -68,8 +68,10 @@ def shim_wanted(cpuinfo: str | None = None, environ=None, system: str | None = N
         except OSError:
             return False, "no /proc/cpuinfo"
     vendor, flags = _cpu_fields(cpuinfo)
+    if vendor == "GenuineIntel":
+        return False, "Intel CPU: MKL's own choice is its fast path already"
     if vendor != "AuthenticAMD":
-        return False, f"{vendor or 'unknown'} CPU: MKL already picks its kernels by the CPU's instructions"
+        return False, f"{vendor or 'unknown'} CPU: only AMD CPUs are handled"
     if not {"avx2", "fma"} <= flags:
         return False, "AMD CPU without AVX2 and FMA"
     return True, "AMD CPU" + (" with AVX-512" if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags

@@ -236,7 +236,8 @@ def blas_command(path: Annotated[bool, typer.Option("--path", help="print only t
     if path:
         built = build_shim()
         if built is None:
-            raise BenchboxError("no C compiler (cc, or $CC) built the shim")
+            raise BenchboxError("the shim could not be built: no C compiler (cc, or $CC), or the cache folder "
+                                "($BENCHBOX_CACHE, ~/.cache/benchbox) is not writable")
         print(built)
         return
     wanted, why = shim_wanted()

@@ -482,3 +482,10 @@ def test_benchbox_command_takes_the_shim_where_wanted(tmp_path):
     assert blas_line("-m", "benchbox", BENCHBOX_CACHE=str(tmp_path / "a-file" / "cache")) == "blas in force: mkl"
     assert blas_line("-m", "benchbox", BENCHBOX_CACHE=str(tmp_path / "c2"), CC="no-such-compiler") == \
         "blas in force: mkl"
+    asked = subprocess.run([sys.executable, "-m", "benchbox.cli", "blas", "--path"], capture_output=True, text=True,
+                           env={**env, "BENCHBOX_CACHE": str(tmp_path / "c3"), "CC": "no-such-compiler"}, cwd=ROOT)
+    assert asked.returncode == 2 and asked.stderr.startswith("benchbox: error: the shim could not be built")
+    assert len(asked.stderr.splitlines()) == 1
+    built = subprocess.run([sys.executable, "-m", "benchbox.cli", "blas", "--path"], capture_output=True, text=True,
+                           env=env, cwd=ROOT, check=True).stdout.strip()
+    assert built == str(tmp_path / "cache" / blas.SHIM_FILE)
