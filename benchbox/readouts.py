@@ -91,9 +91,10 @@ class _DINPairs(torch.autograd.Function):
     by hand. The pairs are laid out (n, h, s): one batched matmul of (cand_n * r_h) rows (N H x D) by the
     history (D x S) gives z, and its backward is two more. Autograd of the same arithmetic in the (n, s, h)
     layout (checkpointed) recorded ~25 elementwise passes over z, the forward twice, and the (S, H, D) product
-    h_s * r_h per target block; this one makes six (two forward, four backward) besides its matmuls. With
-    ``save`` max(z, 0) is kept for the backward (memory: every chunk's at once); without it z is recomputed
-    there (one more matmul, z one chunk at a time). ML-1M, sequence regime, 1 thread: 4.8 -> 2.75 s a step.
+    h_s * r_h per target block; this one makes five (two forward, three backward) besides its matmuls and the
+    forward's one matrix-vector product. With ``save`` max(z, 0) is kept for the backward (memory: every
+    chunk's at once); without it z is recomputed there (one more matmul, z one chunk at a time). ML-1M,
+    sequence regime, 1 thread: 4.8 -> 2.75 s a step (2026-12-07, MKL's generic kernels).
     ``DINReadout._pool`` (an einsum) is the reference."""
 
     @staticmethod
@@ -113,7 +114,7 @@ class _DINPairs(torch.autograd.Function):
         b, n, hid, s = z.shape
         # PReLU(z) = a z + (1 - a) max(z, 0), so y = sum_h a_h w_h z + sum_h (1 - a_h) w_h max(z, 0): the linear
         # part from z's factors (a (N, D) x (D, S) product), then z made max(z, 0) in place (one pass; kept, it is
-        # all the backward reads: [z > 0] and max(z, 0)) and one batched matvec (torch's PReLU over these
+        # all the backward reads of the pairs: [z > 0]) and one batched matvec (torch's PReLU over these
         # shapes, channels in the middle, ran 2-3x slower than on rows). The weights as a real (B N, 1, H)
         # tensor: an expanded one sends bmm to a copying per-matrix loop.
         aw = a * w
@@ -138,29 +139,34 @@ class _DINPairs(torch.autograd.Function):
         # dz = gy PReLU'(z) w = c2 gy + c1 tb with tb = gy [z > 0] (z = 0 takes the slope a, as torch's PReLU):
         # dz itself is never formed. Its four uses (sums over s and over n, products with h and with the
         # (cand_n * r_h) rows) take c2 gy through small (B, N, S) factors and c1 tb with c1 folded into r, so
-        # the pairs are read four times here (tb, its two sums, sum gy max(z, 0)) besides the two matmuls
+        # the pairs are read three times here (tb and its two sums) besides the two matmuls
         c1, c2 = (1 - a) * w, a * w
         tb = torch.ops.aten.threshold_backward(gyf.expand_as(zf), zf, 0.0)  # one pass; torch.where ran 6x slower
         gh = torch.bmm(g2, h)  # (B, N, D)
         gs_n, gs_s = g2.sum(1), g2.sum(2)  # (B, S), (B, N)
-        # dw = sum gy PReLU(z) = a sum gy z + (1 - a) sum gy max(z, 0), da = w sum gy min(z, 0) = w (sum gy z -
-        # sum gy max(z, 0)); sum gy z from the factors of z: ps . (sum_n gy) + qc . (sum_s gy) + r . sum(cand * gy
-        # h); sum gy max(z, 0) as a batched matrix-vector product (a product and a sum over the pairs were two
-        # passes, 3.4x the time)
-        s_all = ((ps * gs_n[..., None]).sum((0, 1)) + (qc * gs_s[..., None]).sum((0, 1))
-                 + r @ (cand * gh).sum((0, 1)))
-        s_pos = torch.bmm(zf, gyf.transpose(1, 2)).sum(0).view(hid)
-        dw = a * s_all + (1 - a) * s_pos
-        da = w * (s_all - s_pos)
-        dqc = torch.addcmul(tb.sum(-1).view(b, n, hid) * c1, gs_s[..., None], c2)
-        dps = torch.addcmul(tb.view(b, n, hid, s).sum(1).transpose(1, 2) * c1, gs_n[..., None], c2)
+        tb_s = tb.sum(-1).view(b, n, hid)  # (B, N, H)
+        tb_n = tb.view(b, n, hid, s).sum(1).transpose(1, 2)  # (B, S, H)
+        dqc = torch.addcmul(tb_s * c1, gs_s[..., None], c2)
+        dps = torch.addcmul(tb_n * c1, gs_n[..., None], c2)
         tbb = tb.view(b, n * hid, s)
         r1, r2 = c1[:, None] * r, c2 @ r  # (H, D), (D,)
         dh = torch.bmm(tbb.transpose(1, 2), (cand.unsqueeze(2) * r1).view(b, n * hid, d))
         dh.baddbmm_(g2.transpose(1, 2), cand * r2)
         tcr = torch.bmm(tbb, h).view(b, n, hid, d)  # (einsum's plans for the two below ran bmm one matrix at a time)
         dcand = (tcr * r1).sum(2).addcmul_(gh, r2)
-        dr = (tcr * cand.unsqueeze(2)).sum((0, 1)).mul_(c1[:, None]).addcmul_(c2[:, None], (cand * gh).sum((0, 1)))
+        m_tb = (tcr * cand.unsqueeze(2)).sum((0, 1))  # (H, D): sum tb (cand . h) per (h, d)
+        m_gy = (cand * gh).sum((0, 1))  # (D,): sum gy (cand . h) per d
+        dr = (m_tb * c1[:, None]).addcmul_(c2[:, None], m_gy)
+        # dw = sum gy PReLU(z) = a sum gy z + (1 - a) sum gy max(z, 0), da = w sum gy min(z, 0) = w (sum gy z -
+        # sum gy max(z, 0)). Both sums from the factors of z = ps + qc + (cand_n * r_h) . h_s, never from the
+        # pairs: sum gy z = ps . (sum_n gy) + qc . (sum_s gy) + r . m_gy, and sum gy max(z, 0) = sum tb z (tb is
+        # gy where z > 0) = ps . (sum_n tb) + qc . (sum_s tb) + r . m_tb, all three already at hand. (It was a
+        # batched matrix-vector product over max(z, 0): one more read of the pairs at ~4 GFLOP/s, 137 ms of a
+        # 1.54 s ML-1M step.)
+        s_all = (ps * gs_n[..., None]).sum((0, 1)) + (qc * gs_s[..., None]).sum((0, 1)) + r @ m_gy
+        s_pos = (ps * tb_n).sum((0, 1)) + (qc * tb_s).sum((0, 1)) + (r * m_tb).sum(-1)
+        dw = a * s_all + (1 - a) * s_pos
+        da = w * (s_all - s_pos)
         return dh, dcand, dps, dqc, dr, da, dw, None
 
 
