@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 SHIM_ENV = "BENCHBOX_MKL_SHIM"  # "off" keeps MKL's own kernel choice
@@ -90,24 +88,8 @@ def shim_loaded() -> bool:
 def build_shim(folder: Path | None = None) -> Path | None:
     """The shim library, built once into ``folder`` (default: the cache folder) with ``$CC`` (default
     ``cc``); None where no compiler builds it (MKL's own choice then stays)."""
-    from .paths import cache_dir
-    try:  # an unwritable cache folder, like a missing compiler, only means MKL's own choice
-        folder = Path(folder) if folder is not None else cache_dir()
-        path = folder / SHIM_FILE
-        if path.exists():
-            return path
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".shim-build-") as tmp:
-            src, out = Path(tmp) / "shim.c", Path(tmp) / SHIM_FILE
-            src.write_text(_SOURCE)
-            done = subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", "-O2", "-o", str(out), str(src)],
-                                  capture_output=True, timeout=120)
-            if done.returncode != 0 or not out.exists():
-                return None
-            os.replace(out, path)  # atomic: builders in parallel each rename a whole file
-        return path
-    except (OSError, subprocess.TimeoutExpired):
-        return None
+    from .kernels import build_library
+    return build_library(SHIM_FILE, _SOURCE, ("-O2",), folder)
 
 
 def reexec_with_shim(args: list[str]) -> None:

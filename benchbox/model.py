@@ -17,6 +17,7 @@ from torch import nn
 
 import mixers
 from mixers.base import end_rows
+from . import kernels
 from .readouts import LastReadout, build_readout, candidate_dot, gather_rows, last_position
 
 # Length groups (a batch's rows run through the encoder in groups of similar length, see length_groups)
@@ -165,6 +166,10 @@ def torch_dropout_noise(like: torch.Tensor, p: float, rows=None) -> torch.Tensor
     where ``bernoulli_`` leaves it, in 0.6-0.7x the time (204 x 10 x 64 floats, 1 thread: 769 us for
     ``bernoulli_``, 475 us for ``uniform_`` plus ~80 for the comparison and the conversion)."""
     keep = 1.0 - p
+    if like.device.type == "cpu" and not torch.compiler.is_compiling():
+        noise = kernels.dropout_noise(like, keep)  # the same noise from a C kernel (kernels.py), where built
+        if noise is not None:
+            return noise if rows is None else noise[rows]
     if like.device.type == "cpu" and not torch.compiler.is_compiling() and _uniform_is_bernoulli():
         u = torch.empty_like(like, dtype=torch.float64).uniform_()
         return ((u if rows is None else u[rows]) < keep).to(like.dtype).div_(keep)
@@ -186,7 +191,7 @@ class Dropout(nn.Dropout):
         if self._fast():
             return x * dropout_mask(x.shape, self.p, x.dtype, x.device)
         if self.training and 0 < self.p < 1 and x.device.type == "cpu" and not self.inplace \
-                and not torch.compiler.is_compiling() and _uniform_is_bernoulli():
+                and not torch.compiler.is_compiling():
             # F.dropout's CPU computation (input times that noise), its draws made faster
             return x * torch_dropout_noise(x, self.p)
         return super().forward(x)

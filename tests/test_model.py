@@ -459,9 +459,11 @@ def test_fast_dropout_draws_every_mask_from_dropout_mask():
         with profile() as p:
             m.score_candidates(inputs, lengths, torch.randint(1, 50, (16, 5))).sum().backward()
         return {e.key for e in p.key_averages()}
+    from benchbox import kernels
     from benchbox.model import _uniform_is_bernoulli
-    torchs = "aten::uniform_" if _uniform_is_bernoulli() else "aten::bernoulli_"  # torch's draws, either way
-    assert torchs in ops()
+    seen = ops()
+    if kernels._dropout_library() is None:  # otherwise torch's draws come from the C kernel: no aten op
+        assert ("aten::uniform_" if _uniform_is_bernoulli() else "aten::bernoulli_") in seen
     m.fast_dropout = True
     seen = ops()
     assert not {"aten::bernoulli_", "aten::uniform_"} & seen and "aten::random_" in seen
@@ -514,12 +516,17 @@ def test_one_gather_for_inputs_and_candidates_equals_two(readout):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_dropout_draws_torchs_masks_bit_for_bit():
-    """Dropout's CPU path draws torch's dropout noise as float64 uniform_ and a comparison where that is
-    the same stream (``_uniform_is_bernoulli``): the same outputs, gradients and generator state after as
-    F.dropout, also read at some rows only (Block.forward_last). Elsewhere it is F.dropout itself."""
+@pytest.mark.parametrize("c_kernel", [True, False])
+def test_dropout_draws_torchs_masks_bit_for_bit(c_kernel, monkeypatch):
+    """Dropout's CPU path draws torch's dropout noise with the C kernel (kernels.dropout_noise), or else as
+    float64 uniform_ and a comparison where that is the same stream (``_uniform_is_bernoulli``): the same
+    outputs, gradients and generator state after as F.dropout, also read at some rows only
+    (Block.forward_last). Elsewhere it is F.dropout itself."""
     import torch.nn.functional as F
+    from benchbox import kernels
     from benchbox.model import torch_dropout_noise
+    if not c_kernel:
+        monkeypatch.setattr(kernels, "dropout_noise", lambda like, keep: None)
     for shape, p, transposed in (((204, 10, 64), 0.2, False), ((3, 7), 0.5, False), ((1001,), 0.1, False),
                                  ((64, 300), 0.2, True)):  # transposed: as nn.GRU's batch_first output
         x = torch.randn(*shape).t().requires_grad_() if transposed else torch.randn(*shape, requires_grad=True)
@@ -539,3 +546,60 @@ def test_dropout_draws_torchs_masks_bit_for_bit():
     torch.manual_seed(3)
     assert torch.equal(torch_dropout_noise(torch.empty(20, 10, 8), 0.2, rows), ref)
     assert torch.equal(torch.get_rng_state(), state_ref)
+
+
+def _c_dropout_kernel():
+    from benchbox import kernels
+    fn = kernels._dropout_library()
+    if fn is None:
+        pytest.skip("no C compiler here: the dropout kernel is not built (torch's own path runs)")
+    return fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_c_dropout_kernel_is_torchs_bernoulli_from_any_point_of_the_stream(dtype):
+    """kernels.dropout_noise against torch's bernoulli_(keep) / keep on the default generator: sizes from 1
+    element to many regenerations of the mt19937 state, starts at every parity and at the state array's
+    edges (single 32-bit draws before), transposed and permuted layouts (drawn in memory order), several
+    keep probabilities; the noise bit for bit and the generator's state after, equal."""
+    from benchbox import kernels
+    _c_dropout_kernel()
+    cases = [((1,), 0, 0.8), ((2,), 1, 0.5), ((311,), 3, 0.9), ((204, 10, 64), 0, 0.8), ((204, 10, 64), 623, 0.8),
+             ((7, 5, 3), 624, 0.3), ((50_000,), 311, 0.999), ((10, 204, 64), 1, 0.8, (1, 0, 2)),
+             ((64, 300), 2, 0.7, (1, 0)), ((4, 6, 8), 5, 0.6, (2, 0, 1))]
+    for shape, skip, keep, *perm in cases:
+        like = torch.empty(shape, dtype=dtype)
+        if perm:
+            like = like.permute(*perm[0])
+        torch.manual_seed(11)
+        torch.rand(skip)  # float32 rand: one 32-bit output each
+        want = torch.empty_like(like).bernoulli_(keep).div_(keep)
+        state_want = torch.get_rng_state()
+        torch.manual_seed(11)
+        torch.rand(skip)
+        got = kernels.dropout_noise(like, keep)
+        assert got is not None and got.dtype == dtype and got.stride() == want.stride()
+        assert torch.equal(got, want), (shape, skip, keep)
+        assert torch.equal(torch.get_rng_state(), state_want), (shape, skip, keep)
+
+
+def test_c_dropout_kernel_declines_what_it_does_not_draw_and_its_self_check_can_fail():
+    """Tensors with gaps, other dtypes and devices go to torch's own path (None); a kernel that draws
+    otherwise than torch fails the self-check that decides whether it is used at all."""
+    import ctypes
+    from benchbox import kernels
+    fn = _c_dropout_kernel()
+    assert kernels.dropout_noise(torch.empty(10, 8)[:, ::2], 0.8) is None
+    assert kernels.dropout_noise(torch.empty(10, 8, dtype=torch.bfloat16), 0.8) is None
+    assert kernels.dropout_noise(torch.empty(10, 8, device="meta"), 0.8) is None
+    assert kernels._agrees_with_torch(fn)
+
+    def off_by_one_keep(state, out, n, keep, kept, is_double):  # draws right, compares with another keep
+        return fn(state, out, n, keep - 1e-3, kept, is_double)
+    assert not kernels._agrees_with_torch(off_by_one_keep)
+
+    def skips_the_state_write(state, out, n, keep, kept, is_double):  # the noise right, the generator not moved
+        copy = (ctypes.c_ubyte * 5056)()
+        ctypes.memmove(copy, state, 5056)
+        return fn(ctypes.addressof(copy), out, n, keep, kept, is_double)
+    assert not kernels._agrees_with_torch(skips_the_state_write)

@@ -1,0 +1,227 @@
+"""Small C kernels, built once with the system C compiler into the cache folder and called through ctypes.
+
+Each has a plain torch path beside it, taken where no compiler builds the library, on other devices, and
+wherever the kernel's self-check at first use disagrees with torch; the tests hold the two to bit-equality.
+This module imports torch only inside its functions: ``blas.py`` uses ``build_library`` before torch loads.
+
+The kernel here: torch's CPU dropout noise, drawn from torch's own generator stream.
+torch's CPU ``bernoulli_(q)`` draws one float64 ``uniform_`` per element from the default generator's
+mt19937, a serial loop of one 64-bit draw at a time (~3.4 ns an element on our AMD EPYC core: 406 us for
+a study-protocol step's 204 x 10 x 64 floats, five of them a step). ``benchbox_dropout_noise`` runs the
+same mt19937 (the regeneration and the tempering vectorised over the state array), pairs its outputs into
+the same 53-bit doubles, compares them with q and writes the noise, then stores the generator's state back:
+the same noise, bit for bit, and the generator left exactly where ``bernoulli_`` leaves it, so every run
+keeps its random stream (``dropout_noise``).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+KERNELS_ENV = "BENCHBOX_C_KERNELS"  # "off": torch's own paths everywhere
+
+_DROPOUT_SOURCE = r"""
+/* benchbox (benchbox/kernels.py): torch's CPU dropout noise from torch's own mt19937 stream.
+   state: the bytes of torch.Generator.get_state() (CPUGeneratorImplStateLegacy first: uint64 seed,
+   int32 left, int32 seeded, uint64 next, uint64 state[624], ...), read and written in place. */
+#include <stdint.h>
+
+#define MT_N 624
+#define MT_M 397
+
+static void regenerate(uint32_t *mt) {
+    /* torch's mt19937 next_state, as three loops the compiler vectorises (read distances 1 and 397,
+       then 227 back into the new values) */
+    int i;
+    for (i = 0; i < MT_N - MT_M; i++) {
+        uint32_t y = (mt[i] & 0x80000000u) | (mt[i + 1] & 0x7fffffffu);
+        mt[i] = mt[i + MT_M] ^ (y >> 1) ^ ((mt[i + 1] & 1u) ? 0x9908b0dfu : 0u);
+    }
+    for (; i < MT_N - 1; i++) {
+        uint32_t y = (mt[i] & 0x80000000u) | (mt[i + 1] & 0x7fffffffu);
+        mt[i] = mt[i + MT_M - MT_N] ^ (y >> 1) ^ ((mt[i + 1] & 1u) ? 0x9908b0dfu : 0u);
+    }
+    uint32_t y = (mt[MT_N - 1] & 0x80000000u) | (mt[0] & 0x7fffffffu);
+    mt[MT_N - 1] = mt[MT_M - 1] ^ (y >> 1) ^ ((mt[0] & 1u) ? 0x9908b0dfu : 0u);
+}
+
+static void temper(const uint32_t *restrict from, uint32_t *restrict to, int64_t k) {
+    for (int64_t i = 0; i < k; i++) {
+        uint32_t y = from[i];
+        y ^= (y >> 11);
+        y ^= (y << 7) & 0x9d2c5680u;
+        y ^= (y << 15) & 0xefc60000u;
+        y ^= (y >> 18);
+        to[i] = y;
+    }
+}
+
+#define CHUNK 2048  /* doubles a pass: 4,096 outputs, 16 KiB */
+
+int benchbox_dropout_noise(unsigned char *state, void *out, int64_t n, double keep, double kept_value,
+                           int out_is_double) {
+    uint32_t mt[MT_N];
+    uint32_t stream[2 * CHUNK];
+    uint64_t *legacy = (uint64_t *)(state + 24);
+    int32_t left = *(int32_t *)(state + 8);
+    uint64_t next = *(uint64_t *)(state + 16);
+    if (left < 1 || left > MT_N || next > MT_N) return 1;
+    for (int i = 0; i < MT_N; i++) mt[i] = (uint32_t)legacy[i];
+    int64_t avail = left - 1, pos = (int64_t)next;  /* outputs left in mt from pos before a regeneration */
+    float kept_f = (float)kept_value;
+    for (int64_t done = 0; done < n; done += CHUNK) {
+        int64_t m = n - done < CHUNK ? n - done : CHUNK;
+        for (int64_t got = 0; got < 2 * m;) {
+            if (avail == 0) { regenerate(mt); pos = 0; avail = MT_N; }
+            int64_t k = 2 * m - got < avail ? 2 * m - got : avail;
+            temper(mt + pos, stream + got, k);
+            pos += k; avail -= k; got += k;
+        }
+        /* random64() = first output << 32 | second; uniform_ = its low 53 bits * 2^-53 (exact) */
+        if (out_is_double) {
+            double *o = (double *)out + done;
+            for (int64_t i = 0; i < m; i++) {
+                uint64_t r = ((uint64_t)stream[2 * i] << 32) | stream[2 * i + 1];
+                double u = (double)(int64_t)(r & ((1ull << 53) - 1)) * 0x1p-53;
+                o[i] = u < keep ? kept_value : 0.0;
+            }
+        } else {
+            float *o = (float *)out + done;
+            for (int64_t i = 0; i < m; i++) {
+                uint64_t r = ((uint64_t)stream[2 * i] << 32) | stream[2 * i + 1];
+                double u = (double)(int64_t)(r & ((1ull << 53) - 1)) * 0x1p-53;
+                o[i] = u < keep ? kept_f : 0.0f;
+            }
+        }
+    }
+    for (int i = 0; i < MT_N; i++) legacy[i] = mt[i];
+    *(int32_t *)(state + 8) = (int32_t)(avail + 1);
+    *(uint64_t *)(state + 16) = (uint64_t)pos;
+    return 0;
+}
+"""
+
+
+def kernels_enabled(environ=None) -> bool:
+    environ = os.environ if environ is None else environ
+    return environ.get(KERNELS_ENV, "on").strip().lower() not in ("off", "0", "no", "false")
+
+
+def build_library(file_name: str, source: str, flags: tuple[str, ...] = ("-O2",),
+                  folder: Path | None = None) -> Path | None:
+    """A shared library compiled from ``source`` into ``folder`` (default: the cache folder) with ``$CC``
+    (default ``cc``), once; None where it cannot be (no compiler, an unwritable folder): callers then take
+    their plain path. Put a version or a hash of the source in ``file_name``: an existing file is reused."""
+    from .paths import cache_dir
+    try:
+        folder = Path(folder) if folder is not None else cache_dir()
+        path = folder / file_name
+        if path.exists():
+            return path
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as tmp:
+            src, out = Path(tmp) / "lib.c", Path(tmp) / file_name
+            src.write_text(source)
+            done = subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", *flags, "-o", str(out), str(src)],
+                                  capture_output=True, timeout=120)
+            if done.returncode != 0 or not out.exists():
+                return None
+            os.replace(out, path)  # atomic: builders in parallel each rename a whole file
+        return path
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _machine_tag() -> str:
+    """The CPU's model and flags, hashed: a library built with -march=native runs only where it was built."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    lines = [ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("model name", "flags")][:2]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:10]
+
+
+@functools.cache
+def _dropout_library():
+    """The loaded dropout kernel, or None (turned off, no compiler, not x86-64/aarch64 Linux, or its
+    self-check against torch failed)."""
+    import platform
+    if not kernels_enabled() or platform.system() != "Linux":
+        return None
+    flags = ("-O3", "-march=native")
+    tag = hashlib.sha256((_DROPOUT_SOURCE + " ".join(flags) + _machine_tag()).encode()).hexdigest()[:12]
+    path = build_library(f"libbenchbox_dropout-{tag}.so", _DROPOUT_SOURCE, flags)
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    fn = lib.benchbox_dropout_noise
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_int]
+    return fn if _agrees_with_torch(fn) else None
+
+
+def _torch_noise(shape, keep: float, dtype, generator=None, layout_like=None):
+    """torch's own: bernoulli_(keep) in ``dtype``, divided by keep (what F.dropout multiplies by)."""
+    import torch
+    t = torch.empty(shape, dtype=dtype) if layout_like is None else torch.empty_like(layout_like, dtype=dtype)
+    return t.bernoulli_(keep, generator=generator).div_(keep)
+
+
+def _kernel_noise(fn, like, keep: float, generator):
+    import torch
+    out = torch.empty_like(like)  # like's strides (dense): torch draws in memory order, and so do we
+    state = generator.get_state()
+    kept = torch.ones((), dtype=like.dtype).div_(keep).item()  # 1 / keep as torch's division rounds it
+    if fn(state.data_ptr(), out.data_ptr(), out.numel(), keep, kept, int(like.dtype == torch.float64)) != 0:
+        return None
+    generator.set_state(state)
+    return out
+
+
+def _dense(t) -> bool:
+    """Whether t's elements fill its storage span without gaps or overlap (any order of strides)."""
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1)
+    expected = 1
+    for s, n in dims:
+        if s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _agrees_with_torch(fn) -> bool:
+    """The kernel against torch's bernoulli_ on private generators: several sizes, starts inside the
+    state array (after odd single draws) and across its regeneration, and the generators' states after."""
+    import torch
+    for seed, skip, n, dtype in ((7, 0, 1, torch.float32), (8, 3, 311, torch.float32), (9, 1, 1500, torch.float64),
+                                 (10, 623, 4097, torch.float32)):
+        g_torch, g_ours = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for g in (g_torch, g_ours):
+            torch.empty(skip).uniform_(generator=g)  # float32 uniform_: one 32-bit output each
+        want = _torch_noise((n,), 0.8, dtype, g_torch)
+        got = _kernel_noise(fn, torch.empty(n, dtype=dtype), 0.8, g_ours)
+        if got is None or not torch.equal(got, want) or not torch.equal(g_torch.get_state(), g_ours.get_state()):
+            return False
+    return True
+
+
+def dropout_noise(like, keep: float):
+    """torch's CPU dropout noise for ``like`` (``empty_like(like).bernoulli_(keep) / keep``, drawn from the
+    default generator in like's memory order) from the C kernel, bit for bit; None where the kernel is not
+    available or does not apply (another device or dtype, a tensor with gaps): the caller draws it itself."""
+    import torch
+    if like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64) or not _dense(like):
+        return None
+    fn = _dropout_library()
+    if fn is None:
+        return None
+    return _kernel_noise(fn, like, keep, torch.default_generator)
