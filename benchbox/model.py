@@ -18,7 +18,7 @@ from torch import nn
 import mixers
 from mixers.base import end_rows
 from . import kernels
-from .readouts import LastReadout, build_readout, candidate_dot, gather_rows, last_position
+from .readouts import LastReadout, build_readout, candidate_dot, Embedding, gather_rows, last_position
 
 # Length groups (a batch's rows run through the encoder in groups of similar length, see length_groups)
 GROUP_MIN_ROWS = 8  # a smaller group joins its neighbour: each group is one more call of every layer
@@ -369,7 +369,7 @@ class Recommender(nn.Module):
                  readout: str = "last", readout_opts: dict | None = None):
         super().__init__()
         self.n_items, self.d_model = n_items, d_model
-        self.item_emb = nn.Embedding(n_items + 1, d_model, padding_idx=0)
+        self.item_emb = Embedding(n_items + 1, d_model, padding_idx=0)
         # small init times sqrt(d) in the forward (SASRec): Adam's steps are absolute, so small stored
         # embeddings move fast; with std-1 storage ML-1M stayed at the popularity baseline for 18 epochs
         nn.init.normal_(self.item_emb.weight, std=0.02)

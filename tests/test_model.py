@@ -603,3 +603,49 @@ def test_c_dropout_kernel_declines_what_it_does_not_draw_and_its_self_check_can_
         ctypes.memmove(copy, state, 5056)
         return fn(ctypes.addressof(copy), out, n, keep, kept, is_double)
     assert not kernels._agrees_with_torch(skips_the_state_write)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_kernel_gives_torchs_embedding_and_index_select_gradients_bit_for_bit(dtype):
+    """benchbox's Embedding and gather_rows (their backward through kernels.rows_add on CPU) against
+    nn.Embedding and index_select: the same outputs and the same table gradients, bit for bit, with the
+    padding id (no gradient), ids repeated many times (one row summed from many contributions, in order),
+    gradients of very different magnitudes and a non-contiguous incoming gradient."""
+    from benchbox import kernels
+    from benchbox.readouts import Embedding, gather_rows
+    if not kernels._rows_add_kernels():
+        pytest.skip("no C compiler here: torch's own backward runs")
+    torch.manual_seed(0)
+    ours, ref = Embedding(41, 16, padding_idx=0).to(dtype), torch.nn.Embedding(41, 16, padding_idx=0).to(dtype)
+    ref.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, 41, (30, 70))
+    ids[:, :5] = 0
+    scale = torch.logspace(-5, 5, 16, dtype=dtype)
+    for emb in (ours, ref):
+        (emb(ids) * scale).transpose(0, 1).pow(2).sum().backward()
+    assert torch.equal(ours(ids), ref(ids))
+    assert torch.equal(ours.weight.grad, ref.weight.grad) and not ref.weight.grad[0].any()
+    table = torch.randn(41, 16, dtype=dtype, requires_grad=True)
+    g = torch.randn(70, 30, 16, dtype=dtype).transpose(0, 1)  # non-contiguous
+    got = torch.autograd.grad(gather_rows(table, ids), table, g)[0]
+    want = torch.autograd.grad(table.index_select(0, ids.reshape(-1)).view(30, 70, 16), table, g)[0]
+    assert torch.equal(got, want)
+    with torch.no_grad():  # no graph: the plain lookups
+        assert torch.equal(gather_rows(table, ids), table[ids])
+
+
+def test_rows_kernel_declines_what_it_does_not_sum_and_its_self_check_can_fail():
+    from benchbox import kernels
+    fns = kernels._rows_add_kernels()
+    if not fns:
+        pytest.skip("no C compiler here: torch's own backward runs")
+    src = torch.randn(6, 4)
+    assert kernels.rows_add(5, torch.tensor([0, 1, 2, 3, 4, 4], dtype=torch.int32), src) is None
+    assert kernels.rows_add(5, torch.tensor([0, 1, 2, 3, 4, 5]), src) is None  # out of range: torch raises
+    assert kernels.rows_add(5, torch.tensor([0, 1, 2, 3, 4, 4]), src.to(torch.bfloat16)) is None
+    fn = fns[torch.float32]
+    assert kernels._rows_add_agrees_with_torch(fn, torch.float32)
+
+    def no_skip(out, n_out, d, idx, n, src, skip):  # adds the padding rows too
+        return fn(out, n_out, d, idx, n, src, -1)
+    assert not kernels._rows_add_agrees_with_torch(no_skip, torch.float32)
