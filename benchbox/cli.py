@@ -86,7 +86,7 @@ RUN_OPTIONS = {
     "dropout": (float, 0.2, _o("dropout in each block", "Model")),
     "dropout_masks": (DropoutMasks, "torch", _o("'torch': torch's dropout; 'fast': masks from 16-bit random lanes "
                                                 "(the same distribution, another random stream: other numbers, a "
-                                                "sensitivity row; 1.0-1.2x faster study-protocol training on CPU)", "Model")),
+                                                "sensitivity row; no faster than torch's draws, which come from a C kernel on CPU)", "Model")),
     "max_len": (Optional[int], None, _o("default from the dataset card (50 Amazon, 200 ML-1M)", "Data")),
     "train_neg": (int, 4, _o("negatives per positive in training")),
     "eval_neg": (int, 99, _o("sampled negatives per positive at validation and test", "Evaluation")),
