@@ -123,6 +123,88 @@ int name(T *out, int64_t n_out, int64_t d, const int64_t *idx, int64_t n, const 
 }
 ROWS_ADD(benchbox_rows_add_f32, float)
 ROWS_ADD(benchbox_rows_add_f64, double)
+
+/* DIN's pairs (readouts._DINPairs), z laid out (M, H, S), M = B N: z := max(z, 0) in place and
+   y[m, s] += sum_h w[h] z[m, h, s], in one pass over z where torch makes two (relu_, then a batched
+   matrix-vector product that reads z again). */
+#define DIN_RELU_MATVEC(name, T)                                                                        \
+void name(T *z, const T *w, T *y, int64_t m_all, int64_t hid, int64_t s) {                              \
+    for (int64_t m = 0; m < m_all; m++) {                                                               \
+        T *restrict ym = y + m * s;                                                                     \
+        for (int64_t h = 0; h < hid; h++) {                                                             \
+            T *restrict zr = z + (m * hid + h) * s;                                                     \
+            const T wh = w[h];                                                                          \
+            for (int64_t j = 0; j < s; j++) {                                                           \
+                T v = zr[j] < 0 ? 0 : zr[j];                                                            \
+                zr[j] = v;                                                                              \
+                ym[j] += wh * v;                                                                        \
+            }                                                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+}
+DIN_RELU_MATVEC(benchbox_din_relu_matvec_f32, float)
+DIN_RELU_MATVEC(benchbox_din_relu_matvec_f64, double)
+
+/* The backward's tb = gy [z > 0] (torch's threshold_backward: 0 where z <= 0), gy (B, N, S) broadcast over
+   H, with its sums over s (tb_s, (B, N, H)) and over n (tb_n, (B, H, S)), in one pass over z where torch
+   makes three (threshold_backward, then two sums that read tb again). */
+#define DIN_THRESHOLD_SUMS(name, T)                                                                     \
+void name(const T *z, const T *gy, T *tb, T *tb_s, T *tb_n, int64_t b_all, int64_t n_all, int64_t hid,  \
+          int64_t s) {                                                                                  \
+    for (int64_t b = 0; b < b_all; b++) {                                                               \
+        T *restrict nb = tb_n + b * hid * s;                                                            \
+        for (int64_t i = 0; i < hid * s; i++) nb[i] = 0;                                                \
+        for (int64_t n = 0; n < n_all; n++) {                                                           \
+            const int64_t m = b * n_all + n;                                                            \
+            const T *restrict g = gy + m * s;                                                           \
+            for (int64_t h = 0; h < hid; h++) {                                                         \
+                const T *restrict zr = z + (m * hid + h) * s;                                           \
+                T *restrict tr = tb + (m * hid + h) * s;                                                \
+                T *restrict nr = nb + h * s;                                                            \
+                for (int64_t j = 0; j < s; j++) {                                                       \
+                    T t = zr[j] <= 0 ? 0 : g[j];                                                        \
+                    tr[j] = t;                                                                          \
+                    nr[j] += t;                                                                         \
+                }                                                                                       \
+                T acc[16] = {0};  /* 16 running sums: a loop the compiler vectorises */                 \
+                int64_t j = 0;                                                                          \
+                for (; j + 16 <= s; j += 16)                                                            \
+                    for (int k = 0; k < 16; k++) acc[k] += tr[j + k];                                   \
+                for (; j < s; j++) acc[0] += tr[j];                                                     \
+                T total = 0;                                                                            \
+                for (int k = 0; k < 16; k++) total += acc[k];                                           \
+                tb_s[m * hid + h] = total;                                                              \
+            }                                                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+}
+DIN_THRESHOLD_SUMS(benchbox_din_threshold_sums_f32, float)
+DIN_THRESHOLD_SUMS(benchbox_din_threshold_sums_f64, double)
+
+/* The backward's two reductions of tcr (B N, H, D): out_bn[m, d] = sum_h tcr[m, h, d] r1[h, d] and
+   out_hd[h, d] = sum_m tcr[m, h, d] cand[m, d], in one read of tcr where torch makes two products and two
+   sums (four passes over (B N, H, D)). */
+#define DIN_TCR_SUMS(name, T)                                                                           \
+void name(const T *tcr, const T *r1, const T *cand, T *out_bn, T *out_hd, int64_t m_all, int64_t hid,  \
+          int64_t d) {                                                                                  \
+    for (int64_t i = 0; i < hid * d; i++) out_hd[i] = 0;                                                \
+    for (int64_t m = 0; m < m_all; m++) {                                                               \
+        T *restrict ob = out_bn + m * d;                                                                \
+        const T *restrict c = cand + m * d;                                                             \
+        for (int64_t j = 0; j < d; j++) ob[j] = 0;                                                      \
+        for (int64_t h = 0; h < hid; h++) {                                                             \
+            const T *restrict row = tcr + (m * hid + h) * d;                                            \
+            const T *restrict rr = r1 + h * d;                                                          \
+            T *restrict oh = out_hd + h * d;                                                            \
+            for (int64_t j = 0; j < d; j++) {                                                           \
+                ob[j] += row[j] * rr[j];                                                                \
+                oh[j] += row[j] * c[j];                                                                 \
+            }                                                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+}
+DIN_TCR_SUMS(benchbox_din_tcr_sums_f32, float)
+DIN_TCR_SUMS(benchbox_din_tcr_sums_f64, double)
 """
 
 
@@ -303,3 +385,63 @@ def rows_add(n_out: int, ids, src, skip: int = -1):
         return None
     fn = _rows_add_kernels().get(src.dtype)
     return None if fn is None else _run_rows_add(fn, n_out, ids, src, skip)
+
+
+@functools.cache
+def _din_kernels():
+    """{torch dtype: (relu_matvec, threshold_sums, tcr_sums)} (empty where no library)."""
+    import torch
+    lib = _library()
+    if lib is None:
+        return {}
+    found = {}
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    for dtype, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
+        relu_matvec = getattr(lib, f"benchbox_din_relu_matvec_{tag}")
+        relu_matvec.restype, relu_matvec.argtypes = None, [p, p, p, i, i, i]
+        sums = getattr(lib, f"benchbox_din_threshold_sums_{tag}")
+        sums.restype, sums.argtypes = None, [p, p, p, p, p, i, i, i, i]
+        tcr_sums = getattr(lib, f"benchbox_din_tcr_sums_{tag}")
+        tcr_sums.restype, tcr_sums.argtypes = None, [p, p, p, p, p, i, i, i]
+        found[dtype] = (relu_matvec, sums, tcr_sums)
+    return found
+
+
+def _din_applies(*tensors) -> bool:
+    return (all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+            and tensors[0].dtype in _din_kernels() and all(t.dtype == tensors[0].dtype for t in tensors))
+
+
+def din_relu_matvec(z, w, y) -> bool:
+    """z (M, H, S) := max(z, 0) in place and y (M, S) += w (H) . z over H, in one pass; False (nothing done)
+    where the kernel does not apply (the caller runs relu_ and its matrix-vector product)."""
+    if not _din_applies(z, w, y):
+        return False
+    m, hid, s = z.shape
+    _din_kernels()[z.dtype][0](z.data_ptr(), w.data_ptr(), y.data_ptr(), m, hid, s)
+    return True
+
+
+def din_threshold_sums(z, gy):
+    """For z (B, N, H, S) and gy (B, N, S): tb = gy [z > 0] (B, N, H, S), its sum over S (B, N, H) and over
+    N (B, H, S), in one pass; None where the kernel does not apply."""
+    import torch
+    if not _din_applies(z, gy):
+        return None
+    b, n, hid, s = z.shape
+    tb, tb_s, tb_n = torch.empty_like(z), z.new_empty(b, n, hid), z.new_empty(b, hid, s)
+    _din_kernels()[z.dtype][1](z.data_ptr(), gy.data_ptr(), tb.data_ptr(), tb_s.data_ptr(), tb_n.data_ptr(),
+                               b, n, hid, s)
+    return tb, tb_s, tb_n
+
+
+def din_tcr_sums(tcr, r1, cand):
+    """For tcr (B, N, H, D), r1 (H, D) and cand (B, N, D): (sum_h tcr r1 (B, N, D), sum_{b,n} tcr cand (H, D)),
+    in one read of tcr; None where the kernel does not apply."""
+    if not _din_applies(tcr, r1, cand):
+        return None
+    b, n, hid, d = tcr.shape
+    out_bn, out_hd = cand.new_empty(b, n, d), cand.new_empty(hid, d)
+    _din_kernels()[tcr.dtype][2](tcr.data_ptr(), r1.data_ptr(), cand.data_ptr(), out_bn.data_ptr(),
+                                 out_hd.data_ptr(), b * n, hid, d)
+    return out_bn, out_hd

@@ -163,9 +163,12 @@ class _DINPairs(torch.autograd.Function):
         # tensor: an expanded one sends bmm to a copying per-matrix loop.
         aw = a * w
         y = torch.bmm(cand * (aw @ r), h.transpose(1, 2)).add_((ps @ aw).unsqueeze(1)).add_((qc @ aw).unsqueeze(-1))
-        zpos = z.relu_()
-        wpos = ((1 - a) * w).view(1, 1, hid).expand(b * n, 1, hid).contiguous()
-        y.view(b * n, 1, s).baddbmm_(wpos, zpos.view(b * n, hid, s))
+        if kernels.din_relu_matvec(z.view(b * n, hid, s), ((1 - a) * w).contiguous(), y.view(b * n, s)):
+            zpos = z  # both in one pass over the pairs (the C kernel), where it applies
+        else:
+            zpos = z.relu_()
+            wpos = ((1 - a) * w).view(1, 1, hid).expand(b * n, 1, hid).contiguous()
+            y.view(b * n, 1, s).baddbmm_(wpos, zpos.view(b * n, hid, s))
         ctx.save = save
         ctx.save_for_backward(h, cand, ps, qc, r, a, w, *((zpos,) if save else ()))
         return y
@@ -185,11 +188,15 @@ class _DINPairs(torch.autograd.Function):
         # (cand_n * r_h) rows) take c2 gy through small (B, N, S) factors and c1 tb with c1 folded into r, so
         # the pairs are read three times here (tb and its two sums) besides the two matmuls
         c1, c2 = (1 - a) * w, a * w
-        tb = torch.ops.aten.threshold_backward(gyf.expand_as(zf), zf, 0.0)  # one pass; torch.where ran 6x slower
+        fused = kernels.din_threshold_sums(zpos.view(b, n, hid, s), g2.contiguous())  # tb and its sums, one pass
+        if fused is not None:
+            tb, tb_s, tb_n = fused[0].view(b * n, hid, s), fused[1], fused[2].transpose(1, 2)
+        else:
+            tb = torch.ops.aten.threshold_backward(gyf.expand_as(zf), zf, 0.0)  # torch.where ran 6x slower
+            tb_s = tb.sum(-1).view(b, n, hid)  # (B, N, H)
+            tb_n = tb.view(b, n, hid, s).sum(1).transpose(1, 2)  # (B, S, H)
         gh = torch.bmm(g2, h)  # (B, N, D)
         gs_n, gs_s = g2.sum(1), g2.sum(2)  # (B, S), (B, N)
-        tb_s = tb.sum(-1).view(b, n, hid)  # (B, N, H)
-        tb_n = tb.view(b, n, hid, s).sum(1).transpose(1, 2)  # (B, S, H)
         dqc = torch.addcmul(tb_s * c1, gs_s[..., None], c2)
         dps = torch.addcmul(tb_n * c1, gs_n[..., None], c2)
         tbb = tb.view(b, n * hid, s)
@@ -197,8 +204,12 @@ class _DINPairs(torch.autograd.Function):
         dh = torch.bmm(tbb.transpose(1, 2), (cand.unsqueeze(2) * r1).view(b, n * hid, d))
         dh.baddbmm_(g2.transpose(1, 2), cand * r2)
         tcr = torch.bmm(tbb, h).view(b, n, hid, d)  # (einsum's plans for the two below ran bmm one matrix at a time)
-        dcand = (tcr * r1).sum(2).addcmul_(gh, r2)
-        m_tb = (tcr * cand.unsqueeze(2)).sum((0, 1))  # (H, D): sum tb (cand . h) per (h, d)
+        fused = kernels.din_tcr_sums(tcr, r1.contiguous(), cand.contiguous())  # both sums in one read of tcr
+        if fused is not None:
+            dcand, m_tb = fused[0].addcmul_(gh, r2), fused[1]
+        else:
+            dcand = (tcr * r1).sum(2).addcmul_(gh, r2)
+            m_tb = (tcr * cand.unsqueeze(2)).sum((0, 1))  # (H, D): sum tb (cand . h) per (h, d)
         m_gy = (cand * gh).sum((0, 1))  # (D,): sum gy (cand . h) per d
         dr = (m_tb * c1[:, None]).addcmul_(c2[:, None], m_gy)
         # dw = sum gy PReLU(z) = a sum gy z + (1 - a) sum gy max(z, 0), da = w sum gy min(z, 0) = w (sum gy z -

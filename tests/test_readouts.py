@@ -307,12 +307,21 @@ def test_din_prelu_backward_is_torchs():
                                                        torch.rand(4, dtype=torch.float64, requires_grad=True)))
 
 
+@pytest.mark.parametrize("c_kernels", [True, False])
 @pytest.mark.parametrize("save", [True, False])
-def test_din_pairs_function_matches_autograd_of_the_plain_form(save):
+def test_din_pairs_function_matches_autograd_of_the_plain_form(save, c_kernels, monkeypatch):
     """DIN's activation unit by hand (_DINPairs: z in an (n, h, s) layout, PReLU and its slope-weighted sum, a
-    backward without autograd, z kept or recomputed) against autograd of the plain arithmetic, float64: values
-    and all seven gradients, with exact zeros in z (where torch's PReLU takes the slope a), and gradcheck."""
+    backward without autograd, z kept or recomputed; its passes over the pairs in the C kernels or in torch)
+    against autograd of the plain arithmetic, float64: values and all seven gradients, with exact zeros in z
+    (where torch's PReLU takes the slope a), and gradcheck."""
+    from benchbox import kernels
     from benchbox.readouts import _DINPairs
+    if not c_kernels:
+        monkeypatch.setattr(kernels, "din_relu_matvec", lambda z, w, y: False)
+        monkeypatch.setattr(kernels, "din_threshold_sums", lambda z, gy: None)
+        monkeypatch.setattr(kernels, "din_tcr_sums", lambda tcr, r1, cand: None)
+    elif not kernels._din_kernels():
+        pytest.skip("no C compiler here: torch's passes run")
     torch.manual_seed(0)
     b, n, s, hid = 3, 7, 5, 6
     f64 = dict(dtype=torch.float64)
@@ -407,3 +416,38 @@ def test_pick_interest_equals_gather_forward_and_backward():
     assert torch.equal(a.grad, b.grad) and (a.grad != 0).sum() == 3 * 7 * 5  # one interest per position
     vd = v.double().requires_grad_()
     assert torch.autograd.gradcheck(lambda x: _PickInterest.apply(x, k), (vd,))
+
+
+@pytest.mark.parametrize("s", [1, 16, 37, 200])
+def test_din_pair_kernels_against_torchs_passes(s):
+    """kernels.din_relu_matvec and din_threshold_sums against the torch passes they replace (relu_ and the
+    batched matrix-vector product; threshold_backward and its two sums), float32: max(z, 0) and tb bit for bit
+    (zeros, negatives and a NaN in z), the products and sums to float rounding (another summation order)."""
+    from benchbox import kernels
+    if not kernels._din_kernels():
+        pytest.skip("no C compiler here: torch's passes run")
+    torch.manual_seed(0)
+    b, n, hid = 3, 5, 7
+    z = torch.randn(b, n, hid, s)
+    z[0, 1, 2] = 0.0
+    z[1, 0, 0, 0] = float("nan")
+    w, gy, y0 = torch.randn(hid), torch.randn(b, n, s), torch.randn(b, n, s)
+    zk, y = z.clone(), y0.clone()
+    assert kernels.din_relu_matvec(zk.view(b * n, hid, s), w, y.view(b * n, s))
+    zr = z.clone().relu_()
+    assert torch.equal(zk.nan_to_num(-1.0), zr.nan_to_num(-1.0))
+    y_ref = y0.view(b * n, 1, s).baddbmm(w.view(1, 1, hid).expand(b * n, 1, hid).contiguous(), zr.view(b * n, hid, s))
+    finite = ~torch.isnan(y_ref.view(b, n, s))
+    torch.testing.assert_close(y[finite], y_ref.view(b, n, s)[finite], rtol=1e-5, atol=1e-5)
+    tb, tb_s, tb_n = kernels.din_threshold_sums(zr, gy)
+    tb_ref = torch.ops.aten.threshold_backward(gy.view(b * n, 1, s).expand(b * n, hid, s), zr.view(b * n, hid, s), 0.0)
+    assert torch.equal(tb.view(b * n, hid, s), tb_ref)
+    torch.testing.assert_close(tb_s, tb_ref.sum(-1).view(b, n, hid), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tb_n, tb_ref.view(b, n, hid, s).sum(1), rtol=1e-5, atol=1e-5)
+    tcr, r1, cand = torch.randn(b, n, hid, s), torch.randn(hid, s), torch.randn(b, n, s)
+    got_bn, got_hd = kernels.din_tcr_sums(tcr, r1, cand)
+    torch.testing.assert_close(got_bn, (tcr * r1).sum(2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_hd, (tcr * cand.unsqueeze(2)).sum((0, 1)), rtol=1e-5, atol=1e-5)
+    assert kernels.din_tcr_sums(tcr.transpose(0, 1), r1, cand) is None
+    assert not kernels.din_relu_matvec(z.transpose(1, 2), w, y)  # not contiguous: torch's passes
+    assert kernels.din_threshold_sums(zr.to(torch.bfloat16), gy.to(torch.bfloat16)) is None
