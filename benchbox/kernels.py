@@ -30,6 +30,7 @@ _SOURCE = r"""
    state: the bytes of torch.Generator.get_state() (CPUGeneratorImplStateLegacy first: uint64 seed,
    int32 left, int32 seeded, uint64 next, uint64 state[624], ...), read and written in place. */
 #include <stdint.h>
+#include <string.h>
 
 #define MT_N 624
 #define MT_M 397
@@ -105,14 +106,15 @@ int benchbox_dropout_noise(unsigned char *state, void *out, int64_t n, double ke
     return 0;
 }
 
-/* out[idx[i]] += src[i] for i = 0, 1, ..., n - 1 in that order, rows of d, skipping idx[i] == skip: the
-   order in which torch's CPU embedding_dense_backward and index_add_ sum one row's contributions, without
-   their per-row TensorIterator call (~50-80 ns a row). Returns 1, having written nothing, on an index out
-   of range. */
+/* out = 0, then out[idx[i]] += src[i] for i = 0, 1, ..., n - 1 in that order, rows of d, skipping
+   idx[i] == skip: the order in which torch's CPU embedding_dense_backward and index_add_ sum one row's
+   contributions into zeros, without their per-row TensorIterator call (~50-80 ns a row). Returns 1, having
+   written nothing, on an index out of range. */
 #define ROWS_ADD(name, T)                                                                               \
 int name(T *out, int64_t n_out, int64_t d, const int64_t *idx, int64_t n, const T *src, int64_t skip) { \
     for (int64_t i = 0; i < n; i++)                                                                     \
         if (idx[i] != skip && (idx[i] < 0 || idx[i] >= n_out)) return 1;                                \
+    memset(out, 0, (size_t)(n_out * d) * sizeof(T));  /* torch's fill_ of the zeros ran at ~11 GB/s */  \
     for (int64_t i = 0; i < n; i++) {                                                                   \
         if (idx[i] == skip) continue;                                                                   \
         T *restrict o = out + idx[i] * d;                                                               \
@@ -205,6 +207,35 @@ void name(const T *tcr, const T *r1, const T *cand, T *out_bn, T *out_hd, int64_
 }
 DIN_TCR_SUMS(benchbox_din_tcr_sums_f32, float)
 DIN_TCR_SUMS(benchbox_din_tcr_sums_f64, double)
+
+/* RMSNorm's backward (model._RMSNormFunction) for rows of d, one pass: with gw = g w,
+   gx = (gw - xhat mean(gw xhat)) rstd, and g_weight = sum over rows of g xhat (accumulated in row order).
+   torch makes five passes (g w, the row dot products, addcmul, the product with rstd, g xhat and its sum). */
+#define RMSNORM_BACKWARD(name, T)                                                                       \
+void name(const T *g, const T *xhat, const T *rstd, const T *w, T *gx, T *g_weight, int64_t rows,       \
+          int64_t d) {                                                                                  \
+    for (int64_t j = 0; j < d; j++) g_weight[j] = 0;                                                    \
+    for (int64_t r = 0; r < rows; r++) {                                                                \
+        const T *restrict gr = g + r * d;                                                               \
+        const T *restrict xr = xhat + r * d;                                                            \
+        T *restrict out = gx + r * d;                                                                   \
+        T *restrict gwt = g_weight;                                                                     \
+        T acc[16] = {0};                                                                                \
+        int64_t j = 0;                                                                                  \
+        for (; j + 16 <= d; j += 16)                                                                    \
+            for (int k = 0; k < 16; k++) acc[k] += gr[j + k] * w[j + k] * xr[j + k];                    \
+        for (; j < d; j++) acc[0] += gr[j] * w[j] * xr[j];                                              \
+        T dot = 0;                                                                                      \
+        for (int k = 0; k < 16; k++) dot += acc[k];                                                     \
+        const T c = -dot / (T)d, s = rstd[r];                                                           \
+        for (j = 0; j < d; j++) {                                                                       \
+            out[j] = (gr[j] * w[j] + xr[j] * c) * s;                                                    \
+            gwt[j] += gr[j] * xr[j];                                                                    \
+        }                                                                                               \
+    }                                                                                                   \
+}
+RMSNORM_BACKWARD(benchbox_rmsnorm_backward_f32, float)
+RMSNORM_BACKWARD(benchbox_rmsnorm_backward_f64, double)
 """
 
 
@@ -369,7 +400,7 @@ def _rows_add_agrees_with_torch(fn, dtype) -> bool:
 def _run_rows_add(fn, n_out: int, ids, src, skip: int):
     import torch
     ids, src = ids.reshape(-1).contiguous(), src.reshape(ids.numel(), -1).contiguous()
-    out = torch.zeros(n_out, src.shape[1], dtype=src.dtype)
+    out = torch.empty(n_out, src.shape[1], dtype=src.dtype)  # zeroed by the kernel
     if fn(out.data_ptr(), n_out, src.shape[1], ids.data_ptr(), ids.numel(), src.data_ptr(), skip) != 0:
         return None
     return out
@@ -445,3 +476,34 @@ def din_tcr_sums(tcr, r1, cand):
     _din_kernels()[tcr.dtype][2](tcr.data_ptr(), r1.data_ptr(), cand.data_ptr(), out_bn.data_ptr(),
                                  out_hd.data_ptr(), b * n, hid, d)
     return out_bn, out_hd
+
+
+@functools.cache
+def _rmsnorm_kernels():
+    """{torch dtype: RMSNorm's backward kernel} (empty where no library)."""
+    import torch
+    lib = _library()
+    if lib is None:
+        return {}
+    found = {}
+    for dtype, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
+        fn = getattr(lib, f"benchbox_rmsnorm_backward_{tag}")
+        fn.restype, fn.argtypes = None, [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2
+        found[dtype] = fn
+    return found
+
+
+def rmsnorm_backward(g, xhat, rstd, weight):
+    """RMSNorm's (gx, g_weight) from the incoming gradient g, xhat = x rstd and rstd (rows' shape + (1,)), in
+    one pass; None where the kernel does not apply."""
+    import torch
+    if not (g.device.type == "cpu" and g.dtype == xhat.dtype == rstd.dtype == weight.dtype
+            and g.dtype in _rmsnorm_kernels()):
+        return None
+    g, xhat, rstd, weight = g.contiguous(), xhat.contiguous(), rstd.contiguous(), weight.contiguous()
+    d = xhat.shape[-1]
+    gx, g_weight = torch.empty_like(xhat), weight.new_empty(d)
+    _rmsnorm_kernels()[g.dtype](g.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), weight.data_ptr(), gx.data_ptr(),
+                                g_weight.data_ptr(), xhat.numel() // d, d)
+    return gx, g_weight
+

@@ -225,6 +225,9 @@ class _RMSNormFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         xhat, rstd, weight = ctx.saved_tensors
+        fused = kernels.rmsnorm_backward(g, xhat, rstd, weight)  # the same arithmetic in one pass (C)
+        if fused is not None:
+            return fused[0] if ctx.needs_input_grad[0] else None, fused[1] if ctx.needs_input_grad[1] else None, None
         gw = g * weight  # the gradient at xhat
         # d/dx of x rstd: rstd (gw - xhat mean(gw xhat))
         dot = torch.linalg.vecdot(gw, xhat, dim=-1).unsqueeze(-1).mul_(-1.0 / xhat.shape[-1])
