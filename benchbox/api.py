@@ -31,7 +31,7 @@ def run(mixer: str = "ttt_linear", dataset: str = "synthetic", *, results_dir="r
 COMPARED_EXTRA = ("best_epoch", "epochs_run", "final_train_loss")
 # settings of the environment that can change a number; a rerun says which of them differ
 ENVIRONMENT = ("git_commit", "torch_version", "numpy_version", "python_version", "device", "threads", "data_sha256",
-               "blas")
+               "blas", "cpu_kernels")
 
 
 @dataclass
@@ -90,5 +90,5 @@ def rerun(run_id: str, results_dir="results", *, data_dir: str | None = None, th
     now = {**environment(resolve_device(cfg.device)), "data_sha256": new.get("data_sha256", "")}
     # rows made before a setting was recorded have it empty: unknown, not a change
     changes = [(k, str(row.get(k, "")), str(now[k])) for k in ENVIRONMENT
-               if str(row.get(k, "")) != str(now[k]) and not (k == "blas" and not row.get(k))]
+               if str(row.get(k, "")) != str(now[k]) and not (k in ("blas", "cpu_kernels") and not row.get(k))]
     return Rerun(row, new, comparison, changes)

@@ -175,7 +175,7 @@ def run_command(seed: Annotated[int, _o("seed of the model, the batches and the 
                                    f"/{r['epochs_run']}, seed {seed}"))
     console.print(f"{r['sec_per_epoch']:.1f} s/epoch train, {r['eval_seconds']:.1f} s eval in all, peak memory "
                   f"{r['peak_mem_mb']:.0f} MB, {r['params']:,} parameters, device {r['device']}, "
-                  f"blas {r['blas']}")
+                  f"blas {r['blas']}, C kernels {r['cpu_kernels']}")
     if results_dir:
         console.print(f"run {r['run_id']} appended to {os.path.join(results_dir, 'runs.csv')}")
 

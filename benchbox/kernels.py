@@ -1,17 +1,21 @@
 """Small C kernels, built once with the system C compiler into the cache folder and called through ctypes.
 
-Each has a plain torch path beside it, taken where no compiler builds the library, on other devices, and
-wherever the kernel's self-check at first use disagrees with torch; the tests hold the two to bit-equality.
-This module imports torch only inside its functions: ``blas.py`` uses ``build_library`` before torch loads.
+Each has a plain torch path beside it, taken where no compiler builds the library (or ``BENCHBOX_C_KERNELS=off``),
+on other devices and dtypes, and, for the bit-for-bit ones, wherever the self-check at first use disagrees with
+torch; the tests hold each kernel to its torch path. This module imports torch only inside its functions:
+``blas.py`` uses ``build_library`` before torch loads.
 
-The kernel here: torch's CPU dropout noise, drawn from torch's own generator stream.
-torch's CPU ``bernoulli_(q)`` draws one float64 ``uniform_`` per element from the default generator's
-mt19937, a serial loop of one 64-bit draw at a time (~3.4 ns an element on our AMD EPYC core: 406 us for
-a study-protocol step's 204 x 10 x 64 floats, five of them a step). ``benchbox_dropout_noise`` runs the
-same mt19937 (the regeneration and the tempering vectorised over the state array), pairs its outputs into
-the same 53-bit doubles, compares them with q and writes the noise, then stores the generator's state back:
-the same noise, bit for bit, and the generator left exactly where ``bernoulli_`` leaves it, so every run
-keeps its random stream (``dropout_noise``).
+- ``dropout_noise``: torch's CPU dropout noise from torch's own generator stream, bit for bit. torch's CPU
+  ``bernoulli_(q)`` draws one float64 ``uniform_`` per element from the default generator's mt19937, one 64-bit
+  draw at a time (~3.4 ns an element here: 406 us for a study step's 204 x 10 x 64 floats, five a step). The
+  kernel runs the same mt19937 (regeneration and tempering vectorised), pairs its outputs into the same 53-bit
+  doubles, compares them with q, writes the noise in the tensor's memory order and stores the generator's state
+  back, where ``bernoulli_`` leaves it: every run keeps its random stream.
+- ``rows_add``: the embedding's and gather_rows' table gradients, torch's order without its per-row call; bit for bit.
+- ``din_relu_matvec``, ``din_threshold_sums``, ``din_tcr_sums``: DIN's passes over its pairs, fused.
+- ``rmsnorm_backward``: RMSNorm's backward in one pass.
+The last two groups sum in another order than torch's ops (float rounding), so rows record which ran
+(``cpu_kernels``, ``kernels_in_force``).
 """
 from __future__ import annotations
 
@@ -267,6 +271,14 @@ def build_library(file_name: str, source: str, flags: tuple[str, ...] = ("-O2",)
         return path
     except (OSError, subprocess.TimeoutExpired):
         return None
+
+
+def kernels_in_force() -> str:
+    """What rows record as ``cpu_kernels``: ``c`` where this process runs the C kernels below (built, loaded),
+    ``torch`` where torch's own paths run everywhere (turned off, not Linux, no compiler). The DIN and
+    RMSNorm kernels sum in another order than torch's ops, so the two give results that differ by float
+    rounding; the dropout and rows kernels are bit for bit either way."""
+    return "c" if _library() is not None else "torch"
 
 
 def _machine_tag() -> str:

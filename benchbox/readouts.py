@@ -138,8 +138,10 @@ class _DINPairs(torch.autograd.Function):
     h_s * r_h per target block; this one makes five (two forward, three backward) besides its matmuls and the
     forward's one matrix-vector product. With ``save`` max(z, 0) is kept for the backward (memory: every
     chunk's at once); without it z is recomputed there (one more matmul, z one chunk at a time). ML-1M,
-    sequence regime, 1 thread: 4.8 -> 2.75 s a step (2026-12-07, MKL's generic kernels).
-    ``DINReadout._pool`` (an einsum) is the reference."""
+    sequence regime, 1 thread: 4.8 -> 2.75 s a step (2026-12-07, MKL's generic kernels). On CPU, three C kernels
+    (kernels.py) fuse passes that torch makes separately: relu_ with the weighted sum over H, threshold_backward
+    with tb's two sums, and tcr's two reductions (float rounding: another summation order; ML-1M DIN step
+    1.15x). ``DINReadout._pool`` (an einsum) is the reference."""
 
     @staticmethod
     def _z(h, cand, ps, qc, r):

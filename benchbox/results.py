@@ -101,7 +101,7 @@ def append_rows(path: str | os.PathLike, new_rows: list[dict]) -> None:
 TEXT_COLUMNS = {"run_id", "status", "started_at", "sweep_id", "dataset", "data_source", "data_sha256", "mixer",
                 "readout", "mixer_opts", "readout_opts", "config", "device", "torch_version", "python_version",
                 "numpy_version", "benchbox_version", "git_commit", "hostname", "error", "dtype", "bench_id",
-                "time", "backend", "mode", "allocator", "blas"}
+                "time", "backend", "mode", "allocator", "blas", "cpu_kernels"}
 
 
 def frame(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:

@@ -24,6 +24,7 @@ from . import BenchboxError, Diverged, __version__
 from . import data as data_mod
 from .config import ConfigError, RunConfig
 from .blas import blas_in_force
+from .kernels import kernels_in_force
 from .efficiency import cpu_allocator
 from .evaluate import evaluate, evaluate_splits
 from .model import Recommender, bce_loss
@@ -72,7 +73,8 @@ def environment(dev: torch.device) -> dict:
     return {"device": device_name(dev), "torch_version": torch.__version__, "python_version": platform.python_version(),
             "numpy_version": np.__version__, "benchbox_version": __version__, "git_commit": git_commit(),
             "threads": torch.get_num_threads(), "hostname": platform.node(),
-            "allocator": cpu_allocator() if dev.type == "cpu" else "cuda", "blas": blas_in_force()}
+            "allocator": cpu_allocator() if dev.type == "cpu" else "cuda", "blas": blas_in_force(),
+            "cpu_kernels": kernels_in_force() if dev.type == "cpu" else "-"}
 
 
 def peak_memory_mb(dev: torch.device) -> float:

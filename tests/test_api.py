@@ -102,6 +102,17 @@ def test_rerun_reproduces_a_row_and_check_catches_a_difference(tmp_path, capsys)
         results.append_rows(tmp_path / "runs.csv", rows)
         changes = benchbox.rerun(res.run_id, tmp_path, log=None).environment_changes
         assert [c for c in changes if c[0] == "blas"] == ([("blas", stored, res.row["blas"])] if listed else [])
+    # so are the C kernels (benchbox/kernels.py: DIN's and RMSNorm's sum in another order than torch's ops)
+    from benchbox import kernels
+    assert res.row["cpu_kernels"] == kernels.kernels_in_force() in ("c", "torch")
+    for stored, listed in (("", False), ("torch" if res.row["cpu_kernels"] == "c" else "c", True)):
+        rows = results.read_rows(tmp_path / "runs.csv")
+        rows[0]["cpu_kernels"] = stored
+        (tmp_path / "runs.csv").unlink()
+        results.append_rows(tmp_path / "runs.csv", rows)
+        changes = benchbox.rerun(res.run_id, tmp_path, log=None).environment_changes
+        assert [c for c in changes if c[0] == "cpu_kernels"] == (
+            [("cpu_kernels", stored, res.row["cpu_kernels"])] if listed else [])
 
 
 def test_api_sweep_table_and_report(tmp_path):

@@ -657,3 +657,23 @@ def test_rows_kernel_declines_what_it_does_not_sum_and_its_self_check_can_fail()
     def no_skip(out, n_out, d, idx, n, src, skip):  # adds the padding rows too
         return fn(out, n_out, d, idx, n, src, -1)
     assert not kernels._rows_add_agrees_with_torch(no_skip, torch.float32)
+
+
+def test_c_kernels_off_switch_and_a_missing_compiler_leave_torchs_paths(tmp_path):
+    """BENCHBOX_C_KERNELS=off, or no C compiler: rows record cpu_kernels 'torch' and nothing fails; a compiler
+    that builds gives 'c' (where this machine has one)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    code = ("from benchbox import kernels, model; import torch; "
+            "d = model.Dropout(0.2).train(); d(torch.randn(4, 8)); print(kernels.kernels_in_force())")
+    base = {**os.environ, "BENCHBOX_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(root)}
+    for extra, want in (({"BENCHBOX_C_KERNELS": "off"}, "torch"), ({"CC": "no-such-compiler"}, "torch")):
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **extra}, capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == want, out.stderr
+    from benchbox import kernels
+    if kernels._library() is not None:
+        out = subprocess.run([sys.executable, "-c", code], env=base, capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == "c", out.stderr
