@@ -378,22 +378,26 @@ def dropout_noise(like, keep: float):
     return _kernel_noise(fn, like, keep, torch.default_generator)
 
 
-@functools.cache
-def _rows_add_kernels():
-    """{torch dtype: the rows-add kernel} that agree with torch's own (empty where no library)."""
+def _per_dtype(stem: str, restype, argtypes) -> dict:
+    """{torch dtype: the library's ``benchbox_<stem>_f32`` / ``_f64`` function, typed} (empty where no library)."""
     import torch
     lib = _library()
     if lib is None:
         return {}
     found = {}
-    for dtype, name in ((torch.float32, "benchbox_rows_add_f32"), (torch.float64, "benchbox_rows_add_f64")):
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                       ctypes.c_void_p, ctypes.c_int64]
-        if _rows_add_agrees_with_torch(fn, dtype):
-            found[dtype] = fn
+    for dtype, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
+        fn = getattr(lib, f"benchbox_{stem}_{tag}")
+        fn.restype, fn.argtypes = restype, argtypes
+        found[dtype] = fn
     return found
+
+
+@functools.cache
+def _rows_add_kernels():
+    """{torch dtype: the rows-add kernel} that agree with torch's own (empty where no library)."""
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    return {dtype: fn for dtype, fn in _per_dtype("rows_add", ctypes.c_int, [p, i, i, p, i, p, i]).items()
+            if _rows_add_agrees_with_torch(fn, dtype)}
 
 
 def _rows_add_agrees_with_torch(fn, dtype) -> bool:
@@ -433,21 +437,11 @@ def rows_add(n_out: int, ids, src, skip: int = -1):
 @functools.cache
 def _din_kernels():
     """{torch dtype: (relu_matvec, threshold_sums, tcr_sums)} (empty where no library)."""
-    import torch
-    lib = _library()
-    if lib is None:
-        return {}
-    found = {}
     p, i = ctypes.c_void_p, ctypes.c_int64
-    for dtype, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
-        relu_matvec = getattr(lib, f"benchbox_din_relu_matvec_{tag}")
-        relu_matvec.restype, relu_matvec.argtypes = None, [p, p, p, i, i, i]
-        sums = getattr(lib, f"benchbox_din_threshold_sums_{tag}")
-        sums.restype, sums.argtypes = None, [p, p, p, p, p, i, i, i, i]
-        tcr_sums = getattr(lib, f"benchbox_din_tcr_sums_{tag}")
-        tcr_sums.restype, tcr_sums.argtypes = None, [p, p, p, p, p, i, i, i]
-        found[dtype] = (relu_matvec, sums, tcr_sums)
-    return found
+    relu_matvec = _per_dtype("din_relu_matvec", None, [p, p, p, i, i, i])
+    sums = _per_dtype("din_threshold_sums", None, [p, p, p, p, p, i, i, i, i])
+    tcr_sums = _per_dtype("din_tcr_sums", None, [p, p, p, p, p, i, i, i])
+    return {dtype: (relu_matvec[dtype], sums[dtype], tcr_sums[dtype]) for dtype in relu_matvec}
 
 
 def _din_applies(*tensors) -> bool:
@@ -493,16 +487,7 @@ def din_tcr_sums(tcr, r1, cand):
 @functools.cache
 def _rmsnorm_kernels():
     """{torch dtype: RMSNorm's backward kernel} (empty where no library)."""
-    import torch
-    lib = _library()
-    if lib is None:
-        return {}
-    found = {}
-    for dtype, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
-        fn = getattr(lib, f"benchbox_rmsnorm_backward_{tag}")
-        fn.restype, fn.argtypes = None, [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2
-        found[dtype] = fn
-    return found
+    return _per_dtype("rmsnorm_backward", None, [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2)
 
 
 def rmsnorm_backward(g, xhat, rstd, weight):
