@@ -320,19 +320,25 @@ def _dropout_library():
     return fn if _agrees_with_torch(fn) else None
 
 
-def _torch_noise(shape, keep: float, dtype, generator=None, layout_like=None):
+def _torch_noise(shape, keep: float, dtype, generator=None):
     """torch's own: bernoulli_(keep) in ``dtype``, divided by keep (what F.dropout multiplies by)."""
     import torch
-    t = torch.empty(shape, dtype=dtype) if layout_like is None else torch.empty_like(layout_like, dtype=dtype)
-    return t.bernoulli_(keep, generator=generator).div_(keep)
+    return torch.empty(shape, dtype=dtype).bernoulli_(keep, generator=generator).div_(keep)
+
+
+@functools.cache
+def _kept_value(dtype, keep: float) -> float:
+    """1 / keep as torch's division rounds it in ``dtype`` (the noise's nonzero value)."""
+    import torch
+    return torch.ones((), dtype=dtype).div_(keep).item()
 
 
 def _kernel_noise(fn, like, keep: float, generator):
     import torch
     out = torch.empty_like(like)  # like's strides (dense): torch draws in memory order, and so do we
     state = generator.get_state()
-    kept = torch.ones((), dtype=like.dtype).div_(keep).item()  # 1 / keep as torch's division rounds it
-    if fn(state.data_ptr(), out.data_ptr(), out.numel(), keep, kept, int(like.dtype == torch.float64)) != 0:
+    if fn(state.data_ptr(), out.data_ptr(), out.numel(), keep, _kept_value(like.dtype, keep),
+          int(like.dtype == torch.float64)) != 0:
         return None
     generator.set_state(state)
     return out
