@@ -14,7 +14,8 @@ torch; the tests hold each kernel to its torch path. This module imports torch o
 - ``rows_add``: the embedding's and gather_rows' table gradients, torch's order without its per-row call; bit for bit.
 - ``din_relu_matvec``, ``din_threshold_sums``, ``din_tcr_sums``: DIN's passes over its pairs, fused.
 - ``rmsnorm_backward``: RMSNorm's backward in one pass.
-The last two groups sum in another order than torch's ops (float rounding), so rows record which ran
+- ``sigmoid_project``, ``sigmoid_project_backward``: ComiRec-SA's sigmoid and its rank-K product, fused.
+The last three groups sum in another order than torch's ops (float rounding), so rows record which ran
 (``cpu_kernels``, ``kernels_in_force``).
 """
 from __future__ import annotations
@@ -240,6 +241,145 @@ void name(const T *g, const T *xhat, const T *rstd, const T *w, T *gx, T *g_weig
 }
 RMSNORM_BACKWARD(benchbox_rmsnorm_backward_f32, float)
 RMSNORM_BACKWARD(benchbox_rmsnorm_backward_f64, double)
+
+/* ComiRec-SA's logits (readouts.ComiRecSAReadout._logits): s = sigmoid(u) for rows of hd and a = s w^T for
+   w (k, hd), in one pass over u where torch makes two (sigmoid, then a product that reads s again); and the
+   backward, gu = (ga w) s (1 - s) and gw = ga^T s, in one pass over s where torch makes three (the rank-k
+   product, sigmoid_backward, the weight's product). float: 16 lanes at a time with the compiler's vector
+   types (hd a multiple of 16) and an exp of our own (Cephes' reduction and polynomial, about 1 ulp; torch's
+   sigmoid differs by float rounding); double: plain loops and the C library's exp. gw sums its rows in
+   blocks of 64, then the blocks. */
+#include <math.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+static inline vf16 ld16(const float *p) { vf16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void st16(float *p, vf16 v) { memcpy(p, &v, sizeof v); }
+static inline float hsum16(vf16 v) { float t = 0; for (int l = 0; l < 16; l++) t += v[l]; return t; }
+
+static inline vf16 clamp16(vf16 x, float lo, float hi) {
+#ifdef __AVX512F__
+    __m512 m;
+    memcpy(&m, &x, sizeof m);
+    m = _mm512_min_ps(_mm512_max_ps(m, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+    memcpy(&x, &m, sizeof m);
+    return x;
+#else
+    vi16 below = x < lo, above = x > hi;
+    vf16 l = (vf16){0} + lo, h = (vf16){0} + hi;
+    x = (vf16)(((vi16)l & below) | ((vi16)x & ~below));
+    return (vf16)(((vi16)h & above) | ((vi16)x & ~above));
+#endif
+}
+
+static inline vf16 exp16(vf16 x) {  /* x clamped to [-87, 88]: no overflow of the exponent bits */
+    x = clamp16(x, -87.0f, 88.0f);
+    vf16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round to nearest */
+    vf16 r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    vf16 p = (vf16){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
+    return p * (vf16)bits;
+}
+
+void benchbox_sigmoid_project_f32(const float *u, const float *w, float *s, float *a, int64_t n, int64_t hd,
+                                  int64_t k) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *ur = u + i * hd;
+        float *sr = s + i * hd;
+        if (k == 4) {  /* ComiRec's four interests: the products ride along the sigmoid's pass */
+            vf16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            for (int64_t j = 0; j < hd; j += 16) {
+                vf16 sv = 1.0f / (1.0f + exp16(-ld16(ur + j)));
+                st16(sr + j, sv);
+                a0 += sv * ld16(w + j);
+                a1 += sv * ld16(w + hd + j);
+                a2 += sv * ld16(w + 2 * hd + j);
+                a3 += sv * ld16(w + 3 * hd + j);
+            }
+            a[i * 4] = hsum16(a0); a[i * 4 + 1] = hsum16(a1); a[i * 4 + 2] = hsum16(a2); a[i * 4 + 3] = hsum16(a3);
+            continue;
+        }
+        for (int64_t j = 0; j < hd; j += 16) st16(sr + j, 1.0f / (1.0f + exp16(-ld16(ur + j))));
+        for (int64_t q = 0; q < k; q++) {
+            vf16 acc = {0};
+            for (int64_t j = 0; j < hd; j += 16) acc += ld16(sr + j) * ld16(w + q * hd + j);
+            a[i * k + q] = hsum16(acc);
+        }
+    }
+}
+
+void benchbox_sigmoid_project_f64(const double *u, const double *w, double *s, double *a, int64_t n,
+                                  int64_t hd, int64_t k) {
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t j = 0; j < hd; j++) s[i * hd + j] = 1.0 / (1.0 + exp(-u[i * hd + j]));
+        for (int64_t q = 0; q < k; q++) {
+            double acc = 0;
+            for (int64_t j = 0; j < hd; j++) acc += s[i * hd + j] * w[q * hd + j];
+            a[i * k + q] = acc;
+        }
+    }
+}
+
+#define SP_BLOCK 64
+void benchbox_sigmoid_project_backward_f32(const float *ga, const float *s, const float *w, float *gu, float *gw,
+                                           float *part, int64_t n, int64_t hd, int64_t k) {
+    for (int64_t i = 0; i < k * hd; i++) gw[i] = 0;
+    for (int64_t i0 = 0; i0 < n; i0 += SP_BLOCK) {
+        const int64_t i1 = i0 + SP_BLOCK < n ? i0 + SP_BLOCK : n;
+        for (int64_t i = 0; i < k * hd; i++) part[i] = 0;
+        for (int64_t i = i0; i < i1; i++) {
+            const float *sr = s + i * hd, *g = ga + i * k;
+            float *gr = gu + i * hd;
+            for (int64_t j = 0; j < hd; j += 16) {
+                vf16 sv = ld16(sr + j), gv = {0};
+                if (k == 4) {
+                    gv = g[0] * ld16(w + j) + g[1] * ld16(w + hd + j) + g[2] * ld16(w + 2 * hd + j)
+                         + g[3] * ld16(w + 3 * hd + j);
+                    st16(part + j, ld16(part + j) + g[0] * sv);
+                    st16(part + hd + j, ld16(part + hd + j) + g[1] * sv);
+                    st16(part + 2 * hd + j, ld16(part + 2 * hd + j) + g[2] * sv);
+                    st16(part + 3 * hd + j, ld16(part + 3 * hd + j) + g[3] * sv);
+                } else {
+                    for (int64_t q = 0; q < k; q++) {
+                        gv += g[q] * ld16(w + q * hd + j);
+                        st16(part + q * hd + j, ld16(part + q * hd + j) + g[q] * sv);
+                    }
+                }
+                st16(gr + j, gv * ((1.0f - sv) * sv));
+            }
+        }
+        for (int64_t i = 0; i < k * hd; i++) gw[i] += part[i];
+    }
+}
+
+void benchbox_sigmoid_project_backward_f64(const double *ga, const double *s, const double *w, double *gu,
+                                           double *gw, double *part, int64_t n, int64_t hd, int64_t k) {
+    for (int64_t i = 0; i < k * hd; i++) gw[i] = 0;
+    for (int64_t i0 = 0; i0 < n; i0 += SP_BLOCK) {
+        const int64_t i1 = i0 + SP_BLOCK < n ? i0 + SP_BLOCK : n;
+        for (int64_t i = 0; i < k * hd; i++) part[i] = 0;
+        for (int64_t i = i0; i < i1; i++)
+            for (int64_t j = 0; j < hd; j++) {
+                const double sv = s[i * hd + j];
+                double gv = 0;
+                for (int64_t q = 0; q < k; q++) {
+                    gv += ga[i * k + q] * w[q * hd + j];
+                    part[q * hd + j] += ga[i * k + q] * sv;
+                }
+                gu[i * hd + j] = gv * ((1.0 - sv) * sv);
+            }
+        for (int64_t i = 0; i < k * hd; i++) gw[i] += part[i];
+    }
+}
 """
 
 
@@ -263,7 +403,7 @@ def build_library(file_name: str, source: str, flags: tuple[str, ...] = ("-O2",)
         with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as tmp:
             src, out = Path(tmp) / "lib.c", Path(tmp) / file_name
             src.write_text(source)
-            done = subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", *flags, "-o", str(out), str(src)],
+            done = subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", "-o", str(out), str(src), *flags],
                                   capture_output=True, timeout=120)
             if done.returncode != 0 or not out.exists():
                 return None
@@ -297,7 +437,7 @@ def _library():
     import platform
     if not kernels_enabled() or platform.system() != "Linux":
         return None
-    flags = ("-O3", "-march=native")
+    flags = ("-O3", "-march=native", "-lm")  # -lm after the source: the double kernels' exp
     tag = hashlib.sha256((_SOURCE + " ".join(flags) + _machine_tag()).encode()).hexdigest()[:12]
     path = build_library(f"libbenchbox_kernels-{tag}.so", _SOURCE, flags)
     if path is None:
@@ -509,4 +649,47 @@ def rmsnorm_backward(g, xhat, rstd, weight):
     _rmsnorm_kernels()[g.dtype](g.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), weight.data_ptr(), gx.data_ptr(),
                                 g_weight.data_ptr(), xhat.numel() // d, d)
     return gx, g_weight
+
+
+
+@functools.cache
+def _sigmoid_project_kernels():
+    """{torch dtype: (forward, backward)} of ComiRec-SA's sigmoid + rank-K product (empty where no library)."""
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    forward = _per_dtype("sigmoid_project", None, [p] * 4 + [i] * 3)
+    backward = _per_dtype("sigmoid_project_backward", None, [p] * 6 + [i] * 3)
+    return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
+
+
+def sigmoid_project_applies(u, w) -> bool:
+    """Whether ``sigmoid_project`` runs for u (..., hd) and w (k, hd): CPU, one float dtype with a kernel,
+    and for float32 hd a multiple of 16 (the kernel's vector width)."""
+    import torch
+    return (u.device.type == "cpu" and w.device.type == "cpu" and u.dtype == w.dtype
+            and u.dtype in _sigmoid_project_kernels() and w.dim() == 2 and u.shape[-1] == w.shape[1]
+            and (u.dtype != torch.float32 or u.shape[-1] % 16 == 0))
+
+
+def sigmoid_project(u, w):
+    """(s, a) with s = sigmoid(u) and a = s @ w.T ((..., k)), in one pass over u. The caller checks
+    ``sigmoid_project_applies`` first."""
+    import torch
+    u, w = u.contiguous(), w.contiguous()
+    k, hd = w.shape
+    s, a = torch.empty_like(u), u.new_empty(*u.shape[:-1], k)
+    _sigmoid_project_kernels()[u.dtype][0](u.data_ptr(), w.data_ptr(), s.data_ptr(), a.data_ptr(),
+                                          u.numel() // hd, hd, k)
+    return s, a
+
+
+def sigmoid_project_backward(ga, s, w):
+    """(gu, gw) of ``sigmoid_project``'s a, from its gradient ga (..., k): gu = (ga @ w) s (1 - s),
+    gw = ga^T s, in one pass over s."""
+    import torch
+    ga, s, w = ga.contiguous(), s.contiguous(), w.contiguous()
+    k, hd = w.shape
+    gu, gw, part = torch.empty_like(s), w.new_empty(k, hd), w.new_empty(k, hd)
+    _sigmoid_project_kernels()[s.dtype][1](ga.data_ptr(), s.data_ptr(), w.data_ptr(), gu.data_ptr(),
+                                          gw.data_ptr(), part.data_ptr(), s.numel() // hd, hd, k)
+    return gu, gw
 

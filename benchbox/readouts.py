@@ -392,6 +392,26 @@ class _MultiInterestReadout(nn.Module):
         return torch.einsum("bkd,nd->bnk", self.interests(h, lengths, causal=False), table).amax(-1)
 
 
+class _SigmoidProject(torch.autograd.Function):
+    """sigmoid(u) @ w.T with its backward, each one pass in C (kernels.sigmoid_project): at ComiRec-SA's
+    (2040, 256) x (4, 256) of a study step, torch's sigmoid, product, sigmoid_backward and two products make
+    five passes over a 2 MB tensor. The same function as ``F.linear(torch.sigmoid(u), w)`` up to float
+    rounding (the kernel's own exp and sums); tests hold the two together."""
+
+    @staticmethod
+    def forward(ctx, u, w):
+        s, a = kernels.sigmoid_project(u, w)
+        ctx.save_for_backward(s, w)
+        return a
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, ga):
+        s, w = ctx.saved_tensors
+        gu, gw = kernels.sigmoid_project_backward(ga, s, w)
+        return gu if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None
+
+
 class ComiRecSAReadout(_MultiInterestReadout):
     """ComiRec-SA (Cen et al. 2020): K interests by self-attentive pooling (positions added),
     A = softmax_s(W2 tanh(W1 h_s)), over the visible history. Training scores every candidate with the
@@ -420,10 +440,13 @@ class ComiRecSAReadout(_MultiInterestReadout):
             return self.logits_reference(h)  # bf16 would round sigmoid before the 2s - 1 cancellation
         w2 = self.w2.weight
         u = F.linear(h + self.pos[:h.shape[1]], self.w1.weight * 2.0)
+        if kernels.sigmoid_project_applies(u, w2):  # the sigmoid and its product in one pass (C)
+            return _SigmoidProject.apply(u, w2 * 2.0) - w2.sum(1)
         return F.linear(torch.sigmoid(u), w2 * 2.0) - w2.sum(1)
 
     def logits_reference(self, h):
         return self.w2(torch.tanh(self.w1(h + self.pos[:h.shape[1]])))
+
 
     def interests(self, h, lengths, causal: bool):
         b, s, d = h.shape

@@ -177,9 +177,16 @@ def test_comirec_sa_prefix_softmax_equals_masked_softmax(dtype, spread, block):
     torch.testing.assert_close(g1, g2, rtol=0, atol=(1e-11 if dtype == torch.float64 else 1e-5) * max(scale, 1.0))
 
 
-def test_comirec_sa_logits_without_tanh_equal_the_plain_form():
+@pytest.mark.parametrize("c_kernel", [True, False])
+def test_comirec_sa_logits_without_tanh_equal_the_plain_form(c_kernel, monkeypatch):
     """ComiRec-SA's CPU logits, (2 W2) sigmoid((2 W1) x) - W2 1, are W2 tanh(W1 x): values and every
-    gradient in float64, and to float32 noise in float32 (its training dtype)."""
+    gradient in float64, and to float32 noise in float32 (its training dtype); the sigmoid and its product
+    in the C kernel (kernels.sigmoid_project) or in torch's ops."""
+    from benchbox import kernels
+    if not c_kernel:
+        monkeypatch.setattr(kernels, "sigmoid_project_applies", lambda *a: False)
+    elif not kernels._sigmoid_project_kernels():
+        pytest.skip("no C compiler here: torch's ops run")
     torch.manual_seed(0)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
         r = build_readout("comirec_sa", D, max_len=32).to(dtype)
@@ -193,6 +200,43 @@ def test_comirec_sa_logits_without_tanh_equal_the_plain_form():
         params = [h, r.w1.weight, r.w2.weight, r.pos]
         for a, b in zip(torch.autograd.grad((fast * w).sum(), params), torch.autograd.grad((ref * w).sum(), params)):
             torch.testing.assert_close(a, b, rtol=0, atol=tol * b.abs().max().item())
+
+
+@pytest.mark.parametrize("k", [4, 3])
+def test_sigmoid_project_kernel_is_sigmoid_then_the_product(k):
+    """kernels.sigmoid_project and its backward (ComiRec-SA's logits) against sigmoid(u) @ w.T and its
+    autograd: float32 to its rounding over pre-activations of +-100 (the exp's clamped tails included: no
+    NaN, s in [0, 1]), more than one block of 64 rows, k = 4 (the unrolled path) and another k; float64 to
+    1e-13 and gradcheck; it declines what it does not compute."""
+    from benchbox import kernels
+    from benchbox.readouts import _SigmoidProject
+    if not kernels._sigmoid_project_kernels():
+        pytest.skip("no C compiler here: torch's ops run")
+    g = torch.Generator().manual_seed(1)
+    for dtype, tol in ((torch.float32, 3e-6), (torch.float64, 1e-13)):
+        u = (torch.randn(3, 70, 48, generator=g, dtype=dtype) * 6)
+        u[0, 0, :16] = torch.tensor([-100, -88, -87.5, -87, -20, -1e-3, 0, 1e-3, 20, 87, 88, 88.5, 89, 100,
+                                     -1e4, 1e4], dtype=dtype)
+        u.requires_grad_()
+        w = (torch.randn(k, 48, generator=g, dtype=dtype) * 0.5).requires_grad_()
+        assert kernels.sigmoid_project_applies(u, w)
+        s, a = kernels.sigmoid_project(u.detach(), w.detach())
+        assert torch.isfinite(s).all() and (s >= 0).all() and (s <= 1).all()
+        torch.testing.assert_close(s, torch.sigmoid(u.detach()), rtol=tol, atol=tol * 1e-3)
+        got = _SigmoidProject.apply(u, w)
+        want = torch.nn.functional.linear(torch.sigmoid(u), w)
+        torch.testing.assert_close(got, want, rtol=0, atol=tol * want.abs().max().item())
+        ga = torch.randn(got.shape, generator=g, dtype=dtype)
+        for x, y in zip(torch.autograd.grad(got, (u, w), ga), torch.autograd.grad(want, (u, w), ga)):
+            torch.testing.assert_close(x, y, rtol=0, atol=tol * y.abs().max().item())
+    u = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(k, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SigmoidProject.apply, (u, w))
+    assert not kernels.sigmoid_project_applies(torch.randn(4, 40), torch.randn(k, 40))  # float32: 16 lanes
+    assert kernels.sigmoid_project_applies(torch.randn(4, 40, dtype=torch.float64), torch.randn(k, 40, dtype=torch.float64))
+    assert not kernels.sigmoid_project_applies(torch.randn(4, 32).bfloat16(), torch.randn(k, 32).bfloat16())
+    assert not kernels.sigmoid_project_applies(torch.randn(4, 32), torch.randn(k, 32, dtype=torch.float64))
+    assert not kernels.sigmoid_project_applies(torch.randn(4, 32, device="meta"), torch.randn(k, 32, device="meta"))
 
 
 @pytest.mark.parametrize("pairs_min_ratio", [1.0, 0.0])
