@@ -15,7 +15,8 @@ torch; the tests hold each kernel to its torch path. This module imports torch o
 - ``din_relu_matvec``, ``din_threshold_sums``, ``din_tcr_sums``: DIN's passes over its pairs, fused.
 - ``rmsnorm_backward``: RMSNorm's backward in one pass.
 - ``sigmoid_project``, ``sigmoid_project_backward``: ComiRec-SA's sigmoid and its rank-K product, fused.
-The last three groups sum in another order than torch's ops (float rounding), so rows record which ran
+- ``gru_cell``, ``gru_cell_backward``: one GRU time step's gates, forward and backward.
+The last four groups sum in another order than torch's ops (float rounding), so rows record which ran
 (``cpu_kernels``, ``kernels_in_force``).
 """
 from __future__ import annotations
@@ -257,7 +258,11 @@ typedef float vf16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 static inline vf16 ld16(const float *p) { vf16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st16(float *p, vf16 v) { memcpy(p, &v, sizeof v); }
-static inline float hsum16(vf16 v) { float t = 0; for (int l = 0; l < 16; l++) t += v[l]; return t; }
+static inline float hsum16(vf16 v) {  /* a tree: a chain of 16 dependent adds costs ~50 cycles a sum */
+    const float a = (v[0] + v[8]) + (v[4] + v[12]), b = (v[2] + v[10]) + (v[6] + v[14]);
+    const float c = (v[1] + v[9]) + (v[5] + v[13]), d = (v[3] + v[11]) + (v[7] + v[15]);
+    return (a + b) + (c + d);
+}
 
 static inline vf16 clamp16(vf16 x, float lo, float hi) {
 #ifdef __AVX512F__
@@ -327,6 +332,302 @@ void benchbox_sigmoid_project_f64(const double *u, const double *w, double *s, d
             a[i * k + q] = acc;
         }
     }
+}
+
+/* One GRU time step's gates (mixers.gru._GRUSequence), torch's GRU conventions: with gi = x W_ih^T + b_ih and
+   gh = h W_hh^T + b_hh, each (B, 3H) in the order r, z, n,
+     r = sigmoid(gi_r + gh_r), z = sigmoid(gi_z + gh_z), n = tanh(gi_n + r gh_n), h' = (1 - z) n + z h,
+   in one pass where torch's CPU GRU cell makes about a dozen (chunks, adds, sigmoid_, tanh_, products).
+   r, z, n and gh_n are kept for the backward. Rows of gi and h' are strided (the time step of (B, L, .)). */
+static inline vf16 sigmoid16(vf16 x) { return 1.0f / (1.0f + exp16(-x)); }
+
+void benchbox_gru_cell_f32(const float *gi, int64_t gi_stride, const float *gh, const float *h, int64_t h_stride,
+                           float *h_out, int64_t out_stride, float *r, float *z, float *n, float *ghn, int64_t rows,
+                           int64_t hid) {
+    for (int64_t b = 0; b < rows; b++) {
+        const float *gib = gi + b * gi_stride, *ghb = gh + b * 3 * hid;
+        for (int64_t j = 0; j < hid; j += 16) {
+            const vf16 rv = sigmoid16(ld16(gib + j) + ld16(ghb + j));
+            const vf16 zv = sigmoid16(ld16(gib + hid + j) + ld16(ghb + hid + j));
+            const vf16 gn = ld16(ghb + 2 * hid + j);
+            const vf16 nv = 2.0f * sigmoid16(2.0f * (ld16(gib + 2 * hid + j) + rv * gn)) - 1.0f;  /* tanh */
+            const vf16 hv = h ? ld16(h + b * h_stride + j) : (vf16){0};
+            st16(h_out + b * out_stride + j, (1.0f - zv) * nv + zv * hv);
+            st16(r + b * hid + j, rv);
+            st16(z + b * hid + j, zv);
+            st16(n + b * hid + j, nv);
+            st16(ghn + b * hid + j, gn);
+        }
+    }
+}
+
+void benchbox_gru_cell_f64(const double *gi, int64_t gi_stride, const double *gh, const double *h,
+                           int64_t h_stride, double *h_out, int64_t out_stride, double *r, double *z, double *n,
+                           double *ghn, int64_t rows, int64_t hid) {
+    for (int64_t b = 0; b < rows; b++) {
+        const double *gib = gi + b * gi_stride, *ghb = gh + b * 3 * hid;
+        for (int64_t j = 0; j < hid; j++) {
+            const double rv = 1.0 / (1.0 + exp(-(gib[j] + ghb[j])));
+            const double zv = 1.0 / (1.0 + exp(-(gib[hid + j] + ghb[hid + j])));
+            const double gn = ghb[2 * hid + j];
+            const double nv = tanh(gib[2 * hid + j] + rv * gn);
+            const double hv = h ? h[b * h_stride + j] : 0.0;
+            h_out[b * out_stride + j] = (1.0 - zv) * nv + zv * hv;
+            r[b * hid + j] = rv;
+            z[b * hid + j] = zv;
+            n[b * hid + j] = nv;
+            ghn[b * hid + j] = gn;
+        }
+    }
+}
+
+/* Its backward: from dh' (B, H) (the output's gradient plus what flows back from step t + 1), the gates'
+   gradients d_gi (B, 3H, rows strided) and d_gh (B, 3H), and z dh' + gy_prev (the output gradient of step
+   t - 1, rows strided; none at t = 0) into dh_prev, to which the caller adds d_gh W_hh. d_gi and d_gh differ
+   only in n: d_gi_n = dn (1 - n^2), d_gh_n = that times r. */
+#define GRU_CELL_BACKWARD(name, T)                                                                      \
+void name(const T *dh, const T *h, int64_t h_stride, const T *r, const T *z, const T *n, const T *ghn,   \
+          const T *gy_prev, int64_t gy_stride, T *dgi, int64_t dgi_stride, T *dgh, T *dh_prev,           \
+          int64_t rows, int64_t hid) {                                                                  \
+    for (int64_t b = 0; b < rows; b++) {                                                                \
+        const T *restrict dhb = dh + b * hid, *restrict rb = r + b * hid, *restrict zb = z + b * hid;   \
+        const T *restrict nb = n + b * hid, *restrict gnb = ghn + b * hid;                              \
+        const T *restrict hb = h ? h + b * h_stride : 0, *restrict yb = gy_prev ? gy_prev + b * gy_stride : 0; \
+        T *restrict gi = dgi + b * dgi_stride, *restrict gh = dgh + b * 3 * hid;                        \
+        T *restrict dp = dh_prev + b * hid;                                                             \
+        for (int64_t j = 0; j < hid; j++) {                                                             \
+            const T g = dhb[j], rv = rb[j], zv = zb[j], nv = nb[j];                                     \
+            const T hv = hb ? hb[j] : (T)0;                                                             \
+            const T an = g * ((T)1 - zv) * ((T)1 - nv * nv);                                            \
+            const T ar = an * gnb[j] * rv * ((T)1 - rv);                                                \
+            const T az = g * (hv - nv) * zv * ((T)1 - zv);                                              \
+            gi[j] = ar; gi[hid + j] = az; gi[2 * hid + j] = an;                                         \
+            gh[j] = ar; gh[hid + j] = az; gh[2 * hid + j] = an * rv;                                    \
+            dp[j] = g * zv + (yb ? yb[j] : (T)0);                                                       \
+        }                                                                                               \
+    }                                                                                                   \
+}
+GRU_CELL_BACKWARD(benchbox_gru_cell_backward_f64, double)
+
+void benchbox_gru_cell_backward_f32(const float *dh, const float *h, int64_t h_stride, const float *r,
+                                    const float *z, const float *n, const float *ghn, const float *gy_prev,
+                                    int64_t gy_stride, float *dgi, int64_t dgi_stride, float *dgh, float *dh_prev,
+                                    int64_t rows, int64_t hid) {
+    for (int64_t b = 0; b < rows; b++) {
+        float *gi = dgi + b * dgi_stride, *gh = dgh + b * 3 * hid;
+        const int64_t o = b * hid;
+        for (int64_t j = 0; j < hid; j += 16) {
+            const vf16 g = ld16(dh + o + j), rv = ld16(r + o + j), zv = ld16(z + o + j), nv = ld16(n + o + j);
+            const vf16 hv = h ? ld16(h + b * h_stride + j) : (vf16){0};
+            const vf16 an = g * (1.0f - zv) * (1.0f - nv * nv);
+            const vf16 ar = an * ld16(ghn + o + j) * rv * (1.0f - rv);
+            const vf16 az = g * (hv - nv) * zv * (1.0f - zv);
+            st16(gi + j, ar); st16(gi + hid + j, az); st16(gi + 2 * hid + j, an);
+            st16(gh + j, ar); st16(gh + hid + j, az); st16(gh + 2 * hid + j, an * rv);
+            st16(dh_prev + o + j, g * zv + (gy_prev ? ld16(gy_prev + b * gy_stride + j) : (vf16){0}));
+        }
+    }
+}
+
+/* Causal attention of short sequences (mixers.attention._SmallAttention), per (b, h): query i sees keys
+   0..n_i - 1, n_i = i + 1 (causal) or kv_len[b] (one query per row: the last position's). q, k, v and their
+   gradients are read and written in place in the projections' layouts (strides in elements: per row b, per
+   position t; a head h is h E further), so that no transpose is copied either way; out (B, Tq, H, E) and the
+   probabilities p (B, H, Tq, T, zero where not seen) are contiguous. T <= 64; float: E a multiple of 16 up to
+   128, its own exp (exp16).
+   torch's CPU SDPA at 204 x 2 heads x 10 x 32 spends ~1.5 ms a training step on blocking made for long
+   sequences; this is a few dense loops. */
+#define ATT_MAXT 64
+#define SMALL_ATTENTION(name, T)                                                                        \
+void name(const T *q, int64_t q_sb, int64_t q_st, const T *k, const T *v, int64_t kv_sb, int64_t kv_st,  \
+          const int64_t *kv_len, T *out, T *p, int64_t rows, int64_t tq, int64_t tk, int64_t heads,       \
+          int64_t e, double scale) {                                                                    \
+    for (int64_t b = 0; b < rows; b++)                                                                  \
+        for (int64_t h = 0; h < heads; h++)                                                             \
+            for (int64_t i = 0; i < tq; i++) {                                                          \
+                const T *qi = q + b * q_sb + i * q_st + h * e;                                          \
+                const int64_t n = kv_len ? kv_len[b] : i + 1;                                           \
+                T *pi = p + ((b * heads + h) * tq + i) * tk;                                            \
+                T m = -INFINITY, sum = 0;                                                               \
+                for (int64_t j = 0; j < n; j++) {                                                       \
+                    const T *kj = k + b * kv_sb + j * kv_st + h * e;                                    \
+                    T dot = 0;                                                                          \
+                    for (int64_t d = 0; d < e; d++) dot += qi[d] * kj[d];                               \
+                    pi[j] = dot * (T)scale;                                                             \
+                    m = pi[j] > m ? pi[j] : m;                                                          \
+                }                                                                                       \
+                for (int64_t j = 0; j < n; j++) { pi[j] = EXPF(pi[j] - m); sum += pi[j]; }              \
+                for (int64_t j = n; j < tk; j++) pi[j] = 0;                                             \
+                T *oi = out + ((b * tq + i) * heads + h) * e;                                           \
+                for (int64_t d = 0; d < e; d++) oi[d] = 0;                                              \
+                for (int64_t j = 0; j < n; j++) {                                                       \
+                    const T w = pi[j] / sum;                                                            \
+                    const T *vj = v + b * kv_sb + j * kv_st + h * e;                                    \
+                    pi[j] = w;                                                                          \
+                    for (int64_t d = 0; d < e; d++) oi[d] += w * vj[d];                                 \
+                }                                                                                       \
+            }                                                                                           \
+}
+/* The backward, with dk and dv (strided like k and v) zeroed first for the tk keys and accumulated:
+   dv_j += p_ij do_i, dp_ij = do_i . v_j, ds_ij = p_ij (dp_ij - do_i . o_i), dq_i = scale sum_j ds_ij k_j,
+   dk_j += scale ds_ij q_i. */
+#define SMALL_ATTENTION_BACKWARD(name, T)                                                               \
+void name(const T *q, int64_t q_sb, int64_t q_st, const T *k, const T *v, int64_t kv_sb, int64_t kv_st,  \
+          const int64_t *kv_len, const T *out, const T *p, const T *dout, T *dq, T *dk, T *dv,            \
+          int64_t rows, int64_t tq, int64_t tk, int64_t heads, int64_t e, double scale) {               \
+    for (int64_t b = 0; b < rows; b++)                                                                  \
+        for (int64_t h = 0; h < heads; h++) {                                                           \
+            for (int64_t j = 0; j < tk; j++) {                                                          \
+                T *dkj = dk + b * kv_sb + j * kv_st + h * e, *dvj = dv + b * kv_sb + j * kv_st + h * e;  \
+                for (int64_t d = 0; d < e; d++) { dkj[d] = 0; dvj[d] = 0; }                             \
+            }                                                                                           \
+            for (int64_t i = 0; i < tq; i++) {                                                          \
+                const T *qi = q + b * q_sb + i * q_st + h * e;                                          \
+                const int64_t n = kv_len ? kv_len[b] : i + 1;                                           \
+                const T *pi = p + ((b * heads + h) * tq + i) * tk;                                      \
+                const T *oi = out + ((b * tq + i) * heads + h) * e;                                     \
+                const T *gi = dout + ((b * tq + i) * heads + h) * e;                                    \
+                T *dqi = dq + b * q_sb + i * q_st + h * e;                                              \
+                T di = 0;                                                                               \
+                for (int64_t d = 0; d < e; d++) { di += gi[d] * oi[d]; dqi[d] = 0; }                    \
+                for (int64_t j = 0; j < n; j++) {                                                       \
+                    const T *kj = k + b * kv_sb + j * kv_st + h * e, *vj = v + b * kv_sb + j * kv_st + h * e; \
+                    T *dkj = dk + b * kv_sb + j * kv_st + h * e, *dvj = dv + b * kv_sb + j * kv_st + h * e;  \
+                    const T pij = pi[j];                                                                \
+                    T dp = 0;                                                                           \
+                    for (int64_t d = 0; d < e; d++) { dp += gi[d] * vj[d]; dvj[d] += pij * gi[d]; }     \
+                    const T ds = pij * (dp - di) * (T)scale;                                            \
+                    for (int64_t d = 0; d < e; d++) { dqi[d] += ds * kj[d]; dkj[d] += ds * qi[d]; }     \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+}
+#define EXPF exp
+SMALL_ATTENTION(benchbox_small_attention_f64, double)
+SMALL_ATTENTION_BACKWARD(benchbox_small_attention_backward_f64, double)
+#undef EXPF
+
+/* float: the same loops over 16 lanes of E (a multiple of 16, at most 128) and of the keys (exp16) */
+static inline float dot16(const float *a, const float *b, int64_t e) {
+    vf16 acc = ld16(a) * ld16(b);
+    for (int64_t d = 16; d < e; d += 16) acc += ld16(a + d) * ld16(b + d);
+    return hsum16(acc);
+}
+static inline void axpy16(float *y, float a, const float *x, int64_t e) {
+    for (int64_t d = 0; d < e; d += 16) st16(y + d, ld16(y + d) + a * ld16(x + d));
+}
+
+static inline float hmax16(vf16 v) {
+    const float a = fmaxf(fmaxf(v[0], v[8]), fmaxf(v[4], v[12])), b = fmaxf(fmaxf(v[2], v[10]), fmaxf(v[6], v[14]));
+    const float c = fmaxf(fmaxf(v[1], v[9]), fmaxf(v[5], v[13])), d = fmaxf(fmaxf(v[3], v[11]), fmaxf(v[7], v[15]));
+    return fmaxf(fmaxf(a, b), fmaxf(c, d));
+}
+
+/* a (b, h)'s keys (or values) transposed into xt (E, w) (columns t..w - 1 zeroed once by the caller): one
+   query's scores for 16 keys are then E broadcast products, no horizontal sum per key */
+static inline void transpose_rows(const float *x, int64_t stride, int64_t t, int64_t e, int64_t w, float *xt) {
+    for (int64_t j = 0; j < t; j++) {
+        const float *xj = x + j * stride;
+        for (int64_t d = 0; d < e; d++) xt[d * w + j] = xj[d];
+    }
+}
+
+static inline vf16 scores16(const float *qi, const float *xt, int64_t e, int64_t w, int64_t j0) {
+    vf16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};  /* four chains: one would wait on each FMA's latency */
+    for (int64_t d = 0; d < e; d += 4) {
+        a0 += qi[d] * ld16(xt + d * w + j0);
+        a1 += qi[d + 1] * ld16(xt + (d + 1) * w + j0);
+        a2 += qi[d + 2] * ld16(xt + (d + 2) * w + j0);
+        a3 += qi[d + 3] * ld16(xt + (d + 3) * w + j0);
+    }
+    return (a0 + a1) + (a2 + a3);
+}
+
+static inline vi16 seen16(int64_t j0, int64_t n) {
+    return ((vi16){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + (int32_t)j0) < (int32_t)n;
+}
+
+void benchbox_small_attention_f32(const float *q, int64_t q_sb, int64_t q_st, const float *k, const float *v,
+                                  int64_t kv_sb, int64_t kv_st, const int64_t *kv_len, float *out, float *p,
+                                  int64_t rows, int64_t tq, int64_t tk, int64_t heads, int64_t e, double scale) {
+    float kt[128 * ATT_MAXT], prow[ATT_MAXT];
+    const int64_t w = (tk + 15) & ~(int64_t)15;
+    const vf16 low = (vf16){0} - INFINITY;
+    memset(kt, 0, sizeof(float) * e * w);
+    for (int64_t b = 0; b < rows; b++)
+        for (int64_t h = 0; h < heads; h++) {
+            transpose_rows(k + b * kv_sb + h * e, kv_st, tk, e, w, kt);
+            for (int64_t i = 0; i < tq; i++) {
+                const float *qi = q + b * q_sb + i * q_st + h * e;
+                const int64_t n = kv_len ? kv_len[b] : i + 1;
+                vf16 sc[ATT_MAXT / 16];
+                float m = -INFINITY;
+                for (int64_t c = 0; c * 16 < n; c++) {
+                    const vi16 in = seen16(c * 16, n);
+                    sc[c] = scores16(qi, kt, e, w, c * 16) * (float)scale;
+                    m = fmaxf(m, hmax16((vf16)(((vi16)sc[c] & in) | ((vi16)low & ~in))));
+                }
+                vf16 acc = {0};
+                for (int64_t c = 0; c * 16 < n; c++) {
+                    sc[c] = (vf16)((vi16)exp16(sc[c] - m) & seen16(c * 16, n));
+                    acc += sc[c];
+                }
+                const float inv = 1.0f / hsum16(acc);
+                for (int64_t c = 0; c * 16 < w; c++) st16(prow + c * 16, c * 16 < n ? sc[c] * inv : (vf16){0});
+                vf16 o[8] = {{0}};  /* the output row in registers (E <= 128) */
+                for (int64_t j = 0; j < n; j++) {
+                    const float *vj = v + b * kv_sb + j * kv_st + h * e;
+                    for (int c = 0; c < 8; c++)
+                        if (c * 16 < e) o[c] += prow[j] * ld16(vj + c * 16);
+                }
+                float *oi = out + ((b * tq + i) * heads + h) * e;
+                for (int c = 0; c < 8; c++)
+                    if (c * 16 < e) st16(oi + c * 16, o[c]);
+                memcpy(p + ((b * heads + h) * tq + i) * tk, prow, tk * sizeof(float));
+            }
+        }
+}
+
+void benchbox_small_attention_backward_f32(const float *q, int64_t q_sb, int64_t q_st, const float *k,
+                                           const float *v, int64_t kv_sb, int64_t kv_st, const int64_t *kv_len,
+                                           const float *out, const float *p, const float *dout, float *dq, float *dk,
+                                           float *dv, int64_t rows, int64_t tq, int64_t tk, int64_t heads, int64_t e,
+                                           double scale) {
+    float vt[128 * ATT_MAXT], ds[ATT_MAXT], pr[ATT_MAXT];
+    const int64_t w = (tk + 15) & ~(int64_t)15;
+    const float sc = (float)scale;
+    memset(vt, 0, sizeof(float) * e * w);
+    for (int64_t j = tk; j < w; j++) pr[j] = 0;
+    for (int64_t b = 0; b < rows; b++)
+        for (int64_t h = 0; h < heads; h++) {
+            transpose_rows(v + b * kv_sb + h * e, kv_st, tk, e, w, vt);
+            for (int64_t j = 0; j < tk; j++)
+                for (int64_t d = 0; d < e; d += 16) {
+                    st16(dk + b * kv_sb + j * kv_st + h * e + d, (vf16){0});
+                    st16(dv + b * kv_sb + j * kv_st + h * e + d, (vf16){0});
+                }
+            for (int64_t i = 0; i < tq; i++) {
+                const float *qi = q + b * q_sb + i * q_st + h * e;
+                const int64_t n = kv_len ? kv_len[b] : i + 1;
+                const float *pi = p + ((b * heads + h) * tq + i) * tk;
+                const float *gi = dout + ((b * tq + i) * heads + h) * e;
+                const float di = dot16(gi, out + ((b * tq + i) * heads + h) * e, e);
+                memcpy(pr, pi, tk * sizeof(float));
+                for (int64_t c = 0; c * 16 < n; c++)  /* ds = p (g . v - g . o) scale, 16 keys at a time */
+                    st16(ds + c * 16, ld16(pr + c * 16) * (scores16(gi, vt, e, w, c * 16) - di) * sc);
+                vf16 acc[8] = {{0}};  /* dq_i in registers */
+                for (int64_t j = 0; j < n; j++) {
+                    const int64_t o = b * kv_sb + j * kv_st + h * e;
+                    axpy16(dv + o, pr[j], gi, e);
+                    axpy16(dk + o, ds[j], qi, e);
+                    for (int c = 0; c < 8; c++)
+                        if (c * 16 < e) acc[c] += ds[j] * ld16(k + o + c * 16);
+                }
+                float *dqi = dq + b * q_sb + i * q_st + h * e;
+                for (int c = 0; c < 8; c++)
+                    if (c * 16 < e) st16(dqi + c * 16, acc[c]);
+            }
+        }
 }
 
 #define SP_BLOCK 64
@@ -693,3 +994,48 @@ def sigmoid_project_backward(ga, s, w):
                                           gw.data_ptr(), part.data_ptr(), s.numel() // hd, hd, k)
     return gu, gw
 
+
+
+@functools.cache
+def _gru_kernels():
+    """{torch dtype: (cell, cell_backward)} (empty where no library)."""
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    cell = _per_dtype("gru_cell", None, [p, i, p, p, i, p, i, p, p, p, p, i, i])
+    backward = _per_dtype("gru_cell_backward", None, [p, p, i, p, p, p, p, p, i, p, i, p, p, i, i])
+    return {dtype: (cell[dtype], backward[dtype]) for dtype in cell}
+
+
+def gru_applies(x, hidden: int) -> bool:
+    """Whether ``gru_cell`` runs for inputs like x: CPU, a float dtype with a kernel, and for float32 a hidden
+    size that is a multiple of 16 (the kernel's vector width)."""
+    import torch
+    return (x.device.type == "cpu" and x.dtype in _gru_kernels()
+            and (x.dtype != torch.float32 or hidden % 16 == 0))
+
+
+def gru_functions(dtype):
+    """(cell, cell_backward) for dtype: the C functions themselves, called with data pointers (ints) and strides
+    in elements, from a loop over time steps where making tensor views per step would cost more than the
+    kernels (mixers.gru._GRUSequence).
+
+    cell(gi, gi_stride, gh, h, h_stride, h_out, out_stride, r, z, n, ghn, rows, hid): one step's gates into
+    h_out, r, z, n, ghn from gi (rows, 3 hid), gh (rows, 3 hid, contiguous) and h (0: zeros).
+    cell_backward(dh, h, h_stride, r, z, n, ghn, gy_prev, gy_stride, dgi, dgi_stride, dgh, dh_prev, rows, hid):
+    its gate gradients into dgi and dgh, and z dh + gy_prev (0: none) into dh_prev."""
+    return _gru_kernels()[dtype]
+
+
+@functools.cache
+def _attention_kernels():
+    """{torch dtype: (forward, backward)} of the small causal attention (empty where no library)."""
+    p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+    forward = _per_dtype("small_attention", None, [p, i, i, p, p, i, i, p, p, p, i, i, i, i, i, f])
+    backward = _per_dtype("small_attention_backward", None, [p, i, i, p, p, i, i, p, p, p, p, p, p, p, i, i, i, i,
+                                                             i, f])
+    return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
+
+
+def attention_functions(dtype):
+    """(forward, backward) of the small causal attention for dtype, called with data pointers and strides in
+    elements (mixers.attention._SmallAttention); None where there is no kernel for dtype."""
+    return _attention_kernels().get(dtype)

@@ -659,6 +659,128 @@ def test_rows_kernel_declines_what_it_does_not_sum_and_its_self_check_can_fail()
     assert not kernels._rows_add_agrees_with_torch(no_skip, torch.float32)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_gru_fused_gates_are_nn_gru(layers):
+    """The GRU mixer's CPU path (mixers.gru._GRUSequence: one GEMM and one C gate pass per step) against nn.GRU
+    itself: outputs and every gradient to 1e-12 in float64 (and gradcheck), float32 to its rounding; in float32
+    its error against float64 is nn.GRU's own (L 200: both within 1.5x of each other)."""
+    from benchbox import kernels
+    from mixers.gru import GRUMixer, _GRUSequence
+    if not kernels._gru_kernels():
+        pytest.skip("no C compiler here: nn.GRU runs")
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        m = GRUMixer(32, num_layers=layers).to(dtype)
+        x = torch.randn(5, 7, 32, dtype=dtype, requires_grad=True)
+        assert m._fused(x)
+        y, want = m(x), m.forward_reference(x)
+        assert _graph_has(y, "GRUSequence") and not _graph_has(want, "GRUSequence")
+        # nn.GRU's memory layout (time-major): the dropout after the mixer draws its mask in memory order
+        assert y.stride() == want.stride()
+        torch.testing.assert_close(y, want, rtol=0, atol=tol)
+        g = torch.randn_like(y).transpose(0, 1).contiguous().transpose(0, 1)  # a strided incoming gradient
+        params = [x] + list(m.parameters())
+        for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(want, params, g)):
+            torch.testing.assert_close(a, b, rtol=0, atol=tol * max(1.0, b.abs().max().item()))
+    m = GRUMixer(16).double()
+    x = torch.randn(3, 4, 16, dtype=torch.float64, requires_grad=True)
+    weights = [getattr(m.gru, f"{w}_l0") for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    assert torch.autograd.gradcheck(_GRUSequence.apply, (x, *weights))
+    m64 = GRUMixer(64).double()
+    m32 = GRUMixer(64)
+    m32.load_state_dict({k: v.float() for k, v in m64.state_dict().items()})
+    x = torch.randn(16, 200, 64, dtype=torch.float64)
+    truth = m64.forward_reference(x)
+    err = [(f(x.float()).double() - truth).abs().mean().item() for f in (m32, m32.forward_reference)]
+    assert err[0] < 1.5 * err[1] and err[1] < 1.5 * err[0]
+
+
+def test_gru_fused_gates_decline_what_they_do_not_compute(monkeypatch):
+    """nn.GRU where the fused path does not apply: bfloat16, float32 with a hidden size off the 16 lanes,
+    dropout between layers while training, no kernels installed."""
+    from benchbox import kernels
+    from mixers import gru as gru_mixer
+    from mixers.gru import GRUMixer
+    if not kernels._gru_kernels():
+        pytest.skip("no C compiler here: nn.GRU runs")
+    assert not GRUMixer(32).bfloat16()._fused(torch.randn(2, 3, 32).bfloat16())
+    assert not GRUMixer(24)._fused(torch.randn(2, 3, 24))
+    assert GRUMixer(24).double()._fused(torch.randn(2, 3, 24, dtype=torch.float64))
+    m = GRUMixer(32, num_layers=2, dropout=0.5)
+    x = torch.randn(2, 3, 32)
+    assert not m.train()._fused(x) and m.eval()._fused(x)
+    monkeypatch.setattr(gru_mixer, "_CELL_KERNELS", None)
+    assert not GRUMixer(32)._fused(x)
+
+
+def _graph_has(y, name: str) -> bool:
+    """Whether y's autograd graph has a node whose type name contains ``name``."""
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        if name in type(f).__name__:
+            return True
+        todo.extend(g for g, _ in f.next_functions)
+    return False
+
+
+@pytest.mark.parametrize("t", [1, 10, 64])
+def test_small_attention_kernel_is_sdpa(t):
+    """The attention mixer's short-sequence CPU path (mixers.attention._SmallAttention: C, read from and written
+    to the projections' layouts) against SDPA with the same weights: the full causal forward and the last
+    position's (lengths from 1 to T), outputs and every gradient to 1e-12 in float64 (and gradcheck), float32
+    to its rounding."""
+    from benchbox import kernels
+    from mixers.attention import AttentionMixer, _SmallAttention
+    if not kernels._attention_kernels():
+        pytest.skip("no C compiler here: SDPA runs")
+    torch.manual_seed(0)
+    lengths = torch.tensor([t, 1, max(1, t // 2), t])
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        ours, ref = AttentionMixer(64, max_len=64).to(dtype), AttentionMixer(64, max_len=64, backend="sdpa").to(dtype)
+        ref.load_state_dict(ours.state_dict())
+        x = torch.randn(4, t, 64, dtype=dtype, requires_grad=True)
+        assert ours._small(x) and not ref._small(x)
+        for run in (lambda m: m(x), lambda m: m.forward_last(x, lengths)):
+            y, want = run(ours), run(ref)
+            assert _graph_has(y, "SmallAttention") and not _graph_has(want, "SmallAttention")
+            torch.testing.assert_close(y, want, rtol=0, atol=tol)
+            g = torch.randn_like(y)
+            for a, b in zip(torch.autograd.grad(y, [x, *ours.parameters()], g, allow_unused=True),
+                            torch.autograd.grad(want, [x, *ref.parameters()], g, allow_unused=True)):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    torch.testing.assert_close(a, b, rtol=0, atol=tol * max(1.0, b.abs().max().item()))
+    qkv = torch.randn(2, 5, 3 * 32, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: _SmallAttention.apply(z, None, None, 2), (qkv,))
+    q = torch.randn(3, 32, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(3, 5, 64, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _SmallAttention.apply(a, b, torch.tensor([5, 1, 3]), 2), (q, kv))
+
+
+def test_small_attention_declines_what_it_does_not_compute(monkeypatch):
+    """SDPA where the kernel does not apply: longer than 64 positions, attention dropout while training, a named
+    backend, float32 heads off the 16 lanes, bfloat16, no kernels installed."""
+    from benchbox import kernels
+    from mixers import attention as attention_mixer
+    from mixers.attention import AttentionMixer
+    if not kernels._attention_kernels():
+        pytest.skip("no C compiler here: SDPA runs")
+    x = torch.randn(2, 10, 64)
+    assert AttentionMixer(64)._small(x) and not AttentionMixer(64)._small(torch.randn(2, 65, 64))
+    m = AttentionMixer(64, dropout=0.1)
+    assert not m.train()._small(x) and m.eval()._small(x)
+    assert not AttentionMixer(64, backend="sdpa")._small(x) and not AttentionMixer(64, backend="math")._small(x)
+    assert not AttentionMixer(48, num_heads=2)._small(torch.randn(2, 10, 48))  # heads of 24
+    assert AttentionMixer(48, num_heads=2).double()._small(torch.randn(2, 10, 48, dtype=torch.float64))
+    assert not AttentionMixer(64).bfloat16()._small(x.bfloat16())
+    monkeypatch.setattr(attention_mixer, "_KERNELS", None)
+    assert not AttentionMixer(64)._small(x)
+
+
 def test_c_kernels_off_switch_and_a_missing_compiler_leave_torchs_paths(tmp_path):
     """BENCHBOX_C_KERNELS=off, or no C compiler: rows record cpu_kernels 'torch' and nothing fails; a compiler
     that builds gives 'c' (where this machine has one)."""
