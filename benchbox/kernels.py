@@ -13,7 +13,7 @@ torch; the tests hold each kernel to its torch path. This module imports torch o
   back, where ``bernoulli_`` leaves it: every run keeps its random stream.
 - ``rows_add``: the embedding's and gather_rows' table gradients, torch's order without its per-row call; bit for bit.
 - ``din_relu_matvec``, ``din_threshold_sums``, ``din_tcr_sums``: DIN's passes over its pairs, fused.
-- ``rmsnorm_backward``: RMSNorm's backward in one pass.
+- ``rmsnorm_forward``, ``rmsnorm_backward``: RMSNorm's forward and backward, each in one pass.
 - ``sigmoid_project``, ``sigmoid_project_backward``: ComiRec-SA's sigmoid and its rank-K product, fused.
 - ``gru_cell``, ``gru_cell_backward``: one GRU time step's gates, forward and backward.
 The last four groups sum in another order than torch's ops (float rounding), so rows record which ran
@@ -630,6 +630,40 @@ void benchbox_small_attention_backward_f32(const float *q, int64_t q_sb, int64_t
         }
 }
 
+/* RMSNorm's forward (model._RMSNormFunction) in one pass over rows of d: rstd = 1 / sqrt(mean(x^2) + eps),
+   xhat = x rstd (kept for the backward) and y = xhat w, where torch makes six (pow, mean, add, rsqrt, two
+   products). The row's sum of squares in 16 lanes (float; d a multiple of 16) or in order (double). */
+void benchbox_rmsnorm_forward_f32(const float *x, const float *w, float *xhat, float *rstd, float *y, int64_t rows,
+                                  int64_t d, double eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * d;
+        vf16 sq = {0};
+        for (int64_t j = 0; j < d; j += 16) sq += ld16(xr + j) * ld16(xr + j);
+        const float rs = 1.0f / sqrtf(hsum16(sq) / (float)d + (float)eps);
+        rstd[r] = rs;
+        for (int64_t j = 0; j < d; j += 16) {
+            const vf16 xh = ld16(xr + j) * rs;
+            st16(xhat + r * d + j, xh);
+            st16(y + r * d + j, xh * ld16(w + j));
+        }
+    }
+}
+
+void benchbox_rmsnorm_forward_f64(const double *x, const double *w, double *xhat, double *rstd, double *y,
+                                  int64_t rows, int64_t d, double eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const double *xr = x + r * d;
+        double sq = 0;
+        for (int64_t j = 0; j < d; j++) sq += xr[j] * xr[j];
+        const double rs = 1.0 / sqrt(sq / (double)d + eps);
+        rstd[r] = rs;
+        for (int64_t j = 0; j < d; j++) {
+            xhat[r * d + j] = xr[j] * rs;
+            y[r * d + j] = xhat[r * d + j] * w[j];
+        }
+    }
+}
+
 #define SP_BLOCK 64
 void benchbox_sigmoid_project_backward_f32(const float *ga, const float *s, const float *w, float *gu, float *gw,
                                            float *part, int64_t n, int64_t hd, int64_t k) {
@@ -1039,3 +1073,25 @@ def attention_functions(dtype):
     """(forward, backward) of the small causal attention for dtype, called with data pointers and strides in
     elements (mixers.attention._SmallAttention); None where there is no kernel for dtype."""
     return _attention_kernels().get(dtype)
+
+
+@functools.cache
+def _rmsnorm_forward_kernels():
+    """{torch dtype: RMSNorm's forward kernel} (empty where no library)."""
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    return _per_dtype("rmsnorm_forward", None, [p, p, p, p, p, i, i, ctypes.c_double])
+
+
+def rmsnorm_forward(x, weight, eps: float):
+    """RMSNorm's (y, xhat, rstd) (rstd with the rows' shape + (1,)) in one pass; None where the kernel does not
+    apply (another device or dtype, float32 rows off the 16 lanes)."""
+    import torch
+    d = x.shape[-1]
+    if not (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in _rmsnorm_forward_kernels()
+            and (x.dtype != torch.float32 or d % 16 == 0)):
+        return None
+    x, weight = x.contiguous(), weight.contiguous()
+    xhat, y, rstd = torch.empty_like(x), torch.empty_like(x), x.new_empty(*x.shape[:-1], 1)
+    _rmsnorm_forward_kernels()[x.dtype](x.data_ptr(), weight.data_ptr(), xhat.data_ptr(), rstd.data_ptr(),
+                                        y.data_ptr(), x.numel() // d, d, float(eps))
+    return y, xhat, rstd
