@@ -16,6 +16,7 @@ torch; the tests hold each kernel to its torch path. This module imports torch o
 - ``rmsnorm_forward``, ``rmsnorm_backward``: RMSNorm's forward and backward, each in one pass.
 - ``sigmoid_project``, ``sigmoid_project_backward``: ComiRec-SA's sigmoid and its rank-K product, fused.
 - ``gru_cell``, ``gru_cell_backward``: one GRU time step's gates, forward and backward.
+- ``ttt_dual_forward``, ``ttt_dual_backward``: TTT-Linear's dual form inside one mini-batch, around its GEMMs.
 The last four groups sum in another order than torch's ops (float rounding), so rows record which ran
 (``cpu_kernels``, ``kernels_in_force``).
 """
@@ -664,6 +665,95 @@ void benchbox_rmsnorm_forward_f64(const double *x, const double *w, double *xhat
     }
 }
 
+/* TTT-Linear's dual form inside one mini-batch (mixers.ttt._LinearChunks: one chunk of one mini-batch, the
+   study's window), per (b, h) block of S rows of D, around the GEMMs with the layer's weights (left to BLAS):
+   forward, from Zk = K W + b: the inner layer norm's statistics (mean, rstd, xh), gxl = gam2 xh - gt and
+   G = rstd (gxl - mean(gxl) - xh mean(gxl xh)) (the gradient of the inner loss, ln_l2_grad), then Zq -= P G;
+   backward, from dZq: dP = -dZq G^T, dG = -P^T dZq, and the VJP of G (mixers.ttt._lnl2_vjp) into dZk, dgt =
+   -dgxl and dgam2 += xh dgxl. torch makes ~40 small operations of these. Rows' means in 16 lanes (float;
+   D a multiple of 16 up to 64) or in order (double). */
+#define TTT_DUAL(T, SUF, MEAN, DOT, SQRT)                                                                \
+void benchbox_ttt_dual_forward_##SUF(const T *zk, const T *gam2, const T *gt, const T *p, T *zq, T *xh,   \
+                                     T *mean, T *rstd, T *gxl, T *g, int64_t blocks, int64_t s_len,     \
+                                     int64_t d, double eps) {                                           \
+    for (int64_t bh = 0; bh < blocks; bh++) {                                                           \
+        const T *g2 = gam2 + bh * d;                                                                    \
+        for (int64_t s = 0; s < s_len; s++) {                                                           \
+            const int64_t o = (bh * s_len + s) * d;                                                     \
+            const T m = MEAN(zk + o, d);                                                                \
+            for (int64_t j = 0; j < d; j++) xh[o + j] = zk[o + j] - m;                                  \
+            const T r = (T)1 / SQRT(DOT(xh + o, xh + o, d) + (T)eps);                                   \
+            for (int64_t j = 0; j < d; j++) { xh[o + j] *= r; gxl[o + j] = g2[j] * xh[o + j] - gt[o + j]; } \
+            const T mg = MEAN(gxl + o, d), mgx = DOT(gxl + o, xh + o, d);                               \
+            for (int64_t j = 0; j < d; j++) g[o + j] = (gxl[o + j] - mg - xh[o + j] * mgx) * r;         \
+            mean[bh * s_len + s] = m;                                                                   \
+            rstd[bh * s_len + s] = r;                                                                   \
+        }                                                                                               \
+        for (int64_t t = 0; t < s_len; t++) {                                                           \
+            T *zt = zq + (bh * s_len + t) * d;                                                          \
+            const T *pt = p + (bh * s_len + t) * s_len;                                                 \
+            for (int64_t s = 0; s < s_len; s++) {                                                       \
+                const T w = pt[s];                                                                      \
+                const T *gs = g + (bh * s_len + s) * d;                                                 \
+                for (int64_t j = 0; j < d; j++) zt[j] -= w * gs[j];                                     \
+            }                                                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+}                                                                                                       \
+void benchbox_ttt_dual_backward_##SUF(const T *dz, const T *p, const T *g, const T *xh, const T *rstd,    \
+                                      const T *gxl, const T *gam2, T *dp, T *dzk, T *dgt, T *dgam2,       \
+                                      T *scratch, int64_t blocks, int64_t s_len, int64_t d) {           \
+    T *dg = scratch, *dxh = scratch + s_len * d;                                                        \
+    for (int64_t bh = 0; bh < blocks; bh++) {                                                           \
+        const int64_t base = bh * s_len * d;                                                            \
+        const T *g2 = gam2 + bh * d;                                                                    \
+        T *dg2 = dgam2 + bh * d;                                                                        \
+        for (int64_t t = 0; t < s_len; t++)                                                             \
+            for (int64_t s = 0; s < s_len; s++)                                                         \
+                dp[(bh * s_len + t) * s_len + s] = -DOT(dz + base + t * d, g + base + s * d, d) * (T)d;  \
+        for (int64_t i = 0; i < s_len * d; i++) dg[i] = 0;                                              \
+        for (int64_t t = 0; t < s_len; t++)                                                             \
+            for (int64_t s = 0; s < s_len; s++) {                                                       \
+                const T w = p[(bh * s_len + t) * s_len + s];                                            \
+                for (int64_t j = 0; j < d; j++) dg[s * d + j] -= w * dz[base + t * d + j];              \
+            }                                                                                           \
+        for (int64_t j = 0; j < d; j++) dg2[j] = 0;                                                     \
+        for (int64_t s = 0; s < s_len; s++) {                                                           \
+            const int64_t o = base + s * d;                                                             \
+            const T *a = dg + s * d, r = rstd[bh * s_len + s];                                          \
+            const T ma = MEAN(a, d), max_ = DOT(a, xh + o, d), m2 = DOT(gxl + o, xh + o, d);             \
+            const T ag = DOT(a, g + o, d) * r, a2 = max_ * r;                                           \
+            T *dgx = dgt + o;  /* dgxl here, negated below */                                           \
+            for (int64_t j = 0; j < d; j++) {                                                           \
+                dgx[j] = r * (a[j] - ma - xh[o + j] * max_);                                            \
+                dxh[j] = g2[j] * dgx[j] - a[j] * r * m2 - gxl[o + j] * a2;                              \
+            }                                                                                           \
+            const T mx = MEAN(dxh, d), mxx = DOT(dxh, xh + o, d);                                       \
+            for (int64_t j = 0; j < d; j++) {                                                           \
+                dzk[o + j] = r * (dxh[j] - mx - xh[o + j] * mxx) - xh[o + j] * ag;                      \
+                dg2[j] += xh[o + j] * dgx[j];                                                           \
+                dgx[j] = -dgx[j];                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+}
+
+/* row means: DOT is mean(a b) over the row (d) */
+static inline double mean_f64(const double *x, int64_t d) { double t = 0; for (int64_t j = 0; j < d; j++) t += x[j]; return t / (double)d; }
+static inline double dot_f64(const double *a, const double *b, int64_t d) { double t = 0; for (int64_t j = 0; j < d; j++) t += a[j] * b[j]; return t / (double)d; }
+static inline float mean_f32v(const float *x, int64_t d) {
+    vf16 acc = ld16(x);
+    for (int64_t j = 16; j < d; j += 16) acc += ld16(x + j);
+    return hsum16(acc) / (float)d;
+}
+static inline float dot_f32v(const float *a, const float *b, int64_t d) {
+    vf16 acc = ld16(a) * ld16(b);
+    for (int64_t j = 16; j < d; j += 16) acc += ld16(a + j) * ld16(b + j);
+    return hsum16(acc) / (float)d;
+}
+TTT_DUAL(double, f64, mean_f64, dot_f64, sqrt)
+TTT_DUAL(float, f32, mean_f32v, dot_f32v, sqrtf)
+
 #define SP_BLOCK 64
 void benchbox_sigmoid_project_backward_f32(const float *ga, const float *s, const float *w, float *gu, float *gw,
                                            float *part, int64_t n, int64_t hd, int64_t k) {
@@ -1095,3 +1185,47 @@ def rmsnorm_forward(x, weight, eps: float):
     _rmsnorm_forward_kernels()[x.dtype](x.data_ptr(), weight.data_ptr(), xhat.data_ptr(), rstd.data_ptr(),
                                         y.data_ptr(), x.numel() // d, d, float(eps))
     return y, xhat, rstd
+
+
+@functools.cache
+def _ttt_dual_kernels():
+    """{torch dtype: (forward, backward)} of TTT-Linear's one-mini-batch dual form (empty where no library)."""
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    forward = _per_dtype("ttt_dual_forward", None, [p] * 10 + [i, i, i, ctypes.c_double])
+    backward = _per_dtype("ttt_dual_backward", None, [p] * 12 + [i, i, i])
+    return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
+
+
+def ttt_dual_applies(x) -> bool:
+    """Whether the TTT dual-form kernels run for rows like x (..., D): CPU, a dtype with a kernel, and for
+    float32 D a multiple of 16 up to 64."""
+    import torch
+    d = x.shape[-1]
+    return (x.device.type == "cpu" and x.dtype in _ttt_dual_kernels()
+            and (x.dtype != torch.float32 or (d % 16 == 0 and d <= 64)))
+
+
+def ttt_dual_forward(zk, gam2, gt, p, zq, eps: float):
+    """For blocks (BH, S, D): the inner layer norm's (xh, mean, rstd, gxl) and G of zk, and zq -= P G in place
+    (zq contiguous); all contiguous (BH, S, .) tensors, mean and rstd (BH, S, 1)."""
+    import torch
+    bh, s, d = zk.shape
+    zk, gam2, gt, p = (t.contiguous() for t in (zk, gam2, gt, p))
+    xh, gxl, g = torch.empty_like(zk), torch.empty_like(zk), torch.empty_like(zk)
+    mean, rstd = zk.new_empty(bh, s, 1), zk.new_empty(bh, s, 1)
+    _ttt_dual_kernels()[zk.dtype][0](zk.data_ptr(), gam2.data_ptr(), gt.data_ptr(), p.data_ptr(), zq.data_ptr(),
+                                     xh.data_ptr(), mean.data_ptr(), rstd.data_ptr(), gxl.data_ptr(), g.data_ptr(),
+                                     bh, s, d, float(eps))
+    return xh, mean, rstd, gxl, g
+
+
+def ttt_dual_backward(dz, p, g, xh, rstd, gxl, gam2, dp, dgt):
+    """From dZq (BH, S, D): dP into dp (BH, S, S), dgt = -dgxl into dgt (contiguous), and (dZk, dgam2 (BH, 1, D))."""
+    import torch
+    bh, s, d = dz.shape
+    dz = dz.contiguous()
+    dzk, dgam2, scratch = torch.empty_like(dz), dz.new_empty(bh, 1, d), dz.new_empty(2 * s * d)
+    _ttt_dual_kernels()[dz.dtype][1](dz.data_ptr(), p.data_ptr(), g.data_ptr(), xh.data_ptr(), rstd.data_ptr(),
+                                     gxl.data_ptr(), gam2.data_ptr(), dp.data_ptr(), dzk.data_ptr(), dgt.data_ptr(),
+                                     dgam2.data_ptr(), scratch.data_ptr(), bh, s, d)
+    return dzk, dgam2

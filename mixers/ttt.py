@@ -673,6 +673,16 @@ def _at(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
     return None if t is None else t[i]
 
 
+# the harness's C kernels for the dual form inside one mini-batch (an object with ttt_dual_applies,
+# ttt_dual_forward and ttt_dual_backward; benchbox.kernels), installed where it builds them; None: torch's ops
+_KERNELS = None
+
+
+def install_kernels(kernels) -> None:
+    global _KERNELS
+    _KERNELS = kernels
+
+
 class _LinearChunks(torch.autograd.Function):
     """The whole TTT-Linear scan over ``nc`` chunks (g mini-batches of K tokens, S = g K), per (batch, head)
     row, with a hand-written backward: autograd would record ~15 small ops per chunk and materialise
@@ -703,6 +713,23 @@ class _LinearChunks(torch.autograd.Function):
         Ws, Gs, saved = [], [], []  # per chunk: weights at its start, G, what lnl2's backward needs
         W, b = W0, b0
         n = nc + tail
+        # one chunk of one mini-batch (the study's window): the inner layer norm, G, P G and their backward in C
+        # around the GEMMs (ML-1M study step, TTT4Rec: see _KERNELS); the loop below is the reference
+        ctx.fast = (_KERNELS is not None and nc == 1 and not tail and g == 1 and not need_state and M is None
+                    and _KERNELS.ttt_dual_applies(kc))
+        if ctx.fast:
+            k_c, q_c = kc[0], qc[0]
+            Zk = (torch.baddbmm(b, k_c.view(H, -1, D), W).view(BH, S, D) if shared
+                  else torch.baddbmm(b, k_c, W))
+            if shared:
+                torch.baddbmm(b, q_c.view(H, -1, D), W, out=Zq[0].view(H, -1, D))
+            else:
+                torch.baddbmm(b, q_c, W, out=Zq[0])
+            xh, mean, rstd, gxl, G = _KERNELS.ttt_dual_forward(Zk, gam2, gt[0], P[0], Zq[0], LN_EPS)
+            ctx.K, ctx.g, ctx.need_state, ctx.tail = K, g, need_state, tail
+            ctx.Ws, ctx.Gs, ctx.lnl2 = [W], [G], [(Zk, xh, mean, rstd, gxl)]
+            ctx.save_for_backward(kc, qc, gam2, P, M, e, kt, qt, Pt, Mt, et)
+            return Zq
         for c in range(n):
             if c < nc:
                 k_c, q_c, gt_c, P_c, M_c, e_c, Z_c = (_at(t, c) for t in (kc, qc, gt, P, M, e, Zq))
@@ -756,6 +783,8 @@ class _LinearChunks(torch.autograd.Function):
     def backward(ctx, dZq, *more):
         kc, qc, gam2, P, M, e, kt, qt, Pt, Mt, et = ctx.saved_tensors
         K, g, tail = ctx.K, ctx.g, ctx.tail
+        if ctx.fast:
+            return _LinearChunks._backward_fast(ctx, dZq, kc, qc, gam2, P, e)
         dZt = more[0] if tail else None
         dWn, dbn = (more[0], more[1]) if ctx.need_state else (None, None)
         nc, BH, S, D = kc.shape
@@ -849,6 +878,30 @@ class _LinearChunks(torch.autograd.Function):
         if tail:
             return grads + (dkt, dqt, dgtt, dPt, dMt, det)
         return grads + (None,) * 6
+
+
+def _linear_chunks_backward_fast(ctx, dZq, kc, qc, gam2, P, e):
+    """``_LinearChunks``' backward for one chunk of one mini-batch (ctx.fast): the dual form's products with P
+    and G and the inner layer norm's VJP in C (kernels.ttt_dual_backward), the weights' products in BLAS."""
+    nc, BH, S, D = kc.shape
+    W, G = ctx.Ws[0], ctx.Gs[0]
+    H = W.shape[0]
+    shared = H != BH
+    Zk, xh, mean, rstd, gxl = ctx.lnl2[0]
+    dZq = kc.new_zeros(nc, BH, S, D) if dZq is None else dZq.contiguous()
+    dk, dq, dgt, dP = torch.empty_like(kc), torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(P)
+    dZc = dZq[0]
+    dZk, dgam2 = _KERNELS.ttt_dual_backward(dZc, P[0], G, xh, rstd, gxl, gam2, dP[0], dgt[0])
+    hv = (lambda t: t.view(H, -1, t.shape[-1])) if shared else (lambda t: t)  # noqa: E731
+    # Zq = Q W + b - P G and Zk = K W + b: the weights' gradients and the rows' through W
+    torch.bmm(hv(dZc), W.transpose(1, 2), out=hv(dq[0]))
+    dW = torch.bmm(hv(qc[0]).transpose(1, 2), hv(dZc)).baddbmm_(hv(kc[0]).transpose(1, 2), hv(dZk))
+    db = hv(dZc).sum(1, keepdim=True).add_(hv(dZk).sum(1, keepdim=True))
+    torch.bmm(hv(dZk), W.transpose(1, 2), out=hv(dk[0]))
+    return (dk, dq, dW, db, dgt, dgam2, dP, None, torch.zeros_like(e), None, None, None) + (None,) * 6
+
+
+_LinearChunks._backward_fast = staticmethod(_linear_chunks_backward_fast)
 
 
 def _tok_at_positions(tok: torch.Tensor, inmb: torch.Tensor, S: int) -> torch.Tensor:

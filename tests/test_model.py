@@ -786,6 +786,52 @@ def test_small_attention_declines_what_it_does_not_compute(monkeypatch):
     assert not AttentionMixer(64)._small(x)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_ttt_dual_kernels_are_the_scans_torch_path(shared, monkeypatch):
+    """TTT-Linear's scan with one chunk of one mini-batch (the study's window of 10, mini-batches of 16) runs its
+    inner layer norm, G, P G and their backward in C (mixers.ttt._LinearChunks' fast path): held to the scan's
+    torch path (the chunk loop) on the output and every input's gradient, float64 to 1e-12, float32 to its
+    rounding; shared weights (the layer's own) and per-row ones. Longer sequences (several mini-batches, a
+    ragged tail) and float32 heads off the 16 lanes keep the torch path."""
+    from benchbox import kernels
+    import mixers.ttt as ttt
+    if not kernels._ttt_dual_kernels():
+        pytest.skip("no C compiler here: torch's ops run")
+    torch.manual_seed(0)
+    B, H, D, K = 3, 2, 32, 16
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 5e-5)):
+        q, k, v = (torch.randn(B, 10, H, D, dtype=dtype, requires_grad=True) for _ in range(3))
+        lr = (torch.rand(B, 10, H, dtype=dtype) * 0.1).requires_grad_()
+        tok = (1.0 / torch.arange(1, K + 1, dtype=dtype)).requires_grad_()
+        W1 = (torch.randn(H, D, D, dtype=dtype) * 0.1).requires_grad_()
+        b1 = (torch.randn(H, 1, D, dtype=dtype) * 0.1).requires_grad_()
+        gamma = (torch.rand(H, D, dtype=dtype) + 0.5).requires_grad_()
+        beta = (torch.randn(H, D, dtype=dtype) * 0.1).requires_grad_()
+        params = ({"W1": W1, "b1": b1} if shared else
+                  {"W1": W1.unsqueeze(0).expand(B, -1, -1, -1), "b1": b1.unsqueeze(0).expand(B, -1, -1, -1)})
+        inputs = [q, k, v, lr, tok, W1, b1, gamma, beta]
+        got = {}
+        for name, installed in (("c", kernels), ("torch", None)):
+            monkeypatch.setattr(ttt, "_KERNELS", installed)
+            z, _ = ttt.ttt_fast("linear", q, k, v, lr, tok, params, gamma, beta, K, 4)
+            assert _graph_has(z, "LinearChunks")
+            g = torch.linspace(-1, 1, z.numel(), dtype=dtype).view_as(z)
+            got[name] = (z,) + torch.autograd.grad(z, inputs, g)
+        for a, b in zip(got["c"], got["torch"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=tol * max(1.0, b.abs().max().item()))
+        assert not torch.equal(got["c"][0], got["torch"][0])  # the kernels ran (another summation order)
+    monkeypatch.setattr(ttt, "_KERNELS", kernels)
+    seen = []
+    monkeypatch.setattr(kernels, "ttt_dual_forward", lambda *a: seen.append(1) or (_ for _ in ()).throw(AssertionError))
+    for L in (40, 21):  # several mini-batches; a ragged tail
+        x = [torch.randn(B, L, H, D) for _ in range(3)]
+        ttt.ttt_fast("linear", *x, torch.rand(B, L, H) * 0.1, 1.0 / torch.arange(1, K + 1), {"W1": W1.detach().float(),
+                     "b1": b1.detach().float()}, gamma.detach().float(), beta.detach().float(), K, 4)
+    assert not seen
+    assert not kernels.ttt_dual_applies(torch.randn(4, 10, 24)) and not kernels.ttt_dual_applies(torch.randn(4, 10, 128))
+    assert kernels.ttt_dual_applies(torch.randn(4, 10, 24, dtype=torch.float64))
+
+
 def test_c_kernels_off_switch_and_a_missing_compiler_leave_torchs_paths(tmp_path):
     """BENCHBOX_C_KERNELS=off, or no C compiler: rows record cpu_kernels 'torch' and nothing fails; a compiler
     that builds gives 'c' (where this machine has one)."""
