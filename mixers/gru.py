@@ -101,11 +101,12 @@ class GRUMixer(Mixer):
     def _fused(self, x) -> bool:
         """Whether ``_GRUSequence`` runs: the kernels are installed and apply (CPU, dtype, hidden size), the
         GRU has biases and no dropout between layers in force, and neither autocast nor a compiler runs."""
+        if torch.compiler.is_compiling() or _CELL_KERNELS is None:
+            return False
         g = self.gru
-        return (_CELL_KERNELS is not None and x.dim() == 3 and x.shape[1] > 0 and g.bias
-                and not (g.dropout and g.training and g.num_layers > 1)
-                and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
-                and x.dtype == g.weight_hh_l0.dtype and _CELL_KERNELS.gru_applies(x, g.hidden_size))
+        return (x.dim() == 3 and x.shape[1] > 0 and g.bias and not (g.dropout and g.training and g.num_layers > 1)
+                and not torch.is_autocast_enabled(x.device.type) and x.dtype == g.weight_hh_l0.dtype
+                and _CELL_KERNELS.gru_applies(x, g.hidden_size))
 
     def forward(self, x, lengths=None):
         if not self._fused(x):

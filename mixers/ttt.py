@@ -716,7 +716,7 @@ class _LinearChunks(torch.autograd.Function):
         # one chunk of one mini-batch (the study's window): the inner layer norm, G, P G and their backward in C
         # around the GEMMs (ML-1M study step, TTT4Rec: see _KERNELS); the loop below is the reference
         ctx.fast = (_KERNELS is not None and nc == 1 and not tail and g == 1 and not need_state and M is None
-                    and _KERNELS.ttt_dual_applies(kc))
+                    and not torch.compiler.is_compiling() and _KERNELS.ttt_dual_applies(kc))
         if ctx.fast:
             k_c, q_c = kc[0], qc[0]
             Zk = (torch.baddbmm(b, k_c.view(H, -1, D), W).view(BH, S, D) if shared

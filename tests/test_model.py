@@ -714,6 +714,9 @@ def test_gru_fused_gates_decline_what_they_do_not_compute(monkeypatch):
     m = GRUMixer(32, num_layers=2, dropout=0.5)
     x = torch.randn(2, 3, 32)
     assert not m.train()._fused(x) and m.eval()._fused(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # a compiled step traces nn.GRU
+    assert not m._fused(x)
+    monkeypatch.undo()
     monkeypatch.setattr(gru_mixer, "_CELL_KERNELS", None)
     assert not GRUMixer(32)._fused(x)
 
@@ -782,6 +785,9 @@ def test_small_attention_declines_what_it_does_not_compute(monkeypatch):
     assert not AttentionMixer(48, num_heads=2)._small(torch.randn(2, 10, 48))  # heads of 24
     assert AttentionMixer(48, num_heads=2).double()._small(torch.randn(2, 10, 48, dtype=torch.float64))
     assert not AttentionMixer(64).bfloat16()._small(x.bfloat16())
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # a compiled step traces SDPA
+    assert not AttentionMixer(64)._small(x)
+    monkeypatch.undo()
     monkeypatch.setattr(attention_mixer, "_KERNELS", None)
     assert not AttentionMixer(64)._small(x)
 
