@@ -447,7 +447,6 @@ class ComiRecSAReadout(_MultiInterestReadout):
     def logits_reference(self, h):
         return self.w2(torch.tanh(self.w1(h + self.pos[:h.shape[1]])))
 
-
     def interests(self, h, lengths, causal: bool):
         b, s, d = h.shape
         a = self._logits(h)

@@ -683,6 +683,27 @@ def install_kernels(kernels) -> None:
     _KERNELS = kernels
 
 
+def _linear_chunks_backward_fast(ctx, dZq, kc, qc, gam2, P, e):
+    """``_LinearChunks``' backward for one chunk of one mini-batch (ctx.fast): the dual form's products with P
+    and G and the inner layer norm's VJP in C (kernels.ttt_dual_backward), the weights' products in BLAS."""
+    nc, BH, S, D = kc.shape
+    W, G = ctx.Ws[0], ctx.Gs[0]
+    H = W.shape[0]
+    shared = H != BH
+    Zk, xh, mean, rstd, gxl = ctx.lnl2[0]
+    dZq = kc.new_zeros(nc, BH, S, D) if dZq is None else dZq.contiguous()
+    dk, dq, dgt, dP = torch.empty_like(kc), torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(P)
+    dZc = dZq[0]
+    dZk, dgam2 = _KERNELS.ttt_dual_backward(dZc, P[0], G, xh, rstd, gxl, gam2, dP[0], dgt[0])
+    hv = (lambda t: t.view(H, -1, t.shape[-1])) if shared else (lambda t: t)  # noqa: E731
+    # Zq = Q W + b - P G and Zk = K W + b: the weights' gradients and the rows' through W
+    torch.bmm(hv(dZc), W.transpose(1, 2), out=hv(dq[0]))
+    dW = torch.bmm(hv(qc[0]).transpose(1, 2), hv(dZc)).baddbmm_(hv(kc[0]).transpose(1, 2), hv(dZk))
+    db = hv(dZc).sum(1, keepdim=True).add_(hv(dZk).sum(1, keepdim=True))
+    torch.bmm(hv(dZk), W.transpose(1, 2), out=hv(dk[0]))
+    return (dk, dq, dW, db, dgt, dgam2, dP, None, torch.zeros_like(e), None, None, None) + (None,) * 6
+
+
 class _LinearChunks(torch.autograd.Function):
     """The whole TTT-Linear scan over ``nc`` chunks (g mini-batches of K tokens, S = g K), per (batch, head)
     row, with a hand-written backward: autograd would record ~15 small ops per chunk and materialise
@@ -784,7 +805,7 @@ class _LinearChunks(torch.autograd.Function):
         kc, qc, gam2, P, M, e, kt, qt, Pt, Mt, et = ctx.saved_tensors
         K, g, tail = ctx.K, ctx.g, ctx.tail
         if ctx.fast:
-            return _LinearChunks._backward_fast(ctx, dZq, kc, qc, gam2, P, e)
+            return _linear_chunks_backward_fast(ctx, dZq, kc, qc, gam2, P, e)
         dZt = more[0] if tail else None
         dWn, dbn = (more[0], more[1]) if ctx.need_state else (None, None)
         nc, BH, S, D = kc.shape
@@ -878,30 +899,6 @@ class _LinearChunks(torch.autograd.Function):
         if tail:
             return grads + (dkt, dqt, dgtt, dPt, dMt, det)
         return grads + (None,) * 6
-
-
-def _linear_chunks_backward_fast(ctx, dZq, kc, qc, gam2, P, e):
-    """``_LinearChunks``' backward for one chunk of one mini-batch (ctx.fast): the dual form's products with P
-    and G and the inner layer norm's VJP in C (kernels.ttt_dual_backward), the weights' products in BLAS."""
-    nc, BH, S, D = kc.shape
-    W, G = ctx.Ws[0], ctx.Gs[0]
-    H = W.shape[0]
-    shared = H != BH
-    Zk, xh, mean, rstd, gxl = ctx.lnl2[0]
-    dZq = kc.new_zeros(nc, BH, S, D) if dZq is None else dZq.contiguous()
-    dk, dq, dgt, dP = torch.empty_like(kc), torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(P)
-    dZc = dZq[0]
-    dZk, dgam2 = _KERNELS.ttt_dual_backward(dZc, P[0], G, xh, rstd, gxl, gam2, dP[0], dgt[0])
-    hv = (lambda t: t.view(H, -1, t.shape[-1])) if shared else (lambda t: t)  # noqa: E731
-    # Zq = Q W + b - P G and Zk = K W + b: the weights' gradients and the rows' through W
-    torch.bmm(hv(dZc), W.transpose(1, 2), out=hv(dq[0]))
-    dW = torch.bmm(hv(qc[0]).transpose(1, 2), hv(dZc)).baddbmm_(hv(kc[0]).transpose(1, 2), hv(dZk))
-    db = hv(dZc).sum(1, keepdim=True).add_(hv(dZk).sum(1, keepdim=True))
-    torch.bmm(hv(dZk), W.transpose(1, 2), out=hv(dk[0]))
-    return (dk, dq, dW, db, dgt, dgam2, dP, None, torch.zeros_like(e), None, None, None) + (None,) * 6
-
-
-_LinearChunks._backward_fast = staticmethod(_linear_chunks_backward_fast)
 
 
 def _tok_at_positions(tok: torch.Tensor, inmb: torch.Tensor, S: int) -> torch.Tensor:
