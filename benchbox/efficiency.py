@@ -122,7 +122,9 @@ def measure_point(mixer: str, backend: str | None, length: int, batch: int, d_mo
     cpu = device == "cpu"
     allocator = cpu_allocator() if cpu else "cuda"  # as the runs train (isolated points: a fresh child process)
     from .blas import blas_in_force
+    from .kernels import kernels_in_force
     blas = blas_in_force()
+    c_kernels = kernels_in_force() if cpu else "-"  # the C paths (model.py installs them into the mixers)
     if cpu:
         try:
             Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark of this process
@@ -161,7 +163,7 @@ def measure_point(mixer: str, backend: str | None, length: int, batch: int, d_mo
         mem = (torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else float("nan")
         rows.append({"mode": mode, "status": status, "median_s": med, "iqr_s": iqr, "repeats": n,
                      "tokens_per_s": tokens / med if status == "ok" else float("nan"), "peak_mem_mb": mem,
-                     "allocator": allocator, "blas": blas})
+                     "allocator": allocator, "blas": blas, "cpu_kernels": c_kernels})
 
     def train_step():
         with ac():

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import mixers  # noqa: E402
+import benchbox.model  # noqa: E402,F401  (installs the harness's C paths into the mixers, as a run has them)
 
 
 def _ints(s: str) -> list[int]:
