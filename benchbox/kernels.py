@@ -16,7 +16,8 @@ torch; the tests hold each kernel to its torch path. This module imports torch o
 - ``rmsnorm_forward``, ``rmsnorm_backward``: RMSNorm's forward and backward, each in one pass.
 - ``sigmoid_project``, ``sigmoid_project_backward``: ComiRec-SA's sigmoid and its rank-K product, fused.
 - ``gru_cell``, ``gru_cell_backward``: one GRU time step's gates, forward and backward.
-- ``ttt_dual_forward``, ``ttt_dual_backward``: TTT-Linear's dual form inside one mini-batch, around its GEMMs.
+- ``ttt_dual_forward``, ``ttt_dual_backward``: TTT-Linear's dual form inside one mini-batch, around its GEMMs;
+  ``lnl2_forward``, ``lnl2_vjp``: its inner loss gradient G and G's VJP alone (the last-position block).
 The last four groups sum in another order than torch's ops (float rounding), so rows record which ran
 (``cpu_kernels``, ``kernels_in_force``).
 """
@@ -665,30 +666,66 @@ void benchbox_rmsnorm_forward_f64(const double *x, const double *w, double *xhat
     }
 }
 
-/* TTT-Linear's dual form inside one mini-batch (mixers.ttt._LinearChunks: one chunk of one mini-batch, the
-   study's window), per (b, h) block of S rows of D, around the GEMMs with the layer's weights (left to BLAS):
-   forward, from Zk = K W + b: the inner layer norm's statistics (mean, rstd, xh), gxl = gam2 xh - gt and
-   G = rstd (gxl - mean(gxl) - xh mean(gxl xh)) (the gradient of the inner loss, ln_l2_grad), then Zq -= P G;
-   backward, from dZq: dP = -dZq G^T, dG = -P^T dZq, and the VJP of G (mixers.ttt._lnl2_vjp) into dZk, dgt =
-   -dgxl and dgam2 += xh dgxl. torch makes ~40 small operations of these. Rows' means in 16 lanes (float;
-   D a multiple of 16 up to 64) or in order (double). */
-#define TTT_DUAL(T, SUF, MEAN, DOT, SQRT)                                                                \
+/* TTT's inner loss gradient G = ln_l2_grad(z) (mixers.ttt._LNL2Grad, and inside _LinearChunks' dual form), rows of
+   D: the inner layer norm's statistics (mean, rstd, xh), gxl = gam2 xh - gt and G = rstd (gxl - mean(gxl) - xh
+   mean(gxl xh)); and its VJP (mixers.ttt._lnl2_vjp) from the upstream a: dz, dgt = -dgxl and dgam2 += xh dgxl.
+   gam2 has one row for every `per` rows of z. The dual form inside one mini-batch (one chunk of one mini-batch, the
+   study's window), per (b, h) block of S rows, around the GEMMs with the layer's weights (left to BLAS): forward
+   G of Zk = K W + b and Zq -= P G; backward dP = -dZq G^T, dG = -P^T dZq and G's VJP. torch makes ~40 small
+   operations of these. Rows' means in 16 lanes (float; D a multiple of 16 up to 64) or in order (double). */
+#define TTT_LNL2(T, SUF, MEAN, DOT, SQRT)                                                                \
+static void lnl2_rows_##SUF(const T *zk, const T *gam2, const T *gt, T *xh, T *mean, T *rstd, T *gxl, T *g, \
+                            int64_t rows, int64_t d, int64_t per, double eps) {                         \
+    for (int64_t r = 0; r < rows; r++) {                                                                \
+        const T *g2 = gam2 + (r / per) * d;                                                             \
+        const int64_t o = r * d;                                                                        \
+        const T m = MEAN(zk + o, d);                                                                    \
+        for (int64_t j = 0; j < d; j++) xh[o + j] = zk[o + j] - m;                                      \
+        const T rs = (T)1 / SQRT(DOT(xh + o, xh + o, d) + (T)eps);                                      \
+        for (int64_t j = 0; j < d; j++) { xh[o + j] *= rs; gxl[o + j] = g2[j] * xh[o + j] - gt[o + j]; } \
+        const T mg = MEAN(gxl + o, d), mgx = DOT(gxl + o, xh + o, d);                                   \
+        for (int64_t j = 0; j < d; j++) g[o + j] = (gxl[o + j] - mg - xh[o + j] * mgx) * rs;            \
+        mean[r] = m;                                                                                    \
+        rstd[r] = rs;                                                                                   \
+    }                                                                                                   \
+}                                                                                                       \
+static void lnl2_vjp_rows_##SUF(const T *a, const T *g, const T *xh, const T *rstd, const T *gxl,        \
+                                const T *gam2, T *dzk, T *dgt, T *dgam2, T *dxh, int64_t rows, int64_t d, \
+                                int64_t per) {                                                          \
+    for (int64_t r = 0; r < rows; r++) {                                                                \
+        const int64_t o = r * d;                                                                        \
+        const T *g2 = gam2 + (r / per) * d;                                                             \
+        T *dg2 = dgam2 + (r / per) * d;                                                                 \
+        const T *ar = a + o, rs = rstd[r];                                                              \
+        const T ma = MEAN(ar, d), max_ = DOT(ar, xh + o, d), m2 = DOT(gxl + o, xh + o, d);              \
+        const T ag = DOT(ar, g + o, d) * rs, a2 = max_ * rs;                                            \
+        T *dgx = dgt + o;  /* dgxl here, negated below */                                               \
+        for (int64_t j = 0; j < d; j++) {                                                               \
+            dgx[j] = rs * (ar[j] - ma - xh[o + j] * max_);                                              \
+            dxh[j] = g2[j] * dgx[j] - ar[j] * rs * m2 - gxl[o + j] * a2;                                \
+        }                                                                                               \
+        const T mx = MEAN(dxh, d), mxx = DOT(dxh, xh + o, d);                                           \
+        for (int64_t j = 0; j < d; j++) {                                                               \
+            dzk[o + j] = rs * (dxh[j] - mx - xh[o + j] * mxx) - xh[o + j] * ag;                         \
+            dg2[j] += xh[o + j] * dgx[j];                                                               \
+            dgx[j] = -dgx[j];                                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+}                                                                                                       \
+void benchbox_lnl2_forward_##SUF(const T *zk, const T *gam2, const T *gt, T *xh, T *mean, T *rstd, T *gxl,  \
+                                 T *g, int64_t rows, int64_t d, int64_t per, double eps) {              \
+    lnl2_rows_##SUF(zk, gam2, gt, xh, mean, rstd, gxl, g, rows, d, per, eps);                           \
+}                                                                                                       \
+void benchbox_lnl2_vjp_##SUF(const T *a, const T *g, const T *xh, const T *rstd, const T *gxl, const T *gam2, \
+                             T *dzk, T *dgt, T *dgam2, T *scratch, int64_t rows, int64_t d, int64_t per) { \
+    for (int64_t i = 0; i < (rows / per) * d; i++) dgam2[i] = 0;                                        \
+    lnl2_vjp_rows_##SUF(a, g, xh, rstd, gxl, gam2, dzk, dgt, dgam2, scratch, rows, d, per);             \
+}                                                                                                       \
 void benchbox_ttt_dual_forward_##SUF(const T *zk, const T *gam2, const T *gt, const T *p, T *zq, T *xh,   \
                                      T *mean, T *rstd, T *gxl, T *g, int64_t blocks, int64_t s_len,     \
                                      int64_t d, double eps) {                                           \
-    for (int64_t bh = 0; bh < blocks; bh++) {                                                           \
-        const T *g2 = gam2 + bh * d;                                                                    \
-        for (int64_t s = 0; s < s_len; s++) {                                                           \
-            const int64_t o = (bh * s_len + s) * d;                                                     \
-            const T m = MEAN(zk + o, d);                                                                \
-            for (int64_t j = 0; j < d; j++) xh[o + j] = zk[o + j] - m;                                  \
-            const T r = (T)1 / SQRT(DOT(xh + o, xh + o, d) + (T)eps);                                   \
-            for (int64_t j = 0; j < d; j++) { xh[o + j] *= r; gxl[o + j] = g2[j] * xh[o + j] - gt[o + j]; } \
-            const T mg = MEAN(gxl + o, d), mgx = DOT(gxl + o, xh + o, d);                               \
-            for (int64_t j = 0; j < d; j++) g[o + j] = (gxl[o + j] - mg - xh[o + j] * mgx) * r;         \
-            mean[bh * s_len + s] = m;                                                                   \
-            rstd[bh * s_len + s] = r;                                                                   \
-        }                                                                                               \
+    lnl2_rows_##SUF(zk, gam2, gt, xh, mean, rstd, gxl, g, blocks * s_len, d, s_len, eps);               \
+    for (int64_t bh = 0; bh < blocks; bh++)                                                             \
         for (int64_t t = 0; t < s_len; t++) {                                                           \
             T *zt = zq + (bh * s_len + t) * d;                                                          \
             const T *pt = p + (bh * s_len + t) * s_len;                                                 \
@@ -698,16 +735,14 @@ void benchbox_ttt_dual_forward_##SUF(const T *zk, const T *gam2, const T *gt, co
                 for (int64_t j = 0; j < d; j++) zt[j] -= w * gs[j];                                     \
             }                                                                                           \
         }                                                                                               \
-    }                                                                                                   \
 }                                                                                                       \
 void benchbox_ttt_dual_backward_##SUF(const T *dz, const T *p, const T *g, const T *xh, const T *rstd,    \
                                       const T *gxl, const T *gam2, T *dp, T *dzk, T *dgt, T *dgam2,       \
                                       T *scratch, int64_t blocks, int64_t s_len, int64_t d) {           \
     T *dg = scratch, *dxh = scratch + s_len * d;                                                        \
+    for (int64_t i = 0; i < blocks * d; i++) dgam2[i] = 0;                                              \
     for (int64_t bh = 0; bh < blocks; bh++) {                                                           \
         const int64_t base = bh * s_len * d;                                                            \
-        const T *g2 = gam2 + bh * d;                                                                    \
-        T *dg2 = dgam2 + bh * d;                                                                        \
         for (int64_t t = 0; t < s_len; t++)                                                             \
             for (int64_t s = 0; s < s_len; s++)                                                         \
                 dp[(bh * s_len + t) * s_len + s] = -DOT(dz + base + t * d, g + base + s * d, d) * (T)d;  \
@@ -717,24 +752,8 @@ void benchbox_ttt_dual_backward_##SUF(const T *dz, const T *p, const T *g, const
                 const T w = p[(bh * s_len + t) * s_len + s];                                            \
                 for (int64_t j = 0; j < d; j++) dg[s * d + j] -= w * dz[base + t * d + j];              \
             }                                                                                           \
-        for (int64_t j = 0; j < d; j++) dg2[j] = 0;                                                     \
-        for (int64_t s = 0; s < s_len; s++) {                                                           \
-            const int64_t o = base + s * d;                                                             \
-            const T *a = dg + s * d, r = rstd[bh * s_len + s];                                          \
-            const T ma = MEAN(a, d), max_ = DOT(a, xh + o, d), m2 = DOT(gxl + o, xh + o, d);             \
-            const T ag = DOT(a, g + o, d) * r, a2 = max_ * r;                                           \
-            T *dgx = dgt + o;  /* dgxl here, negated below */                                           \
-            for (int64_t j = 0; j < d; j++) {                                                           \
-                dgx[j] = r * (a[j] - ma - xh[o + j] * max_);                                            \
-                dxh[j] = g2[j] * dgx[j] - a[j] * r * m2 - gxl[o + j] * a2;                              \
-            }                                                                                           \
-            const T mx = MEAN(dxh, d), mxx = DOT(dxh, xh + o, d);                                       \
-            for (int64_t j = 0; j < d; j++) {                                                           \
-                dzk[o + j] = r * (dxh[j] - mx - xh[o + j] * mxx) - xh[o + j] * ag;                      \
-                dg2[j] += xh[o + j] * dgx[j];                                                           \
-                dgx[j] = -dgx[j];                                                                       \
-            }                                                                                           \
-        }                                                                                               \
+        lnl2_vjp_rows_##SUF(dg, g + base, xh + base, rstd + bh * s_len, gxl + base, gam2 + bh * d,       \
+                            dzk + base, dgt + base, dgam2 + bh * d, dxh, s_len, d, s_len);              \
     }                                                                                                   \
 }
 
@@ -751,8 +770,8 @@ static inline float dot_f32v(const float *a, const float *b, int64_t d) {
     for (int64_t j = 16; j < d; j += 16) acc += ld16(a + j) * ld16(b + j);
     return hsum16(acc) / (float)d;
 }
-TTT_DUAL(double, f64, mean_f64, dot_f64, sqrt)
-TTT_DUAL(float, f32, mean_f32v, dot_f32v, sqrtf)
+TTT_LNL2(double, f64, mean_f64, dot_f64, sqrt)
+TTT_LNL2(float, f32, mean_f32v, dot_f32v, sqrtf)
 
 #define SP_BLOCK 64
 void benchbox_sigmoid_project_backward_f32(const float *ga, const float *s, const float *w, float *gu, float *gw,
@@ -1229,3 +1248,39 @@ def ttt_dual_backward(dz, p, g, xh, rstd, gxl, gam2, dp, dgt):
                                      gxl.data_ptr(), gam2.data_ptr(), dp.data_ptr(), dzk.data_ptr(), dgt.data_ptr(),
                                      dgam2.data_ptr(), scratch.data_ptr(), bh, s, d)
     return dzk, dgam2
+
+
+@functools.cache
+def _lnl2_kernels():
+    """{torch dtype: (forward, vjp)} of TTT's inner loss gradient (empty where no library)."""
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    forward = _per_dtype("lnl2_forward", None, [p] * 8 + [i, i, i, ctypes.c_double])
+    vjp = _per_dtype("lnl2_vjp", None, [p] * 10 + [i, i, i])
+    return {dtype: (forward[dtype], vjp[dtype]) for dtype in forward}
+
+
+def lnl2_forward(z, gam2, gt, eps: float):
+    """G = ln_l2_grad(z) with what its VJP reads: (G, xh, rstd, gxl) for contiguous z and gt of one shape and gam2
+    (one row of D for every ``z.numel() // gam2.numel()`` rows of z, in order). The caller checks
+    ``ttt_dual_applies`` and the shapes."""
+    import torch
+    d = z.shape[-1]
+    rows = z.numel() // d
+    xh, gxl, g = torch.empty_like(z), torch.empty_like(z), torch.empty_like(z)
+    mean, rstd = z.new_empty(rows), z.new_empty(rows)
+    _lnl2_kernels()[z.dtype][0](z.data_ptr(), gam2.data_ptr(), gt.data_ptr(), xh.data_ptr(), mean.data_ptr(),
+                                rstd.data_ptr(), gxl.data_ptr(), g.data_ptr(), rows, d, rows // (gam2.numel() // d),
+                                float(eps))
+    return g, xh, rstd, gxl
+
+
+def lnl2_vjp(a, g, xh, rstd, gxl, gam2):
+    """G's VJP from the upstream a (contiguous, z's shape): (dz, dgt, dgam2 (gam2's shape))."""
+    import torch
+    d = a.shape[-1]
+    rows = a.numel() // d
+    dz, dgt, dgam2, scratch = torch.empty_like(a), torch.empty_like(a), torch.empty_like(gam2), a.new_empty(d)
+    _lnl2_kernels()[a.dtype][1](a.data_ptr(), g.data_ptr(), xh.data_ptr(), rstd.data_ptr(), gxl.data_ptr(),
+                                gam2.data_ptr(), dz.data_ptr(), dgt.data_ptr(), dgam2.data_ptr(), scratch.data_ptr(),
+                                rows, d, rows // (gam2.numel() // d))
+    return dz, dgt, dgam2

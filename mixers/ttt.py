@@ -70,6 +70,16 @@ from .base import Mixer, rows_by_forward_last
 LN_EPS = 1e-6
 _GELU_C = math.sqrt(2.0 / math.pi)
 
+# the harness's C kernels (an object with ttt_dual_applies, ttt_dual_forward / _backward for the dual form inside
+# one mini-batch, lnl2_forward / lnl2_vjp for the inner loss gradient; benchbox.kernels), installed where it builds
+# them; None: torch's ops everywhere
+_KERNELS = None
+
+
+def install_kernels(kernels) -> None:
+    global _KERNELS
+    _KERNELS = kernels
+
 
 # --------------------------------------------------------------------------------------------------
 # small maths helpers shared by the fast path and streaming
@@ -435,6 +445,16 @@ def _lnl2_vjp(a, z, G, xh, mean, rstd, gxl, m2, gam2):
     return dz, dgxl
 
 
+def _lnl2_in_c(z, gam2, gt) -> bool:
+    """Whether _LNL2Grad runs in C: the kernels installed and applying (CPU, dtype, D), no compiler, gt of z's shape
+    and gam2 one row per leading index of z (H, 1, ..., D) or one row for all."""
+    if _KERNELS is None or torch.compiler.is_compiling() or not _KERNELS.ttt_dual_applies(z):
+        return False
+    d = z.shape[-1]
+    return (gt.shape == z.shape and gam2.dtype == z.dtype and gam2.shape[-1] == d and gam2.dim() == z.dim()
+            and all(n == 1 for n in gam2.shape[1:-1]) and gam2.shape[0] in (1, z.shape[0]))
+
+
 class _LNL2Grad(torch.autograd.Function):
     """G = ln_l2_grad(z) over contiguous rows (gam2 = gamma^2 and gt = gamma (target - beta) broadcast to
     z), with the VJP of ``_lnl2_vjp`` (native LN backward for the bulk): autograd of ``ln_l2_grad`` records
@@ -443,15 +463,25 @@ class _LNL2Grad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, gam2, gt):
         z = z.contiguous()
+        ctx.gt_shape = gt.shape
+        ctx.c = _lnl2_in_c(z, gam2, gt)
+        if ctx.c:  # G and its VJP in C, one pass over the rows each (the harness's kernels)
+            gam2 = gam2.contiguous()
+            G, xh, rstd, gxl = _KERNELS.lnl2_forward(z, gam2, gt.contiguous(), LN_EPS)
+            ctx.save_for_backward(G, xh, rstd, gxl, gam2)
+            return G
         xh, mean, rstd, gxl = _lnl2_stats(z, gam2, gt)
         G = _lnl2_from_stats(xh, rstd, gxl)
         ctx.save_for_backward(z, G, xh, mean, rstd, gxl, gam2)
-        ctx.gt_shape = gt.shape
         return G
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, a):
+        if ctx.c:
+            G, xh, rstd, gxl, gam2 = ctx.saved_tensors
+            dz, dgt, dgam2 = _KERNELS.lnl2_vjp(a.contiguous(), G, xh, rstd, gxl, gam2)
+            return dz, dgam2, dgt.sum_to_size(ctx.gt_shape)
         z, G, xh, mean, rstd, gxl, gam2 = ctx.saved_tensors
         m2 = (gxl * xh).mean(-1, keepdim=True)
         dz, dgxl = _lnl2_vjp(a.contiguous(), z, G, xh, mean, rstd, gxl, m2, gam2)
@@ -671,16 +701,6 @@ class _MLPChunk(torch.autograd.Function):
 
 def _at(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
     return None if t is None else t[i]
-
-
-# the harness's C kernels for the dual form inside one mini-batch (an object with ttt_dual_applies,
-# ttt_dual_forward and ttt_dual_backward; benchbox.kernels), installed where it builds them; None: torch's ops
-_KERNELS = None
-
-
-def install_kernels(kernels) -> None:
-    global _KERNELS
-    _KERNELS = kernels
 
 
 def _linear_chunks_backward_fast(ctx, dZq, kc, qc, gam2, P, e):

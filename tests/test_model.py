@@ -838,6 +838,38 @@ def test_ttt_dual_kernels_are_the_scans_torch_path(shared, monkeypatch):
     assert kernels.ttt_dual_applies(torch.randn(4, 10, 24, dtype=torch.float64))
 
 
+def test_lnl2_kernels_are_the_inner_loss_gradient(monkeypatch):
+    """TTT's inner loss gradient G = ln_l2_grad(z) (mixers.ttt._LNL2Grad, the last-position block's) in C against its
+    torch path: G and the gradients of z, gamma^2 (one row per head) and the target term, float64 to 1e-12 and
+    gradcheck, float32 to its rounding; shapes it does not take keep torch's path."""
+    from benchbox import kernels
+    import mixers.ttt as ttt
+    if not kernels._lnl2_kernels():
+        pytest.skip("no C compiler here: torch's ops run")
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        z = torch.randn(2, 5, 10, 32, dtype=dtype, requires_grad=True)
+        gam = (torch.rand(2, 1, 1, 32, dtype=dtype) + 0.5).requires_grad_()
+        gt = torch.randn(2, 5, 10, 32, dtype=dtype, requires_grad=True)
+        got = {}
+        for name, installed in (("c", kernels), ("torch", None)):
+            monkeypatch.setattr(ttt, "_KERNELS", installed)
+            assert ttt._lnl2_in_c(z, gam * gam, gt) == (installed is not None)
+            G = ttt._LNL2Grad.apply(z, gam * gam, gt)
+            a = torch.linspace(-1, 1, G.numel(), dtype=dtype).view_as(G)
+            got[name] = (G,) + torch.autograd.grad(G, (z, gam, gt), a)
+        for x, y in zip(got["c"], got["torch"]):
+            torch.testing.assert_close(x, y, rtol=0, atol=tol * max(1.0, y.abs().max().item()))
+    monkeypatch.setattr(ttt, "_KERNELS", kernels)
+    z = torch.randn(2, 3, 4, 16, dtype=torch.float64, requires_grad=True)
+    g2 = (torch.rand(2, 1, 1, 16, dtype=torch.float64) + 0.5).requires_grad_()
+    gt = torch.randn(2, 3, 4, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ttt._LNL2Grad.apply, (z, g2, gt))
+    assert not ttt._lnl2_in_c(z, g2, gt[:, :1])  # a broadcast target term
+    assert not ttt._lnl2_in_c(z, torch.rand(2, 3, 1, 16, dtype=torch.float64), gt)  # gamma^2 per row
+    assert not ttt._lnl2_in_c(z.float()[..., :8], g2.float()[..., :8], gt.float()[..., :8])  # float32, D off 16
+
+
 def test_c_kernels_off_switch_and_a_missing_compiler_leave_torchs_paths(tmp_path):
     """BENCHBOX_C_KERNELS=off, or no C compiler: rows record cpu_kernels 'torch' and nothing fails; a compiler
     that builds gives 'c' (where this machine has one)."""
