@@ -758,8 +758,16 @@ void benchbox_ttt_dual_backward_##SUF(const T *dz, const T *p, const T *g, const
 }
 
 /* row means: DOT is mean(a b) over the row (d) */
-static inline double mean_f64(const double *x, int64_t d) { double t = 0; for (int64_t j = 0; j < d; j++) t += x[j]; return t / (double)d; }
-static inline double dot_f64(const double *a, const double *b, int64_t d) { double t = 0; for (int64_t j = 0; j < d; j++) t += a[j] * b[j]; return t / (double)d; }
+static inline double mean_f64(const double *x, int64_t d) {
+    double t = 0;
+    for (int64_t j = 0; j < d; j++) t += x[j];
+    return t / (double)d;
+}
+static inline double dot_f64(const double *a, const double *b, int64_t d) {
+    double t = 0;
+    for (int64_t j = 0; j < d; j++) t += a[j] * b[j];
+    return t / (double)d;
+}
 static inline float mean_f32v(const float *x, int64_t d) {
     vf16 acc = ld16(x);
     for (int64_t j = 16; j < d; j += 16) acc += ld16(x + j);
@@ -1207,12 +1215,15 @@ def rmsnorm_forward(x, weight, eps: float):
 
 
 @functools.cache
-def _ttt_dual_kernels():
-    """{torch dtype: (forward, backward)} of TTT-Linear's one-mini-batch dual form (empty where no library)."""
-    p, i = ctypes.c_void_p, ctypes.c_int64
-    forward = _per_dtype("ttt_dual_forward", None, [p] * 10 + [i, i, i, ctypes.c_double])
-    backward = _per_dtype("ttt_dual_backward", None, [p] * 12 + [i, i, i])
-    return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
+def _ttt_kernels():
+    """{torch dtype: (dual forward, dual backward, lnl2 forward, lnl2 vjp)}: TTT-Linear's one-mini-batch dual form
+    and its inner loss gradient alone (empty where no library)."""
+    p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+    found = [_per_dtype("ttt_dual_forward", None, [p] * 10 + [i, i, i, f]),
+             _per_dtype("ttt_dual_backward", None, [p] * 12 + [i, i, i]),
+             _per_dtype("lnl2_forward", None, [p] * 8 + [i, i, i, f]),
+             _per_dtype("lnl2_vjp", None, [p] * 10 + [i, i, i])]
+    return {dtype: tuple(fns[dtype] for fns in found) for dtype in found[0]}
 
 
 def ttt_dual_applies(x) -> bool:
@@ -1220,7 +1231,7 @@ def ttt_dual_applies(x) -> bool:
     float32 D a multiple of 16 up to 64."""
     import torch
     d = x.shape[-1]
-    return (x.device.type == "cpu" and x.dtype in _ttt_dual_kernels()
+    return (x.device.type == "cpu" and x.dtype in _ttt_kernels()
             and (x.dtype != torch.float32 or (d % 16 == 0 and d <= 64)))
 
 
@@ -1232,9 +1243,9 @@ def ttt_dual_forward(zk, gam2, gt, p, zq, eps: float):
     zk, gam2, gt, p = (t.contiguous() for t in (zk, gam2, gt, p))
     xh, gxl, g = torch.empty_like(zk), torch.empty_like(zk), torch.empty_like(zk)
     mean, rstd = zk.new_empty(bh, s, 1), zk.new_empty(bh, s, 1)
-    _ttt_dual_kernels()[zk.dtype][0](zk.data_ptr(), gam2.data_ptr(), gt.data_ptr(), p.data_ptr(), zq.data_ptr(),
-                                     xh.data_ptr(), mean.data_ptr(), rstd.data_ptr(), gxl.data_ptr(), g.data_ptr(),
-                                     bh, s, d, float(eps))
+    _ttt_kernels()[zk.dtype][0](zk.data_ptr(), gam2.data_ptr(), gt.data_ptr(), p.data_ptr(), zq.data_ptr(),
+                                xh.data_ptr(), mean.data_ptr(), rstd.data_ptr(), gxl.data_ptr(), g.data_ptr(),
+                                bh, s, d, float(eps))
     return xh, mean, rstd, gxl, g
 
 
@@ -1244,19 +1255,10 @@ def ttt_dual_backward(dz, p, g, xh, rstd, gxl, gam2, dp, dgt):
     bh, s, d = dz.shape
     dz = dz.contiguous()
     dzk, dgam2, scratch = torch.empty_like(dz), dz.new_empty(bh, 1, d), dz.new_empty(2 * s * d)
-    _ttt_dual_kernels()[dz.dtype][1](dz.data_ptr(), p.data_ptr(), g.data_ptr(), xh.data_ptr(), rstd.data_ptr(),
-                                     gxl.data_ptr(), gam2.data_ptr(), dp.data_ptr(), dzk.data_ptr(), dgt.data_ptr(),
-                                     dgam2.data_ptr(), scratch.data_ptr(), bh, s, d)
+    _ttt_kernels()[dz.dtype][1](dz.data_ptr(), p.data_ptr(), g.data_ptr(), xh.data_ptr(), rstd.data_ptr(),
+                                gxl.data_ptr(), gam2.data_ptr(), dp.data_ptr(), dzk.data_ptr(), dgt.data_ptr(),
+                                dgam2.data_ptr(), scratch.data_ptr(), bh, s, d)
     return dzk, dgam2
-
-
-@functools.cache
-def _lnl2_kernels():
-    """{torch dtype: (forward, vjp)} of TTT's inner loss gradient (empty where no library)."""
-    p, i = ctypes.c_void_p, ctypes.c_int64
-    forward = _per_dtype("lnl2_forward", None, [p] * 8 + [i, i, i, ctypes.c_double])
-    vjp = _per_dtype("lnl2_vjp", None, [p] * 10 + [i, i, i])
-    return {dtype: (forward[dtype], vjp[dtype]) for dtype in forward}
 
 
 def lnl2_forward(z, gam2, gt, eps: float):
@@ -1268,9 +1270,9 @@ def lnl2_forward(z, gam2, gt, eps: float):
     rows = z.numel() // d
     xh, gxl, g = torch.empty_like(z), torch.empty_like(z), torch.empty_like(z)
     mean, rstd = z.new_empty(rows), z.new_empty(rows)
-    _lnl2_kernels()[z.dtype][0](z.data_ptr(), gam2.data_ptr(), gt.data_ptr(), xh.data_ptr(), mean.data_ptr(),
-                                rstd.data_ptr(), gxl.data_ptr(), g.data_ptr(), rows, d, rows // (gam2.numel() // d),
-                                float(eps))
+    _ttt_kernels()[z.dtype][2](z.data_ptr(), gam2.data_ptr(), gt.data_ptr(), xh.data_ptr(), mean.data_ptr(),
+                               rstd.data_ptr(), gxl.data_ptr(), g.data_ptr(), rows, d, rows // (gam2.numel() // d),
+                               float(eps))
     return g, xh, rstd, gxl
 
 
@@ -1280,7 +1282,7 @@ def lnl2_vjp(a, g, xh, rstd, gxl, gam2):
     d = a.shape[-1]
     rows = a.numel() // d
     dz, dgt, dgam2, scratch = torch.empty_like(a), torch.empty_like(a), torch.empty_like(gam2), a.new_empty(d)
-    _lnl2_kernels()[a.dtype][1](a.data_ptr(), g.data_ptr(), xh.data_ptr(), rstd.data_ptr(), gxl.data_ptr(),
-                                gam2.data_ptr(), dz.data_ptr(), dgt.data_ptr(), dgam2.data_ptr(), scratch.data_ptr(),
-                                rows, d, rows // (gam2.numel() // d))
+    _ttt_kernels()[a.dtype][3](a.data_ptr(), g.data_ptr(), xh.data_ptr(), rstd.data_ptr(), gxl.data_ptr(),
+                               gam2.data_ptr(), dz.data_ptr(), dgt.data_ptr(), dgam2.data_ptr(), scratch.data_ptr(),
+                               rows, d, rows // (gam2.numel() // d))
     return dz, dgt, dgam2
