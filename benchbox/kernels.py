@@ -1236,8 +1236,8 @@ def ttt_dual_applies(x) -> bool:
 
 
 def ttt_dual_forward(zk, gam2, gt, p, zq, eps: float):
-    """For blocks (BH, S, D): the inner layer norm's (xh, mean, rstd, gxl) and G of zk, and zq -= P G in place
-    (zq contiguous); all contiguous (BH, S, .) tensors, mean and rstd (BH, S, 1)."""
+    """For blocks (BH, S, D): what G's backward reads (xh, rstd (BH, S, 1), gxl) and G of zk, and zq -= P G in place
+    (zq contiguous); all contiguous (BH, S, .) tensors. The rows' means are the kernel's scratch."""
     import torch
     bh, s, d = zk.shape
     zk, gam2, gt, p = (t.contiguous() for t in (zk, gam2, gt, p))
@@ -1246,7 +1246,7 @@ def ttt_dual_forward(zk, gam2, gt, p, zq, eps: float):
     _ttt_kernels()[zk.dtype][0](zk.data_ptr(), gam2.data_ptr(), gt.data_ptr(), p.data_ptr(), zq.data_ptr(),
                                 xh.data_ptr(), mean.data_ptr(), rstd.data_ptr(), gxl.data_ptr(), g.data_ptr(),
                                 bh, s, d, float(eps))
-    return xh, mean, rstd, gxl, g
+    return xh, rstd, gxl, g
 
 
 def ttt_dual_backward(dz, p, g, xh, rstd, gxl, gam2, dp, dgt):

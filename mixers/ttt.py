@@ -710,7 +710,7 @@ def _linear_chunks_backward_fast(ctx, dZq, kc, qc, gam2, P, e):
     W, G = ctx.Ws[0], ctx.Gs[0]
     H = W.shape[0]
     shared = H != BH
-    Zk, xh, mean, rstd, gxl = ctx.lnl2[0]
+    xh, rstd, gxl = ctx.lnl2[0]
     dZq = kc.new_zeros(nc, BH, S, D) if dZq is None else dZq.contiguous()
     dk, dq, dgt, dP = torch.empty_like(kc), torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(P)
     dZc = dZq[0]
@@ -766,9 +766,10 @@ class _LinearChunks(torch.autograd.Function):
                 torch.baddbmm(b, q_c.view(H, -1, D), W, out=Zq[0].view(H, -1, D))
             else:
                 torch.baddbmm(b, q_c, W, out=Zq[0])
-            xh, mean, rstd, gxl, G = _KERNELS.ttt_dual_forward(Zk, gam2, gt[0], P[0], Zq[0], LN_EPS)
+            xh, rstd, gxl, G = _KERNELS.ttt_dual_forward(Zk, gam2, gt[0], P[0], Zq[0], LN_EPS)
             ctx.K, ctx.g, ctx.need_state, ctx.tail = K, g, need_state, tail
-            ctx.Ws, ctx.Gs, ctx.lnl2 = [W], [G], [(Zk, xh, mean, rstd, gxl)]
+            # what the C backward reads (not Zk or the rows' means, which the loop's backward reads)
+            ctx.Ws, ctx.Gs, ctx.lnl2 = [W], [G], [(xh, rstd, gxl)]
             ctx.save_for_backward(kc, qc, gam2, P, M, e, kt, qt, Pt, Mt, et)
             return Zq
         for c in range(n):
