@@ -832,6 +832,182 @@ void benchbox_sigmoid_project_backward_f64(const double *ga, const double *s, co
         for (int64_t i = 0; i < k * hd; i++) gw[i] += part[i];
     }
 }
+
+/* Mamba's selective scan (mixers.mamba._FusedScan), h_t = exp(dt_t A) * h_{t-1} + dt_t u_t B_t and
+   y_t = C_t . h_t, then y_t += D u_t (dskip not NULL) and y_t *= silu(z_t) (z not NULL), for batches [b0, b1)
+   (the caller splits the batch over threads). The state is kept n-major, (N, D) per batch element, so the
+   lanes run over D and no step needs a horizontal sum: per step and channel block one exp, two FMAs and the
+   output's FMA per state, where the chunked torch path materialises several (B, T, D, N) tensors.
+   u, dt, y, ys (the output before the gate, kept for the backward), du, ddt, dz: (B, L, D) contiguous; B and
+   C: rows of N at b * bc_sb + t * bc_st; z: rows of D at b * z_sb + t * z_st; at = A^T (N, D); h0, hlast,
+   dh0: (B, N, D); ck: the state entering every K-th step, (B, ceil(L / K), N, D), all that the backward keeps
+   of the states. The backward recomputes a chunk's K states and decays from its checkpoint into `work`
+   ((2 K + 1) N D), then runs the adjoint G_t = C_t dy_t + exp(dt_{t+1} A) G_{t+1} backwards through it;
+   dat (N, D) and ddskip (D) accumulate this call's dA^T and dD. */
+#define SSCAN_NMAX 64
+#define SELECTIVE_SCAN(SUF, T, V, W, LD, ST, EXPV, SPLAT, HSUM, SIGV)                                    \
+void benchbox_selective_scan_##SUF(const T *u, const T *dt, const T *at, const T *bm, const T *cm,     \
+                                   int64_t bc_sb, int64_t bc_st, const T *z, int64_t z_sb, int64_t z_st, \
+                                   const T *dskip, const T *h0, T *y, T *ys, T *hlast, T *ck,           \
+                                   int64_t b0, int64_t b1, int64_t L, int64_t D, int64_t N, int64_t K) { \
+    const int64_t nck = (L + K - 1) / K, ND = N * D;                                                    \
+    for (int64_t b = b0; b < b1; b++) {                                                                 \
+        T *h = hlast + b * ND;                                                                          \
+        if (h0) memcpy(h, h0 + b * ND, ND * sizeof(T)); else memset(h, 0, ND * sizeof(T));              \
+        for (int64_t t = 0; t < L; t++) {                                                               \
+            if (t % K == 0) memcpy(ck + (b * nck + t / K) * ND, h, ND * sizeof(T));                     \
+            const int64_t row = (b * L + t) * D;                                                        \
+            const T *ut = u + row, *dtt = dt + row;                                                     \
+            const T *bt = bm + b * bc_sb + t * bc_st, *ct = cm + b * bc_sb + t * bc_st;                 \
+            for (int64_t d = 0; d < D; d += W) {                                                        \
+                const V dv = LD(dtt + d), bu = dv * LD(ut + d);                                         \
+                V acc = SPLAT(0);                                                                       \
+                for (int64_t n = 0; n < N; n++) {                                                       \
+                    const V hv = EXPV(dv * LD(at + n * D + d)) * LD(h + n * D + d) + bu * bt[n];        \
+                    ST(h + n * D + d, hv);                                                              \
+                    acc += hv * ct[n];                                                                  \
+                }                                                                                       \
+                if (dskip) acc += LD(dskip + d) * LD(ut + d);                                           \
+                if (z) {                                                                                \
+                    const V zv = LD(z + b * z_sb + t * z_st + d);                                       \
+                    ST(ys + row + d, acc);                                                              \
+                    acc = acc * zv * SIGV(zv);                                                          \
+                }                                                                                       \
+                ST(y + row + d, acc);                                                                   \
+            }                                                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+}                                                                                                       \
+void benchbox_selective_scan_backward_##SUF(const T *u, const T *dt, const T *at, const T *bm, const T *cm, \
+        int64_t bc_sb, int64_t bc_st, const T *z, int64_t z_sb, int64_t z_st, const T *dskip, const T *ys, \
+        const T *dy, const T *dhlast, const T *ck, T *du, T *ddt, T *dbm, T *dcm, T *dz, T *dat, T *ddskip, \
+        T *dh0, T *work, int64_t b0, int64_t b1, int64_t L, int64_t D, int64_t N, int64_t K) {          \
+    const int64_t nck = (L + K - 1) / K, ND = N * D;                                                    \
+    T *hs = work, *as = work + (K + 1) * ND;                                                            \
+    V dbacc[SSCAN_NMAX], dcacc[SSCAN_NMAX];                                                             \
+    for (int64_t b = b0; b < b1; b++) {                                                                 \
+        T *g = dh0 + b * ND;                                                                            \
+        if (dhlast) memcpy(g, dhlast + b * ND, ND * sizeof(T)); else memset(g, 0, ND * sizeof(T));      \
+        for (int64_t c = nck - 1; c >= 0; c--) {                                                        \
+            const int64_t s = c * K, e = s + K < L ? s + K : L;                                         \
+            memcpy(hs, ck + (b * nck + c) * ND, ND * sizeof(T));                                        \
+            for (int64_t i = 0; i < e - s; i++) {  /* the chunk's decays and states again */            \
+                const int64_t t = s + i;                                                                \
+                const T *ut = u + (b * L + t) * D, *dtt = dt + (b * L + t) * D;                         \
+                const T *bt = bm + b * bc_sb + t * bc_st;                                               \
+                const T *hp = hs + i * ND;                                                              \
+                T *hn = hs + (i + 1) * ND, *an = as + i * ND;                                           \
+                for (int64_t d = 0; d < D; d += W) {                                                    \
+                    const V dv = LD(dtt + d), bu = dv * LD(ut + d);                                     \
+                    for (int64_t n = 0; n < N; n++) {                                                   \
+                        const V a = EXPV(dv * LD(at + n * D + d));                                      \
+                        ST(an + n * D + d, a);                                                          \
+                        ST(hn + n * D + d, a * LD(hp + n * D + d) + bu * bt[n]);                        \
+                    }                                                                                   \
+                }                                                                                       \
+            }                                                                                           \
+            for (int64_t i = e - s - 1; i >= 0; i--) {                                                  \
+                const int64_t t = s + i, row = (b * L + t) * D;                                         \
+                const T *ut = u + row, *dtt = dt + row, *dyt = dy + row;                                \
+                const T *bt = bm + b * bc_sb + t * bc_st, *ct = cm + b * bc_sb + t * bc_st;             \
+                const T *hp = hs + i * ND, *hc = hs + (i + 1) * ND, *an = as + i * ND;                  \
+                for (int64_t n = 0; n < N; n++) { dbacc[n] = SPLAT(0); dcacc[n] = SPLAT(0); }           \
+                for (int64_t d = 0; d < D; d += W) {                                                    \
+                    const V dv = LD(dtt + d), uv = LD(ut + d), dtu = dv * uv;                           \
+                    V dyv = LD(dyt + d), q = SPLAT(0), r = SPLAT(0), dskip_u = SPLAT(0);                \
+                    if (z) {  /* through the gate: y = ys silu(z) */                                    \
+                        const V zv = LD(z + b * z_sb + t * z_st + d), sg = SIGV(zv);                    \
+                        ST(dz + row + d, dyv * LD(ys + row + d) * sg * (1 + zv * (1 - sg)));            \
+                        dyv = dyv * zv * sg;                                                            \
+                    }                                                                                   \
+                    if (dskip) {                                                                        \
+                        ST(ddskip + d, LD(ddskip + d) + dyv * uv);                                      \
+                        dskip_u = dyv * LD(dskip + d);                                                  \
+                    }                                                                                   \
+                    for (int64_t n = 0; n < N; n++) {                                                   \
+                        const int64_t o = n * D + d;                                                    \
+                        const V gv = LD(g + o) + dyv * ct[n], a = LD(an + o), ah = a * LD(hp + o);      \
+                        const V gah = gv * ah;                                                          \
+                        q += gv * bt[n];                                                                \
+                        r += gah * LD(at + o);                                                          \
+                        ST(dat + o, LD(dat + o) + gah * dv);                                            \
+                        dbacc[n] += gv * dtu;                                                           \
+                        dcacc[n] += dyv * LD(hc + o);                                                   \
+                        ST(g + o, gv * a);                                                              \
+                    }                                                                                   \
+                    ST(du + row + d, dv * q + dskip_u);                                                 \
+                    ST(ddt + row + d, uv * q + r);                                                      \
+                }                                                                                       \
+                for (int64_t n = 0; n < N; n++) {                                                       \
+                    dbm[(b * L + t) * N + n] = HSUM(dbacc[n]);                                          \
+                    dcm[(b * L + t) * N + n] = HSUM(dcacc[n]);                                          \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+}
+
+/* Mamba's causal depthwise conv with its SiLU (mixers.mamba._FusedConvSiLU): out_t = silu(bias + sum_k w_k
+   x_{t - K + 1 + k}) per channel, in the (B, L, D) layout (torch's conv1d wants (B, D, L): two transposes and a
+   copy each way). x: rows of D at b * x_sb + t * x_st; wt = the weight as (K, D); out, dx: (B, L, D). The
+   backward recomputes the pre-activation; dwt (K, D) and dbias (D) accumulate this call's part, pre (L D) is
+   its scratch. */
+#define CONV_SILU(SUF, T, V, W, LD, ST, SPLAT, SIGV)                                                      \
+static inline V conv_pre_##SUF(const T *xb, int64_t x_st, const T *wt, const T *bias, int64_t t, int64_t d, \
+                               int64_t D, int64_t K) {                                                  \
+    V acc = LD(bias + d);                                                                               \
+    for (int64_t k = 0; k < K; k++) {                                                                   \
+        const int64_t s = t - K + 1 + k;                                                                \
+        if (s >= 0) acc += LD(wt + k * D + d) * LD(xb + s * x_st + d);                                  \
+    }                                                                                                   \
+    return acc;                                                                                         \
+}                                                                                                       \
+void benchbox_conv_silu_##SUF(const T *x, int64_t x_sb, int64_t x_st, const T *wt, const T *bias, T *out, \
+                              int64_t b0, int64_t b1, int64_t L, int64_t D, int64_t K) {                \
+    for (int64_t b = b0; b < b1; b++)                                                                   \
+        for (int64_t t = 0; t < L; t++)                                                                 \
+            for (int64_t d = 0; d < D; d += W) {                                                        \
+                const V p = conv_pre_##SUF(x + b * x_sb, x_st, wt, bias, t, d, D, K);                   \
+                ST(out + (b * L + t) * D + d, p * SIGV(p));                                             \
+            }                                                                                           \
+}                                                                                                       \
+void benchbox_conv_silu_backward_##SUF(const T *x, int64_t x_sb, int64_t x_st, const T *wt, const T *bias, \
+                                       const T *dout, T *dx, T *dwt, T *dbias, T *pre, int64_t b0, int64_t b1, \
+                                       int64_t L, int64_t D, int64_t K) {                               \
+    for (int64_t b = b0; b < b1; b++) {                                                                 \
+        const T *xb = x + b * x_sb;                                                                     \
+        for (int64_t t = 0; t < L; t++)                                                                 \
+            for (int64_t d = 0; d < D; d += W) {                                                        \
+                const V p = conv_pre_##SUF(xb, x_st, wt, bias, t, d, D, K), sg = SIGV(p);               \
+                const V gp = LD(dout + (b * L + t) * D + d) * sg * (1 + p * (1 - sg));                  \
+                ST(pre + t * D + d, gp);                                                                \
+                ST(dbias + d, LD(dbias + d) + gp);                                                      \
+                for (int64_t k = 0; k < K; k++) {                                                       \
+                    const int64_t s = t - K + 1 + k;                                                    \
+                    if (s >= 0) ST(dwt + k * D + d, LD(dwt + k * D + d) + gp * LD(xb + s * x_st + d));  \
+                }                                                                                       \
+            }                                                                                           \
+        for (int64_t s = 0; s < L; s++)                                                                 \
+            for (int64_t d = 0; d < D; d += W) {                                                        \
+                V acc = SPLAT(0);                                                                       \
+                for (int64_t k = 0; k < K; k++) {                                                       \
+                    const int64_t t = s + K - 1 - k;                                                    \
+                    if (t < L) acc += LD(wt + k * D + d) * LD(pre + t * D + d);                         \
+                }                                                                                       \
+                ST(dx + (b * L + s) * D + d, acc);                                                      \
+            }                                                                                           \
+    }                                                                                                   \
+}
+#define SS_LD1(p) (*(p))
+#define SS_ST1(p, v) (*(p) = (v))
+#define SS_SPLAT1(x) ((double)(x))
+#define SS_HSUM1(x) (x)
+#define SS_SIG1(x) (1.0 / (1.0 + exp(-(x))))
+#define SS_SPLAT16(x) ((vf16){0} + (float)(x))
+SELECTIVE_SCAN(f64, double, double, 1, SS_LD1, SS_ST1, exp, SS_SPLAT1, SS_HSUM1, SS_SIG1)
+SELECTIVE_SCAN(f32, float, vf16, 16, ld16, st16, exp16, SS_SPLAT16, hsum16, sigmoid16)
+CONV_SILU(f64, double, double, 1, SS_LD1, SS_ST1, SS_SPLAT1, SS_SIG1)
+CONV_SILU(f32, float, vf16, 16, ld16, st16, SS_SPLAT16, sigmoid16)
 """
 
 
@@ -1286,3 +1462,148 @@ def lnl2_vjp(a, g, xh, rstd, gxl, gam2):
                                gam2.data_ptr(), dz.data_ptr(), dgt.data_ptr(), dgam2.data_ptr(), scratch.data_ptr(),
                                rows, d, rows // (gam2.numel() // d))
     return dz, dgt, dgam2
+
+
+@functools.cache
+def _scan_kernels():
+    """{torch dtype: (scan, scan backward, conv, conv backward)}: Mamba's selective scan and its causal depthwise
+    conv with SiLU (empty where no library)."""
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    found = [_per_dtype("selective_scan", None, [p] * 5 + [i, i, p, i, i] + [p] * 6 + [i] * 6),
+             _per_dtype("selective_scan_backward", None, [p] * 5 + [i, i, p, i, i] + [p] * 14 + [i] * 6),
+             _per_dtype("conv_silu", None, [p, i, i, p, p, p] + [i] * 5),
+             _per_dtype("conv_silu_backward", None, [p, i, i] + [p] * 7 + [i] * 5)]
+    return {dtype: tuple(fns[dtype] for fns in found) for dtype in found[0]}
+
+
+SCAN_CHECKPOINT = 16  # steps between the states the forward keeps for the backward (its recompute chunk)
+SCAN_MAX_STATE = 64  # d_state: the kernel's per-state accumulators live on the stack
+
+
+def selective_scan_applies(u, d_state: int) -> bool:
+    """Whether the scan and conv kernels run for u (B, L, D): CPU, a dtype with a kernel, d_state <= 64 and for
+    float32 D a multiple of 16 (the lanes run over D)."""
+    import torch
+    return (u.device.type == "cpu" and u.dtype in _scan_kernels() and 1 <= d_state <= SCAN_MAX_STATE
+            and (u.dtype != torch.float32 or u.shape[-1] % 16 == 0))
+
+
+@functools.cache
+def _pool():
+    from concurrent.futures import ThreadPoolExecutor
+    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="benchbox-kernels")
+
+
+def _batch_parts(batch: int) -> list[int]:
+    """Bounds [0, ..., batch] of torch.get_num_threads() parts (at most 8) of a batch."""
+    import torch
+    parts = max(1, min(torch.get_num_threads(), batch, 8))
+    return [batch * k // parts for k in range(parts + 1)]
+
+
+def _over_batch(call, bounds: list[int]) -> None:
+    """call(part, b0, b1) for every part of ``bounds``, side by side: a ctypes call releases the GIL, so the parts
+    run in parallel as torch's own operators would."""
+    if len(bounds) == 2:
+        call(0, 0, bounds[1])
+        return
+    futures = [_pool().submit(call, p, b0, b1) for p, (b0, b1) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    for f in futures:
+        f.result()
+
+
+def _rows(t):
+    """(pointer, batch stride, time stride) of a (B, L, X) tensor with unit steps over X (made so if not)."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t, t.stride(0), t.stride(1)
+
+
+def _bc(bm, cm):
+    """B and C with the same row strides (slices of one projection are) and unit steps over N."""
+    if bm.stride() != cm.stride() or bm.stride(-1) != 1:
+        bm, cm = bm.contiguous(), cm.contiguous()
+    return bm, cm, bm.stride(0), bm.stride(1)
+
+
+def selective_scan_forward(u, dt, at, bm, cm, z, dskip, h0):
+    """(y, ys, the last state (B, N, D), checkpoints): y = (C . h + D u) silu(z) (B, L, D) with ys the same before
+    the gate (None without z), for contiguous u, dt (B, L, D), at = A^T (N, D) contiguous, bm and cm (B, L, N), z
+    (B, L, D) or None, dskip (D,) or None, h0 (B, N, D) contiguous or None."""
+    import torch
+    batch, length, d = u.shape
+    n = at.shape[0]
+    k = SCAN_CHECKPOINT
+    bm, cm, bc_sb, bc_st = _bc(bm, cm)
+    z, z_sb, z_st = _rows(z) if z is not None else (None, 0, 0)
+    y, hlast = torch.empty_like(u), u.new_empty(batch, n, d)
+    ys = torch.empty_like(u) if z is not None else None
+    ck = u.new_empty(batch, (length + k - 1) // k, n, d)
+    ptr = (lambda t: 0 if t is None else t.data_ptr())
+    args = (u.data_ptr(), dt.data_ptr(), at.data_ptr(), bm.data_ptr(), cm.data_ptr(), bc_sb, bc_st, ptr(z), z_sb,
+            z_st, ptr(dskip), ptr(h0), y.data_ptr(), ptr(ys), hlast.data_ptr(), ck.data_ptr())
+    fn = _scan_kernels()[u.dtype][0]
+    _over_batch(lambda p, b0, b1: fn(*args, b0, b1, length, d, n, k), _batch_parts(batch))
+    return y, ys, hlast, ck
+
+
+def selective_scan_backward(u, dt, at, bm, cm, z, dskip, ys, ck, dy, dhlast):
+    """(du, ddt, dA^T (N, D), dB, dC (B, L, N), dz (or None), dD (or None), dh0 (B, N, D)) from dy (B, L, D) and
+    dhlast (B, N, D) or None, given the forward's inputs, ys and checkpoints."""
+    import torch
+    batch, length, d = u.shape
+    n = at.shape[0]
+    k = SCAN_CHECKPOINT
+    bm, cm, bc_sb, bc_st = _bc(bm, cm)
+    z, z_sb, z_st = _rows(z) if z is not None else (None, 0, 0)
+    dy = dy.contiguous()
+    dhlast = None if dhlast is None else dhlast.contiguous()
+    du, ddt = torch.empty_like(u), torch.empty_like(u)
+    dbm, dcm = u.new_empty(batch, length, n), u.new_empty(batch, length, n)
+    dz = torch.empty_like(u) if z is not None else None
+    dh0 = u.new_empty(batch, n, d)
+    bounds = _batch_parts(batch)
+    parts = len(bounds) - 1
+    dat, ddskip = u.new_zeros(parts, n, d), u.new_zeros(parts, d)  # each part's own sums and work space
+    work = u.new_empty(parts, (2 * k + 1) * n * d)
+    ptr = (lambda t: 0 if t is None else t.data_ptr())
+    args = (u.data_ptr(), dt.data_ptr(), at.data_ptr(), bm.data_ptr(), cm.data_ptr(), bc_sb, bc_st, ptr(z), z_sb,
+            z_st, ptr(dskip), ptr(ys), dy.data_ptr(), ptr(dhlast), ck.data_ptr(), du.data_ptr(), ddt.data_ptr(),
+            dbm.data_ptr(), dcm.data_ptr(), ptr(dz))
+    fn = _scan_kernels()[u.dtype][1]
+
+    def call(p, b0, b1):
+        fn(*args, dat[p].data_ptr(), ddskip[p].data_ptr(), dh0.data_ptr(), work[p].data_ptr(), b0, b1, length, d, n,
+           k)
+
+    _over_batch(call, bounds)
+    return du, ddt, dat.sum(0), dbm, dcm, dz, (ddskip.sum(0) if dskip is not None else None), dh0
+
+
+def conv_silu_forward(x, wt, bias):
+    """silu(causal depthwise conv) of x (B, L, D) (unit steps over D) with wt (K, D) and bias (D,) contiguous."""
+    import torch
+    batch, length, d = x.shape
+    x, x_sb, x_st = _rows(x)
+    out = x.new_empty(batch, length, d)
+    fn = _scan_kernels()[x.dtype][2]
+    _over_batch(lambda p, b0, b1: fn(x.data_ptr(), x_sb, x_st, wt.data_ptr(), bias.data_ptr(), out.data_ptr(), b0, b1,
+                                     length, d, wt.shape[0]), _batch_parts(batch))
+    return out
+
+
+def conv_silu_backward(x, wt, bias, dout):
+    """(dx (B, L, D), dwt (K, D), dbias (D,)) of conv_silu_forward from dout (B, L, D)."""
+    import torch
+    batch, length, d = x.shape
+    x, x_sb, x_st = _rows(x)
+    dout = dout.contiguous()
+    dx = x.new_empty(batch, length, d)
+    bounds = _batch_parts(batch)
+    parts = len(bounds) - 1
+    dwt, dbias, pre = x.new_zeros(parts, *wt.shape), x.new_zeros(parts, d), x.new_empty(parts, length * d)
+    fn = _scan_kernels()[x.dtype][3]
+    _over_batch(lambda p, b0, b1: fn(x.data_ptr(), x_sb, x_st, wt.data_ptr(), bias.data_ptr(), dout.data_ptr(),
+                                     dx.data_ptr(), dwt[p].data_ptr(), dbias[p].data_ptr(), pre[p].data_ptr(), b0, b1,
+                                     length, d, wt.shape[0]), bounds)
+    return dx, dwt.sum(0), dbias.sum(0)

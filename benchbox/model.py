@@ -16,15 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixers
-from mixers import attention as attention_mixer, gru as gru_mixer, ttt as ttt_mixer
+from mixers import attention as attention_mixer, gru as gru_mixer, mamba as mamba_mixer, ttt as ttt_mixer
 from mixers.base import end_rows
 from . import kernels
 from .readouts import LastReadout, build_readout, candidate_dot, Embedding, gather_rows, last_position
 
 # the mixers' CPU kernels (C), where the library builds: the GRU's fused gates, short causal attention,
-# TTT-Linear's dual form inside one mini-batch
+# TTT-Linear's dual form inside one mini-batch, Mamba's selective scan
 gru_mixer.install_cell_kernels(kernels)
 attention_mixer.install_kernels(kernels)
+mamba_mixer.install_kernels(kernels)
 ttt_mixer.install_kernels(kernels)
 
 # Length groups (a batch's rows run through the encoder in groups of similar length, see length_groups)

@@ -280,6 +280,63 @@ class _ChunkedScan(torch.autograd.Function):
         return du, ddt, dA, dB, dC, (carry if ctx.has_h0 else None), None, None
 
 
+# the fused scan kernels (an object with selective_scan_applies, selective_scan_forward and _backward), installed
+# by the harness where it builds them (benchbox.kernels); None: the chunked torch path everywhere
+_KERNELS = None
+
+
+def install_kernels(kernels) -> None:
+    global _KERNELS
+    _KERNELS = kernels
+
+
+def _fused_scan_applies(u, A) -> bool:
+    return (_KERNELS is not None and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+            and _KERNELS.selective_scan_applies(u, A.shape[1]))
+
+
+class _FusedScan(torch.autograd.Function):
+    """``_ChunkedScan`` and ``_finish`` in one C pass per direction (dt already positive): y_t = (C_t . h_t +
+    D u_t) silu(z_t) and the last state, the step recurrence itself with the state in registers and L1, nothing
+    (B, L, D, N) in memory. Keeps the state entering every 16th step; the backward recomputes each 16 steps
+    from there. D and z may be None."""
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C, D, z, h0):
+        at = A.t().contiguous()
+        h0n = None if h0 is None else h0.transpose(1, 2).contiguous()
+        y, ys, hlast, ck = _KERNELS.selective_scan_forward(u, dt, at, B, C, z, D, h0n)
+        ctx.save_for_backward(u, dt, at, B, C, D, z, ys, ck)
+        ctx.has_h0 = h0 is not None
+        return y, hlast.transpose(1, 2).contiguous()  # the torch path's layout (a like-shaped draw sees the same)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dh_last):
+        u, dt, at, B, C, D, z, ys, ck = ctx.saved_tensors
+        dhn = None if dh_last is None else dh_last.transpose(1, 2)
+        du, ddt, dat, dB, dC, dz, dD, dh0 = _KERNELS.selective_scan_backward(u, dt, at, B, C, z, D, ys, ck,
+                                                                             dy.to(u.dtype), dhn)
+        return du, ddt, dat.t(), dB, dC, dD, dz, (dh0.transpose(1, 2) if ctx.has_h0 else None)
+
+
+class _FusedConvSiLU(torch.autograd.Function):
+    """silu(causal depthwise conv1d(x)) in the (B, L, D) layout, one C pass per direction."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        wt = weight.squeeze(1).t().contiguous()                                   # (D, 1, K) -> (K, D)
+        ctx.save_for_backward(x, wt, bias)
+        return _KERNELS.conv_silu_forward(x, wt, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        x, wt, bias = ctx.saved_tensors
+        dx, dwt, dbias = _KERNELS.conv_silu_backward(x, wt, bias, dout)
+        return dx, dwt.t().unsqueeze(1), dbias
+
+
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                            initial_state=None, return_last_state=False, chunk_size: int = 32):
     """Fast selective scan; same arguments and results as ``selective_scan_reference``."""
@@ -293,6 +350,10 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     if u.shape[1] == 0:
         y = uc.new_zeros(u.shape)
         h = h0 if h0 is not None else uc.new_zeros(u.shape[0], u.shape[2], A.shape[1])
+    elif _fused_scan_applies(uc, A):
+        y, h = _FusedScan.apply(uc.contiguous(), dt.contiguous(), A.to(ct), B.to(ct), C.to(ct),
+                                None if D is None else D.to(ct), None if z is None else z.to(ct), h0)
+        return (y.to(dtype_in), h) if return_last_state else y.to(dtype_in)
     else:
         y, h = _ChunkedScan.apply(uc.contiguous(), dt.contiguous(), A.to(ct), B.to(ct).contiguous(),
                                   C.to(ct).contiguous(), h0, chunk_size, MAX_LOG_RANGE[ct])
@@ -409,8 +470,11 @@ class MambaMixer(Mixer):
 
     def _forward_torch(self, x, state=None):
         xi, z = self.in_proj(x).chunk(2, dim=-1)
-        xc, prefix = self._conv(xi, None if state is None else state["conv"])
-        xc = F.silu(xc)
+        if state is None and self.conv1d.bias is not None and _fused_scan_applies(xi, self.A_log):
+            xc, prefix = _FusedConvSiLU.apply(xi, self.conv1d.weight, self.conv1d.bias), None
+        else:
+            xc, prefix = self._conv(xi, None if state is None else state["conv"])
+            xc = F.silu(xc)
         dt, B, C = self._ssm_inputs(xc)
         A = -torch.exp(self.A_log)
         scan = self._scan_fn(streaming_step=state is not None and x.shape[1] == 1)

@@ -1,4 +1,5 @@
-"""Mamba mixer: fast scan vs the sequential reference, initialisation, options, streaming, backends."""
+"""Mamba mixer: fast scans (the chunked torch path, the C kernels) vs the sequential reference, initialisation,
+options, streaming, backends."""
 import math
 
 import pytest
@@ -9,6 +10,23 @@ import mixers
 from mixers.mamba import MambaMixer, mamba_ssm_ops, selective_scan_chunked, selective_scan_reference
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def torch_scan(monkeypatch):
+    """The torch paths unless a test installs the C kernels itself (the harness installs them when
+    benchbox.model is imported, which other test modules do)."""
+    monkeypatch.setattr(mixers.mamba, "_KERNELS", None)
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """The C scan and conv kernels installed, as the harness does."""
+    from benchbox import kernels
+    if not kernels._scan_kernels():
+        pytest.skip("no C compiler here: the torch paths run")
+    monkeypatch.setattr(mixers.mamba, "_KERNELS", kernels)
+    return kernels
 
 
 def _scan_inputs(b, length, d, n, dt_scale=1.0, seed=0, dtype=F64):
@@ -206,3 +224,109 @@ def test_mamba_ssm_backend_matches_torch_backend():
     g = torch.autograd.grad(y, [x, *fused.parameters()], dy)
     for (name, _), u, v in zip([("x", None), *ref.named_parameters()], g, g_ref):
         torch.testing.assert_close(u, v, rtol=1e-3, atol=1e-3 * max(1.0, v.abs().max().item()), msg=name)
+
+
+@pytest.mark.parametrize("length,dt_scale", [(1, 1.0), (7, 1.0), (16, 1.0), (37, 1.0), (37, 40.0), (50, 3.0)])
+@pytest.mark.parametrize("extras", [True, False], ids=["D-z-h0", "bare"])
+def test_fused_scan_matches_reference_float64(length, dt_scale, extras, fused):
+    """The C scan (mixers.mamba._FusedScan: the recurrence with its D skip and silu(z) gate, states checkpointed
+    every 16 steps) against the sequential reference: output, last state and every gradient to 1e-12 in float64,
+    with B and C as slices of one projection (the mixer's layout), across checkpoint bounds and huge steps."""
+    ins = _scan_inputs(2, length, 5, 6, dt_scale, seed=length)
+    proj = torch.cat([ins.pop("B"), ins.pop("C")], -1).detach().requires_grad_()
+    ins["proj"] = proj
+    if not extras:
+        for k in ("D", "z", "initial_state"):
+            ins.pop(k)
+
+    def run(scan):
+        kw = {k: v for k, v in ins.items() if k != "proj"}
+        y, h = scan(**kw, B=proj[..., :6], C=proj[..., 6:], delta_softplus=True, return_last_state=True)
+        g = torch.Generator().manual_seed(1)
+        loss = (y * torch.randn(y.shape, generator=g, dtype=F64)).sum() + (h * torch.randn(h.shape, generator=g,
+                                                                                          dtype=F64)).sum()
+        return (y, h) + torch.autograd.grad(loss, list(ins.values()))
+
+    got = run(selective_scan_chunked)
+    assert mixers.mamba._fused_scan_applies(ins["u"], ins["A"])
+    want = run(selective_scan_reference)
+    for name, a, b in zip(["y", "h", *ins], got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12 * max(1.0, b.abs().max().item()), msg=name)
+
+
+def test_fused_scan_gradcheck_and_float32(fused):
+    from mixers.mamba import _FusedScan
+    ins = _scan_inputs(2, 19, 3, 4, seed=3)
+    dt = F.softplus(ins["delta"].detach()).requires_grad_()
+    args = (ins["u"], dt, ins["A"], ins["B"], ins["C"], ins["D"], ins["z"], ins["initial_state"])
+    assert torch.autograd.gradcheck(_FusedScan.apply, args)
+    ins = _scan_inputs(2, 120, 16, 16, dt_scale=3.0, seed=5)  # float32: 16 lanes over D
+    exact = selective_scan_reference(**ins, delta_softplus=True)
+    f32 = {k: v.detach().float() for k, v in ins.items()}
+    err_ref = (selective_scan_reference(**f32, delta_softplus=True).double() - exact).abs().max()
+    err_fast = (selective_scan_chunked(**f32, delta_softplus=True).double() - exact).abs().max()
+    assert mixers.mamba._fused_scan_applies(f32["u"], f32["A"])
+    assert err_fast <= 3 * err_ref + 1e-6, (err_fast, err_ref)
+
+
+@pytest.mark.parametrize("d_conv", [1, 4])
+def test_fused_conv_silu_is_conv1d_then_silu(d_conv, fused):
+    """The C causal depthwise conv with its SiLU, read from the projection's (B, L, D) slice, against torch's
+    conv1d + silu: output and gradients to 1e-12 in float64 (and gradcheck), float32 to its rounding."""
+    from mixers.mamba import _FusedConvSiLU
+    torch.manual_seed(0)
+    for dtype, tol in ((F64, 1e-12), (torch.float32, 1e-5)):
+        m = MambaMixer(16, d_conv=d_conv).to(dtype)
+        xz = torch.randn(3, 11, 64, dtype=dtype, requires_grad=True)
+        x = xz[..., :32]  # the in_proj output's first half, rows of 64
+        got = _FusedConvSiLU.apply(x, m.conv1d.weight, m.conv1d.bias)
+        want = F.silu(m._conv(x)[0])
+        torch.testing.assert_close(got, want, rtol=0, atol=tol)
+        g = torch.randn_like(want)
+        for a, b in zip(torch.autograd.grad(got, [xz, m.conv1d.weight, m.conv1d.bias], g),
+                        torch.autograd.grad(want, [xz, m.conv1d.weight, m.conv1d.bias], g)):
+            torch.testing.assert_close(a, b, rtol=0, atol=tol * max(1.0, b.abs().max().item()))
+    w = torch.randn(5, 1, d_conv, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(_FusedConvSiLU.apply, (torch.randn(2, 6, 5, dtype=F64, requires_grad=True), w,
+                                                           torch.randn(5, dtype=F64, requires_grad=True)))
+
+
+def test_mixer_with_kernels_is_the_torch_mixer(fused, monkeypatch):
+    """The whole block with the C conv and scan against its torch paths, float64 to 1e-12; streaming keeps
+    the torch paths and still continues the fused full pass."""
+    torch.manual_seed(0)
+    m = MambaMixer(16, d_state=4).double()
+    x = torch.randn(3, 23, 16, dtype=F64, requires_grad=True)
+    got = {}
+    for name, installed in (("c", fused), ("torch", None)):
+        monkeypatch.setattr(mixers.mamba, "_KERNELS", installed)
+        y = m(x)
+        got[name] = (y,) + torch.autograd.grad((y * torch.cos(y)).sum(), [x, *m.parameters()])
+    assert not torch.equal(got["c"][0], got["torch"][0])  # the kernels ran (another summation order)
+    for a, b in zip(got["c"], got["torch"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12 * max(1.0, b.abs().max().item()))
+    monkeypatch.setattr(mixers.mamba, "_KERNELS", fused)
+    state, outs = m.init_state(3, dtype=F64), []
+    for pos in range(0, 23, 5):
+        o, state = m.step(x[:, pos:pos + 5].detach(), state)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 1), got["c"][0].detach(), rtol=0, atol=1e-12)
+
+
+def test_fused_paths_decline_what_they_do_not_compute(fused, monkeypatch):
+    """The torch paths where the kernels do not apply: float32 with d_inner off the 16 lanes, bfloat16, d_state
+    over 64, autocast, torch.compile tracing, no kernels installed."""
+    from mixers.mamba import _fused_scan_applies
+    A = -torch.ones(32, 16)
+    assert _fused_scan_applies(torch.randn(2, 5, 32), A)
+    assert _fused_scan_applies(torch.randn(2, 5, 24, dtype=F64), A)
+    assert not _fused_scan_applies(torch.randn(2, 5, 24), A)
+    assert not _fused_scan_applies(torch.randn(2, 5, 32).bfloat16(), A)
+    assert not _fused_scan_applies(torch.randn(2, 5, 32), -torch.ones(32, 65))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _fused_scan_applies(torch.randn(2, 5, 32), A)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not _fused_scan_applies(torch.randn(2, 5, 32), A)
+    monkeypatch.undo()
+    monkeypatch.setattr(mixers.mamba, "_KERNELS", None)
+    assert not _fused_scan_applies(torch.randn(2, 5, 32), A)
