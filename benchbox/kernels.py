@@ -781,6 +781,237 @@ static inline float dot_f32v(const float *a, const float *b, int64_t d) {
 TTT_LNL2(double, f64, mean_f64, dot_f64, sqrt)
 TTT_LNL2(float, f32, mean_f32v, dot_f32v, sqrtf)
 
+/* The window kernels' products with (D, D) matrices, over all S rows of a block at once: Z += X W and dW += X^T G
+   (rows of D, row-major). float: 16 lanes, four rows (or four rows of dW) at a time so that eight or more
+   independent sums hide the FMA latency (one row at a time is a chain of D dependent FMAs); D a multiple of 16 up
+   to 64. double: plain loops. And y += a x over a row. */
+static inline void axpy_f64(double *restrict y, double a, const double *restrict x, int64_t n) {
+    for (int64_t j = 0; j < n; j++) y[j] += a * x[j];
+}
+static inline void matmul_f64(double *z, const double *x, const double *w, int64_t rows, int64_t d) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < d; i++) axpy_f64(z + r * d, x[r * d + i], w + i * d, d);
+}
+static inline void matmul_tn_f64(double *dw, const double *x, const double *g, int64_t rows, int64_t d) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < d; i++) axpy_f64(dw + i * d, x[r * d + i], g + r * d, d);
+}
+static inline void axpy_f32(float *y, float a, const float *x, int64_t n) {
+    for (int64_t j = 0; j < n; j += 16) st16(y + j, ld16(y + j) + a * ld16(x + j));
+}
+#define MATMUL_F32_NV(NV)                                                                                \
+static void matmul_f32_##NV(float *z, const float *x, const float *w, int64_t rows) {                    \
+    const int64_t d = 16 * NV;                                                                          \
+    int64_t r = 0;                                                                                      \
+    for (; r + 4 <= rows; r += 4) {                                                                     \
+        vf16 acc[4][NV];                                                                                \
+        for (int q = 0; q < 4; q++)                                                                     \
+            for (int c = 0; c < NV; c++) acc[q][c] = ld16(z + (r + q) * d + 16 * c);                    \
+        for (int64_t i = 0; i < d; i++)                                                                 \
+            for (int c = 0; c < NV; c++) {                                                              \
+                const vf16 wv = ld16(w + i * d + 16 * c);                                               \
+                for (int q = 0; q < 4; q++) acc[q][c] += x[(r + q) * d + i] * wv;                       \
+            }                                                                                           \
+        for (int q = 0; q < 4; q++)                                                                     \
+            for (int c = 0; c < NV; c++) st16(z + (r + q) * d + 16 * c, acc[q][c]);                     \
+    }                                                                                                   \
+    for (; r < rows; r++) {                                                                             \
+        vf16 acc[NV];                                                                                   \
+        for (int c = 0; c < NV; c++) acc[c] = ld16(z + r * d + 16 * c);                                 \
+        for (int64_t i = 0; i < d; i++)                                                                 \
+            for (int c = 0; c < NV; c++) acc[c] += x[r * d + i] * ld16(w + i * d + 16 * c);             \
+        for (int c = 0; c < NV; c++) st16(z + r * d + 16 * c, acc[c]);                                 \
+    }                                                                                                   \
+}                                                                                                       \
+static void matmul_tn_f32_##NV(float *dw, const float *x, const float *g, int64_t rows) {               \
+    const int64_t d = 16 * NV;                                                                          \
+    for (int64_t i = 0; i < d; i += 4) {                                                                \
+        vf16 acc[4][NV];                                                                                \
+        for (int q = 0; q < 4; q++)                                                                     \
+            for (int c = 0; c < NV; c++) acc[q][c] = ld16(dw + (i + q) * d + 16 * c);                  \
+        for (int64_t r = 0; r < rows; r++)                                                              \
+            for (int c = 0; c < NV; c++) {                                                              \
+                const vf16 gv = ld16(g + r * d + 16 * c);                                               \
+                for (int q = 0; q < 4; q++) acc[q][c] += x[r * d + i + q] * gv;                         \
+            }                                                                                           \
+        for (int q = 0; q < 4; q++)                                                                     \
+            for (int c = 0; c < NV; c++) st16(dw + (i + q) * d + 16 * c, acc[q][c]);                    \
+    }                                                                                                   \
+}
+MATMUL_F32_NV(1)
+MATMUL_F32_NV(2)
+MATMUL_F32_NV(3)
+MATMUL_F32_NV(4)
+static inline void matmul_f32(float *z, const float *x, const float *w, int64_t rows, int64_t d) {
+    switch (d) {
+    case 16: matmul_f32_1(z, x, w, rows); break;
+    case 32: matmul_f32_2(z, x, w, rows); break;
+    case 48: matmul_f32_3(z, x, w, rows); break;
+    default: matmul_f32_4(z, x, w, rows); break;
+    }
+}
+static inline void matmul_tn_f32(float *dw, const float *x, const float *g, int64_t rows, int64_t d) {
+    switch (d) {
+    case 16: matmul_tn_f32_1(dw, x, g, rows); break;
+    case 32: matmul_tn_f32_2(dw, x, g, rows); break;
+    case 48: matmul_tn_f32_3(dw, x, g, rows); break;
+    default: matmul_tn_f32_4(dw, x, g, rows); break;
+    }
+}
+
+/* TTT-Linear over a window of S <= mini_batch_size positions, the whole layer between its projection and its
+   post-norm (mixers.ttt._LinearWindow: the study's window of 10 in one mini-batch), per (b, h) block, with no
+   tensor in between: q, k, v and the learning-rate logit read from the projection's rows (q | k | v | logit,
+   row stride ps), RoPE on interleaved pairs (cs: (S, D/2) cos, sin pairs, or NULL), eta = sigmoid(logit + lrb)
+   eta_scale, Zk = K W + b, G = the inner loss gradient (lnl2_rows), P[t][s] = (q_t.k_s + 1) tok_t eta_s for
+   s <= t, Zq = Q W + b - P G and out = q + LN(Zq) gamma + beta, written as (B, S, H D). `save` keeps per block
+   what the backward reads (rotated q and k, G and its statistics, the output LN's, v - k - beta, sigmoid, P).
+   The backward writes d(projection) in the projection's layout and accumulates this part's parameter
+   gradients (dW (H, D, D), db, dgam, dbet (H, D), dtok (S), dlrb (H)); WT = W transposed per head. */
+#define TTT_WINDOW_SAVE(S, D) (7 * (S) * (D) + 3 * (S) + (S) * (S))
+#define TTT_WINDOW(T, SUF, MEAN, DOT, SQRT, EXP, AXPY, MATMUL, MATMUL_TN)                                                         \
+void benchbox_ttt_window_forward_##SUF(const T *proj, int64_t ps, const T *lrb, const T *tok, const T *W, \
+        const T *b1, const T *gam, const T *bet, const T *cs, double eta_scale, T *out, T *save,          \
+        int64_t b0, int64_t b1n, int64_t S, int64_t H, int64_t D, double eps) {                          \
+    const int64_t C = H * D, SV = TTT_WINDOW_SAVE(S, D);                                                \
+    T g2[64], zk[64 * 64], zq[64 * 64], gt[64 * 64], mean[64];                                          \
+    for (int64_t b = b0; b < b1n; b++)                                                                  \
+        for (int64_t h = 0; h < H; h++) {                                                               \
+            T *qr = save + (b * H + h) * SV, *kr = qr + S * D, *G = kr + S * D, *xh = G + S * D;        \
+            T *gxl = xh + S * D, *xq = gxl + S * D, *vmk = xq + S * D, *rstd = vmk + S * D;             \
+            T *rstdq = rstd + S, *sg = rstdq + S, *P = sg + S;                                          \
+            const T *Wh = W + h * D * D, *bh = b1 + h * D, *gh = gam + h * D, *beh = bet + h * D;       \
+            for (int64_t j = 0; j < D; j++) g2[j] = gh[j] * gh[j];                                      \
+            for (int64_t t = 0; t < S; t++) {                                                           \
+                const T *row = proj + (b * S + t) * ps;                                                 \
+                const T *q = row + h * D, *k = row + C + h * D, *v = row + 2 * C + h * D;               \
+                T *qt = qr + t * D, *kt = kr + t * D;                                                   \
+                sg[t] = (T)1 / ((T)1 + EXP(-(row[3 * C + h] + lrb[h])));                                \
+                if (cs) {                                                                               \
+                    for (int64_t i = 0; i < D / 2; i++) {                                               \
+                        const T c = cs[(t * (D / 2) + i) * 2], s = cs[(t * (D / 2) + i) * 2 + 1];       \
+                        qt[2 * i] = q[2 * i] * c - q[2 * i + 1] * s;                                    \
+                        qt[2 * i + 1] = q[2 * i] * s + q[2 * i + 1] * c;                                \
+                        kt[2 * i] = k[2 * i] * c - k[2 * i + 1] * s;                                    \
+                        kt[2 * i + 1] = k[2 * i] * s + k[2 * i + 1] * c;                                \
+                    }                                                                                   \
+                } else {                                                                                \
+                    for (int64_t j = 0; j < D; j++) { qt[j] = q[j]; kt[j] = k[j]; }                     \
+                }                                                                                       \
+                for (int64_t j = 0; j < D; j++) {                                                       \
+                    vmk[t * D + j] = v[j] - kt[j] - beh[j];                                             \
+                    gt[t * D + j] = gh[j] * vmk[t * D + j];                                             \
+                }                                                                                       \
+                for (int64_t j = 0; j < D; j++) { zk[t * D + j] = bh[j]; zq[t * D + j] = bh[j]; }       \
+            }                                                                                           \
+            MATMUL(zk, kr, Wh, S, D);                                                                   \
+            MATMUL(zq, qr, Wh, S, D);                                                                   \
+            lnl2_rows_##SUF(zk, g2, gt, xh, mean, rstd, gxl, G, S, D, S, eps);                          \
+            for (int64_t t = 0; t < S; t++) {                                                           \
+                T *zqt = zq + t * D, *o = out + (b * S + t) * C + h * D;                                \
+                const T eta_t = tok[t];                                                                 \
+                for (int64_t s = 0; s < S; s++) {                                                       \
+                    if (s > t) { P[t * S + s] = 0; continue; }                                          \
+                    const T p = (DOT(qr + t * D, kr + s * D, D) * (T)D + 1) * eta_t * sg[s] * (T)eta_scale; \
+                    P[t * S + s] = p;                                                                   \
+                    AXPY(zqt, -p, G + s * D, D);                                                        \
+                }                                                                                       \
+                const T m = MEAN(zqt, D);                                                               \
+                T *xqt = xq + t * D;                                                                    \
+                for (int64_t j = 0; j < D; j++) xqt[j] = zqt[j] - m;                                    \
+                const T rs = (T)1 / SQRT(DOT(xqt, xqt, D) + (T)eps);                                    \
+                rstdq[t] = rs;                                                                          \
+                for (int64_t j = 0; j < D; j++) {                                                       \
+                    xqt[j] *= rs;                                                                       \
+                    o[j] = qr[t * D + j] + gh[j] * xqt[j] + beh[j];                                     \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+}                                                                                                       \
+void benchbox_ttt_window_backward_##SUF(const T *proj, int64_t ps, const T *tok, const T *WT,           \
+        const T *gam, const T *cs, double eta_scale, const T *save, const T *dout, T *dproj, T *dW, T *db,  \
+        T *dgam, T *dbet, T *dtok, T *dlrb, int64_t b0, int64_t b1n, int64_t S, int64_t H, int64_t D) {   \
+    const int64_t C = H * D, SV = TTT_WINDOW_SAVE(S, D);                                                \
+    T g2[64], dg2[64], dxh[64], dq[64 * 64], dk[64 * 64], dz[64 * 64], dG[64 * 64], dzk[64 * 64];       \
+    T dgt[64 * 64], deta[64];                                                                           \
+    for (int64_t b = b0; b < b1n; b++)                                                                  \
+        for (int64_t h = 0; h < H; h++) {                                                               \
+            const T *qr = save + (b * H + h) * SV, *kr = qr + S * D, *G = kr + S * D, *xh = G + S * D;  \
+            const T *gxl = xh + S * D, *xq = gxl + S * D, *vmk = xq + S * D, *rstd = vmk + S * D;       \
+            const T *rstdq = rstd + S, *sg = rstdq + S, *P = sg + S;                                    \
+            const T *WTh = WT + h * D * D, *gh = gam + h * D;                                           \
+            T *dWh = dW + h * D * D, *dbh = db + h * D, *dgh = dgam + h * D, *dbeh = dbet + h * D;      \
+            for (int64_t j = 0; j < D; j++) { g2[j] = gh[j] * gh[j]; dg2[j] = 0; }                      \
+            for (int64_t i = 0; i < S * D; i++) dG[i] = 0;                                              \
+            for (int64_t t = 0; t < S; t++) {                                                           \
+                deta[t] = 0;                                                                            \
+                const T *a = dout + (b * S + t) * C + h * D, *xqt = xq + t * D;                         \
+                T *dzt = dz + t * D, *dqt = dq + t * D;                                                 \
+                for (int64_t j = 0; j < D; j++) {                                                       \
+                    dqt[j] = a[j];                                                                      \
+                    dgh[j] += a[j] * xqt[j];                                                            \
+                    dbeh[j] += a[j];                                                                    \
+                    dzt[j] = a[j] * gh[j];  /* d(xq), made d(Zq) below */                               \
+                }                                                                                       \
+                const T m1 = MEAN(dzt, D), m2 = DOT(dzt, xqt, D), rs = rstdq[t];                        \
+                for (int64_t j = 0; j < D; j++) dzt[j] = rs * (dzt[j] - m1 - xqt[j] * m2);              \
+                AXPY(dbh, 1, dzt, D);                                                                   \
+            }                                                                                           \
+            MATMUL(dq, dz, WTh, S, D);  /* Zq = Q W + b - P G */                                        \
+            MATMUL_TN(dWh, qr, dz, S, D);                                                               \
+            for (int64_t i = 0; i < S * D; i++) dk[i] = 0;                                              \
+            for (int64_t t = 0; t < S; t++) {                                                           \
+                const T *dzt = dz + t * D;                                                              \
+                for (int64_t s = 0; s <= t; s++) {                                                      \
+                    const T p = P[t * S + s], dp = -DOT(dzt, G + s * D, D) * (T)D;                      \
+                    AXPY(dG + s * D, -p, dzt, D);                                                       \
+                    const T a1 = DOT(qr + t * D, kr + s * D, D) * (T)D + 1, es = sg[s] * (T)eta_scale;  \
+                    const T da = dp * tok[t] * es;                                                      \
+                    dtok[t] += dp * a1 * es;                                                            \
+                    deta[s] += dp * a1 * tok[t];                                                        \
+                    AXPY(dq + t * D, da, kr + s * D, D);                                                \
+                    AXPY(dk + s * D, da, qr + t * D, D);                                                \
+                }                                                                                       \
+            }                                                                                           \
+            lnl2_vjp_rows_##SUF(dG, G, xh, rstd, gxl, g2, dzk, dgt, dg2, dxh, S, D, S);                 \
+            for (int64_t j = 0; j < D; j++) dgh[j] += 2 * gh[j] * dg2[j];                               \
+            for (int64_t t = 0; t < S; t++) {                                                           \
+                T *dkt = dk + t * D, *dv = dproj + (b * S + t) * ps + 2 * C + h * D;                    \
+                for (int64_t j = 0; j < D; j++) {  /* gt = gamma (v - k - beta) */                      \
+                    const T dvm = gh[j] * dgt[t * D + j];                                               \
+                    dv[j] = dvm;                                                                        \
+                    dkt[j] -= dvm;                                                                      \
+                    dbeh[j] -= dvm;                                                                     \
+                    dgh[j] += vmk[t * D + j] * dgt[t * D + j];                                          \
+                }                                                                                       \
+                AXPY(dbh, 1, dzk + t * D, D);                                                           \
+            }                                                                                           \
+            MATMUL(dk, dzk, WTh, S, D);  /* Zk = K W + b */                                             \
+            MATMUL_TN(dWh, kr, dzk, S, D);                                                              \
+            for (int64_t t = 0; t < S; t++) {                                                           \
+                T *row = dproj + (b * S + t) * ps;                                                      \
+                const T *dqt = dq + t * D, *dkt = dk + t * D;                                           \
+                T *dqo = row + h * D, *dko = row + C + h * D;                                           \
+                if (cs) {  /* RoPE's transpose */                                                       \
+                    for (int64_t i = 0; i < D / 2; i++) {                                               \
+                        const T c = cs[(t * (D / 2) + i) * 2], s = cs[(t * (D / 2) + i) * 2 + 1];       \
+                        dqo[2 * i] = dqt[2 * i] * c + dqt[2 * i + 1] * s;                               \
+                        dqo[2 * i + 1] = dqt[2 * i + 1] * c - dqt[2 * i] * s;                           \
+                        dko[2 * i] = dkt[2 * i] * c + dkt[2 * i + 1] * s;                               \
+                        dko[2 * i + 1] = dkt[2 * i + 1] * c - dkt[2 * i] * s;                           \
+                    }                                                                                   \
+                } else {                                                                                \
+                    for (int64_t j = 0; j < D; j++) { dqo[j] = dqt[j]; dko[j] = dkt[j]; }               \
+                }                                                                                       \
+                const T dl = deta[t] * (T)eta_scale * sg[t] * (1 - sg[t]);                              \
+                row[3 * C + h] = dl;                                                                    \
+                dlrb[h] += dl;                                                                          \
+            }                                                                                           \
+        }                                                                                               \
+}
+TTT_WINDOW(double, f64, mean_f64, dot_f64, sqrt, exp, axpy_f64, matmul_f64, matmul_tn_f64)
+TTT_WINDOW(float, f32, mean_f32v, dot_f32v, sqrtf, expf, axpy_f32, matmul_f32, matmul_tn_f32)
+
 #define SP_BLOCK 64
 void benchbox_sigmoid_project_backward_f32(const float *ga, const float *s, const float *w, float *gu, float *gw,
                                            float *part, int64_t n, int64_t hd, int64_t k) {
@@ -1607,3 +1838,63 @@ def conv_silu_backward(x, wt, bias, dout):
                                      dx.data_ptr(), dwt[p].data_ptr(), dbias[p].data_ptr(), pre[p].data_ptr(), b0, b1,
                                      length, d, wt.shape[0]), bounds)
     return dx, dwt.sum(0), dbias.sum(0)
+
+
+@functools.cache
+def _ttt_window_kernels():
+    """{torch dtype: (forward, backward)} of TTT-Linear's whole layer over one mini-batch (empty where no library)."""
+    p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+    forward = _per_dtype("ttt_window_forward", None, [p, i] + [p] * 7 + [f, p, p] + [i] * 5 + [f])
+    backward = _per_dtype("ttt_window_backward", None, [p, i, p, p, p, p, f] + [p] * 9 + [i] * 5)
+    return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
+
+
+TTT_WINDOW_MAX = 64  # positions and head size: the kernels' per-block arrays live on the stack
+
+
+def ttt_window_applies(x, head_dim: int, window: int) -> bool:
+    """Whether the one-mini-batch TTT-Linear kernels run for x (B, S, C): CPU, a dtype with a kernel, S and the
+    head size at most 64, and for float32 a head size that is a multiple of 16."""
+    import torch
+    return (x.device.type == "cpu" and x.dtype in _ttt_window_kernels() and 0 < window <= TTT_WINDOW_MAX
+            and head_dim <= TTT_WINDOW_MAX and (x.dtype != torch.float32 or head_dim % 16 == 0))
+
+
+def _window_save(s: int, d: int) -> int:
+    return 7 * s * d + 3 * s + s * s
+
+
+def ttt_window_forward(proj, lrb, tok, W, b1, gam, bet, cs, eta_scale: float, heads: int, eps: float):
+    """(out (B, S, H D), saved) from the projection (B, S, 3 H D + H) (contiguous rows); lrb (H,), tok (>= S,),
+    W (H, D, D), b1 (H, 1, D), gam and bet (H, D), cs (S, D/2, 2) cos/sin or None, all contiguous."""
+    import torch
+    batch, s, ps = proj.shape
+    d = W.shape[-1]
+    out = proj.new_empty(batch, s, heads * d)
+    save = proj.new_empty(batch, heads, _window_save(s, d))
+    fn = _ttt_window_kernels()[proj.dtype][0]
+    args = (proj.data_ptr(), ps, lrb.data_ptr(), tok.data_ptr(), W.data_ptr(), b1.data_ptr(), gam.data_ptr(),
+            bet.data_ptr(), 0 if cs is None else cs.data_ptr(), float(eta_scale), out.data_ptr(), save.data_ptr())
+    _over_batch(lambda p, b0, b1_: fn(*args, b0, b1_, s, heads, d, float(eps)), _batch_parts(batch))
+    return out, save
+
+
+def ttt_window_backward(proj, tok, WT, gam, cs, eta_scale: float, save, dout):
+    """(dproj, dW, db (H, D), dgam, dbet, dtok (S,), dlrb (H,)) from dout (B, S, H D); WT = W transposed per head."""
+    import torch
+    batch, s, ps = proj.shape
+    heads, d = gam.shape
+    dout = dout.contiguous()
+    dproj = torch.empty_like(proj)
+    bounds = _batch_parts(batch)
+    parts = len(bounds) - 1
+    dW = proj.new_zeros(parts, heads, d, d)
+    db, dgam, dbet = (proj.new_zeros(parts, heads, d) for _ in range(3))
+    dtok, dlrb = proj.new_zeros(parts, s), proj.new_zeros(parts, heads)
+    fn = _ttt_window_kernels()[proj.dtype][1]
+    args = (proj.data_ptr(), ps, tok.data_ptr(), WT.data_ptr(), gam.data_ptr(), 0 if cs is None else cs.data_ptr(),
+            float(eta_scale), save.data_ptr(), dout.data_ptr(), dproj.data_ptr())
+    _over_batch(lambda p, b0, b1_: fn(*args, dW[p].data_ptr(), db[p].data_ptr(), dgam[p].data_ptr(),
+                                      dbet[p].data_ptr(), dtok[p].data_ptr(), dlrb[p].data_ptr(), b0, b1_, s, heads, d),
+                bounds)
+    return dproj, dW.sum(0), db.sum(0), dgam.sum(0), dbet.sum(0), dtok.sum(0), dlrb.sum(0)

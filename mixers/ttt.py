@@ -58,6 +58,7 @@ partial mini-batch (and the convolution tails), so a new click costs O(1) in the
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -71,8 +72,9 @@ LN_EPS = 1e-6
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 # the harness's C kernels (an object with ttt_dual_applies, ttt_dual_forward / _backward for the dual form inside
-# one mini-batch, lnl2_forward / lnl2_vjp for the inner loss gradient; benchbox.kernels), installed where it builds
-# them; None: torch's ops everywhere
+# one mini-batch, lnl2_forward / lnl2_vjp for the inner loss gradient, ttt_window_applies / _forward / _backward for
+# TTT-Linear's whole layer over one mini-batch; benchbox.kernels), installed where it builds them; None: torch's ops
+# everywhere
 _KERNELS = None
 
 
@@ -1102,6 +1104,39 @@ def ttt_partial(kind: str, q, k, v, lr, tok_i, params, acc, gamma, beta):
 # --------------------------------------------------------------------------------------------------
 # the mixers
 # --------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _rope_table(L: int, D: int, theta: float, mini_batch_size: int, dtype, device) -> torch.Tensor:
+    """RoPE's (cos, sin) pairs (L, D/2, 2) for positions 0..L-1 taken modulo the mini-batch (as ``_prepare``)."""
+    positions = torch.arange(L, device=device) % mini_batch_size
+    return torch.view_as_real(_rope_factors(positions, D, theta, device)[:, 0]).to(dtype).contiguous()
+
+
+class _LinearWindow(torch.autograd.Function):
+    """TTT-Linear between its projection and its post-norm for a sequence of at most one mini-batch (the study's
+    window of 10), in one C pass per direction (benchbox.kernels.ttt_window_forward / _backward): RoPE, eta, the
+    inner step's G, the dual form's P and P G, the inner LN and the residual, per (row, head) block, with no
+    tensor in between (torch's path makes ~60 small operations of these and permuting copies). Reads q, k, v and
+    the learning-rate logits from the projection's rows and writes their gradient in the same layout. ``forward``
+    with ``_prepare`` and ``ttt_fast`` is the reference the tests hold it to."""
+
+    @staticmethod
+    def forward(ctx, proj, lrb, tok, W, b1, gam, bet, cs, eta_scale, heads):
+        out, save = _KERNELS.ttt_window_forward(proj, lrb, tok, W, b1, gam, bet, cs, eta_scale, heads, LN_EPS)
+        ctx.save_for_backward(proj, tok, W, gam, cs, save)
+        ctx.eta_scale = eta_scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        proj, tok, W, gam, cs, save = ctx.saved_tensors
+        dproj, dW, db, dgam, dbet, dtok, dlrb = _KERNELS.ttt_window_backward(
+            proj, tok, W.transpose(1, 2).contiguous(), gam, cs, ctx.eta_scale, save, dout)
+        dtok_all = dtok.new_zeros(tok.shape)
+        dtok_all[:dtok.shape[0]] = dtok  # positions past the window take no gradient
+        return dproj, dlrb, dtok_all, dW, db.unsqueeze(1), dgam, dbet, None, None, None
+
+
 class _TTTBase(Mixer):
     BACKENDS = ("torch", "reference")
     KIND = "linear"
@@ -1249,10 +1284,37 @@ class _TTTBase(Mixer):
         """x: (B, L, d_model), right-padded; causal, so ``lengths`` is not needed."""
         if x.shape[1] == 0:
             return self.o_proj(x)
+        if self._window_in_c(x):
+            return self._finish(*self._window(x))
         h, q, k, v, eta, _ = self._prepare(x, 0, None, self.backend == "reference")
         B = x.shape[0] if self.backend == "reference" else None
         z, _ = self._scan(q, k, v, eta, self._token_factors(), self._inner_params(B, x.dtype))
         return self._finish(h, z)
+
+    def _window_in_c(self, x: torch.Tensor) -> bool:
+        """Whether ``forward`` runs as ``_LinearWindow``: TTT-Linear, the torch backend, q and k from the projection,
+        at most one mini-batch of positions, the C kernels installed and applicable (not traced, no autocast)."""
+        return (self.KIND == "linear" and self.backend == "torch" and not self.share_qk and _KERNELS is not None
+                and 0 < x.shape[1] <= self.mini_batch_size and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled(x.device.type)
+                and _KERNELS.ttt_window_applies(x, self.head_dim, x.shape[1]))
+
+    def _window(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer input h and the pre-norm output z (B, L, d_model) by ``_LinearWindow``."""
+        B, L, C = x.shape
+        H, D, dt = self.num_heads, self.head_dim, x.dtype
+        h = x
+        if self.use_pre_conv:
+            y, _ = _causal_depthwise(self.pre_conv, self.pre_conv_norm(x), None)
+            h = self.seq_norm(x + y)
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
+                       self.learnable_ttt_lr_weight.reshape(H, C)])
+        proj = F.linear(h, w)
+        cs = _rope_table(L, D, self.rope_theta, self.mini_batch_size, dt, x.device) if self.use_rope else None
+        z = _LinearWindow.apply(proj, self.learnable_ttt_lr_bias.reshape(H).to(dt), self._token_factors().to(dt),
+                                self.W1.to(dt), self.b1.to(dt), self.ttt_norm_weight.to(dt),
+                                self.ttt_norm_bias.to(dt), cs, self.ttt_base_lr / D, H)
+        return h, z
 
     def _cheap_last(self, x: torch.Tensor) -> bool:
         return self.backend == "torch" and self.KIND == "linear" and 0 < x.shape[1] <= self.mini_batch_size
@@ -1270,6 +1332,10 @@ class _TTTBase(Mixer):
         B, L, C = x.shape
         if not self._cheap_last(x):
             return super().forward_last(x, lengths)
+        if self._window_in_c(x):  # every position in one C pass, then the last rows' post-norm and o_proj
+            h, z = self._window(x)
+            rows, last = torch.arange(B, device=x.device), lengths - 1
+            return self._finish(h[rows, last].unsqueeze(1), z[rows, last].unsqueeze(1)).squeeze(1)
         h, q, k, v, eta, _ = self._prepare(x, 0, None, False)
         dt, H = q.dtype, self.num_heads
         # head-major (H, B, L, D), contiguous: the weights shared by every row multiply one (B L, D) block

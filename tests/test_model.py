@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import mixers
 from benchbox.model import Dropout, Recommender, bce_loss
 from benchbox.readouts import READOUTS
 from benchbox.evaluate import evaluate, metrics_from_ranks
@@ -837,6 +838,71 @@ def test_ttt_dual_kernels_are_the_scans_torch_path(shared, monkeypatch):
     assert not kernels.ttt_dual_applies(torch.randn(4, 10, 24))
     assert not kernels.ttt_dual_applies(torch.randn(4, 10, 128))
     assert kernels.ttt_dual_applies(torch.randn(4, 10, 24, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("opts,L", [(dict(mini_batch_size=10), 10), (dict(mini_batch_size=16), 10),
+                                    (dict(mini_batch_size=16, use_gate=True, pre_conv=True), 7),
+                                    (dict(mini_batch_size=4, use_rope=False), 4),
+                                    (dict(mini_batch_size=16, num_heads=4), 16)])
+def test_ttt_window_kernel_is_the_layers_torch_path(opts, L, monkeypatch):
+    """TTT-Linear over at most one mini-batch (the study's window) as one C pass per direction
+    (mixers.ttt._LinearWindow: RoPE, eta, G, P, P G, the inner LN and the residual from the projection's rows)
+    against the layer's torch path (_prepare + ttt_fast, and forward_last's own): the full output, the last
+    positions' (rows of several lengths) and the gradients of the input and of every parameter, float64 to 1e-12,
+    float32 to its rounding, with non-trivial inner weights, norms, token factors."""
+    from benchbox import kernels
+    import mixers.ttt as ttt
+    if not kernels._ttt_window_kernels():
+        pytest.skip("no C compiler here: torch's ops run")
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        m = mixers.build("ttt_linear", d_model=64, max_len=L, **opts).to(dtype)
+        with torch.no_grad():
+            for p, mean, sd in ((m.learnable_token_idx, 0, 0.1), (m.ttt_norm_weight, 1, 0.1), (m.ttt_norm_bias, 0, 0.1),
+                                (m.b1, 0, 0.1), (m.learnable_ttt_lr_bias, 0, 0.5), (m.W1, 0, 0.2)):
+                p.normal_(mean, sd)
+        x = torch.randn(5, L, 64, dtype=dtype, requires_grad=True)
+        got = {}
+        for name, installed in (("c", kernels), ("torch", None)):
+            monkeypatch.setattr(ttt, "_KERNELS", installed)
+            assert m._window_in_c(x) == (installed is not None)
+            got[name] = ()
+            for y in (m(x), m.forward_last(x, torch.tensor([L, 1, max(1, L // 2), L, 2]))):
+                assert _graph_has(y, "LinearWindow") == (installed is not None)
+                got[name] += (y,) + torch.autograd.grad((y * torch.cos(y)).sum(), [x, *m.parameters()])
+        for a, b in zip(got["c"], got["torch"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=tol * max(1.0, b.abs().max().item()))
+        assert not torch.equal(got["c"][0], got["torch"][0])  # the kernel ran (another summation order)
+
+
+def test_ttt_window_kernel_gradcheck_and_what_it_declines(monkeypatch):
+    from benchbox import kernels
+    import mixers.ttt as ttt
+    if not kernels._ttt_window_kernels():
+        pytest.skip("no C compiler here: torch's ops run")
+    monkeypatch.setattr(ttt, "_KERNELS", kernels)
+    torch.manual_seed(0)
+    H, D, S, K = 2, 4, 3, 5
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    proj, lrb, W, b1, gam, bet = r(2, S, 3 * H * D + H), r(H), r(H, D, D), r(H, 1, D), r(H, D), r(H, D)
+    tok = (torch.rand(K, dtype=torch.float64) + 0.1).requires_grad_()
+    cs = torch.view_as_real(ttt._rope_factors(torch.arange(S), D, 10000.0, "cpu")[:, 0]).contiguous()
+    for table in (cs, None):
+        assert torch.autograd.gradcheck(lambda *a: ttt._LinearWindow.apply(*a, table, 0.3, H),
+                                        (proj, lrb, tok, W, b1, gam, bet))
+    x = torch.randn(2, 10, 64)
+    assert mixers.build("ttt_linear", 64, mini_batch_size=10)._window_in_c(x)
+    assert not mixers.build("ttt_linear", 64, mini_batch_size=8)._window_in_c(x)  # two mini-batches
+    assert not mixers.build("ttt_linear", 64, mini_batch_size=16, share_qk=True)._window_in_c(x)
+    assert not mixers.build("ttt_linear", 64, mini_batch_size=16, backend="reference")._window_in_c(x)
+    assert not mixers.build("ttt_mlp", 64, mini_batch_size=16)._window_in_c(x)
+    assert not mixers.build("ttt_linear", 48, num_heads=2, mini_batch_size=16)._window_in_c(torch.randn(2, 10, 48))
+    assert mixers.build("ttt_linear", 48, num_heads=2, mini_batch_size=16).double()._window_in_c(
+        torch.randn(2, 10, 48, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not mixers.build("ttt_linear", 64, mini_batch_size=16)._window_in_c(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not mixers.build("ttt_linear", 64, mini_batch_size=16)._window_in_c(x)
 
 
 def test_lnl2_kernels_are_the_inner_loss_gradient(monkeypatch):
