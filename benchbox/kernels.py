@@ -1239,6 +1239,280 @@ SELECTIVE_SCAN(f64, double, double, 1, SS_LD1, SS_ST1, exp, SS_SPLAT1, SS_HSUM1,
 SELECTIVE_SCAN(f32, float, vf16, 16, ld16, st16, exp16, SS_SPLAT16, hsum16, sigmoid16)
 CONV_SILU(f64, double, double, 1, SS_LD1, SS_ST1, SS_SPLAT1, SS_SIG1)
 CONV_SILU(f32, float, vf16, 16, ld16, st16, SS_SPLAT16, sigmoid16)
+
+/* TTT-MLP's chunk of one mini-batch (mixers.ttt._MLPChunk with g == 1, every chunk of the default scan), per (row,
+   head) block with every intermediate in a per-thread scratch that stays in L2: the torch path's batched products
+   and elementwise passes each stream (B H, S, 4 D) tensors through memory, which bounds it (a (256, 32, 128) bmm
+   runs no faster on two threads than on one). The backward recomputes the block's forward (nothing but the inputs is
+   kept) and then runs the same VJP as the torch path. Small row-major products: mm_T (C = [C] + alpha op(A) B,
+   op(A) = A or A^T, B's rows vectorised; N a multiple of 16 in float), mmdot_T (C = alpha A B^T, dots), and the
+   tanh-GELU pieces of mixers.ttt (_gelu_t, _gelu_p, _gelu_pp). */
+#define GELU_A 0.044715
+#define GELU_C 0.7978845608028654
+static void mm_f64(double *c, const double *a, const double *b, int64_t M, int64_t K, int64_t N, int ta, double alpha,
+                   int acc) {
+    for (int64_t m = 0; m < M; m++) {
+        double *cr = c + m * N;
+        if (!acc) for (int64_t n = 0; n < N; n++) cr[n] = 0;
+        for (int64_t k = 0; k < K; k++) {
+            const double x = alpha * (ta ? a[k * M + m] : a[m * K + k]);
+            for (int64_t n = 0; n < N; n++) cr[n] += x * b[k * N + n];
+        }
+    }
+}
+static void mmdot_f64(double *c, const double *a, const double *b, int64_t M, int64_t N, int64_t K, double alpha) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) {
+            double s = 0;
+            for (int64_t k = 0; k < K; k++) s += a[m * K + k] * b[n * K + k];
+            c[m * N + n] = alpha * s;
+        }
+}
+static void mm_f32(float *c, const float *a, const float *b, int64_t M, int64_t K, int64_t N, int ta, double alpha_d,
+                   int acc) {
+    const float alpha = (float)alpha_d;
+    const int64_t sm = ta ? 1 : K, sk = ta ? M : 1;  /* op(A)[m][k] = a[m sm + k sk] */
+    int64_t m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4) {
+        int64_t n0 = 0;
+        for (; n0 + 32 <= N; n0 += 32) {
+            vf16 s[4][2] = {{{0}}};
+            for (int64_t k = 0; k < K; k++) {
+                const vf16 b0 = ld16(b + k * N + n0), b1 = ld16(b + k * N + n0 + 16);
+                for (int q = 0; q < 4; q++) {
+                    const float x = a[(m0 + q) * sm + k * sk];
+                    s[q][0] += x * b0;
+                    s[q][1] += x * b1;
+                }
+            }
+            for (int q = 0; q < 4; q++)
+                for (int h = 0; h < 2; h++) {
+                    float *cp = c + (m0 + q) * N + n0 + 16 * h;
+                    st16(cp, (acc ? ld16(cp) : (vf16){0}) + alpha * s[q][h]);
+                }
+        }
+        for (; n0 < N; n0 += 16) {
+            vf16 s[4] = {{0}};
+            for (int64_t k = 0; k < K; k++) {
+                const vf16 b0 = ld16(b + k * N + n0);
+                for (int q = 0; q < 4; q++) s[q] += a[(m0 + q) * sm + k * sk] * b0;
+            }
+            for (int q = 0; q < 4; q++) {
+                float *cp = c + (m0 + q) * N + n0;
+                st16(cp, (acc ? ld16(cp) : (vf16){0}) + alpha * s[q]);
+            }
+        }
+    }
+    for (; m0 < M; m0++)
+        for (int64_t n0 = 0; n0 < N; n0 += 16) {
+            vf16 s = {0};
+            for (int64_t k = 0; k < K; k++) s += a[m0 * sm + k * sk] * ld16(b + k * N + n0);
+            float *cp = c + m0 * N + n0;
+            st16(cp, (acc ? ld16(cp) : (vf16){0}) + alpha * s);
+        }
+}
+static void mmdot_f32(float *c, const float *a, const float *b, int64_t M, int64_t N, int64_t K, double alpha) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) {
+            vf16 s = ld16(a + m * K) * ld16(b + n * K);
+            for (int64_t k = 16; k < K; k += 16) s += ld16(a + m * K + k) * ld16(b + n * K + k);
+            c[m * N + n] = (float)alpha * hsum16(s);
+        }
+}
+#define MLP_CHUNK(T, SUF, MM, MMDOT, V, W, LD, ST, EXPV)                                                              \
+static void transpose_##SUF(T *dst, const T *src, int64_t R, int64_t C) {                               \
+    for (int64_t r = 0; r < R; r++)                                                                     \
+        for (int64_t c = 0; c < C; c++) dst[c * R + r] = src[r * C + c];                                \
+}                                                                                                       \
+static inline V gelu_t_##SUF(V z) {  /* tanh(c (z + a z^3)) as 2 sigmoid(2 u) - 1, as the torch path */     \
+    const V u = (z * z * (T)(2 * GELU_A * GELU_C) + (T)(2 * GELU_C)) * z;                               \
+    return (T)2 / ((T)1 + EXPV(-u)) - (T)1;                                                             \
+}                                                                                                       \
+static inline V gelu_p_##SUF(V z, V t) {                                                                \
+    const V up = z * z * (T)(3 * GELU_A * GELU_C) + (T)GELU_C;                                          \
+    return (((T)1 - t * t) * up * z + t + (T)1) * (T)0.5;                                               \
+}                                                                                                       \
+static inline V gelu_pp_##SUF(V z, V t) {                                                               \
+    const V zz = z * z, up = zz * (T)(3 * GELU_A * GELU_C) + (T)GELU_C;                                 \
+    return ((T)1 - t * t) * (up - up * up * t * z + zz * (T)(3 * GELU_A * GELU_C));                     \
+}                                                                                                       \
+/* the block's forward into scratch x: z1, t1, X2, G1, gx, Z1q, tq, X2q (S F), W2T (D F), G2, xh, gxl (S D),   \
+   rstd, mean (S), Yc = (X2q X2^T + 1) coef and Y2 (S S); Zq (S D) into zq */                               \
+static void mlp_block_##SUF(const T *kq, const T *W1, const T *b1, const T *W2, const T *b2, const T *gt,   \
+                            const T *gam2, const T *P, const T *coef, T *zq, T *x, int64_t S, int64_t D,    \
+                            int64_t F, double eps) {                                                    \
+    T *z1 = x, *t1 = z1 + S * F, *X2 = t1 + S * F, *G1 = X2 + S * F, *gx = G1 + S * F, *Z1q = gx + S * F; \
+    T *tq = Z1q + S * F, *X2q = tq + S * F, *W2T = X2q + S * F, *G2 = W2T + D * F, *xh = G2 + S * D;     \
+    T *gxl = xh + S * D, *rstd = gxl + S * D, *mean = rstd + S, *Yc = mean + S, *Y2 = Yc + S * S;       \
+    T *z2 = Y2 + S * S;                                                                                 \
+    for (int64_t s = 0; s < S; s++)                                                                     \
+        for (int64_t f = 0; f < F; f++) { z1[s * F + f] = b1[f]; Z1q[s * F + f] = b1[f]; }              \
+    MM(z1, kq, W1, S, D, F, 0, 1, 1);                                                                   \
+    MM(Z1q, kq + S * D, W1, S, D, F, 0, 1, 1);                                                          \
+    for (int64_t i = 0; i < S * F; i += W) {                                                            \
+        const V z = LD(z1 + i), t = gelu_t_##SUF(z);                                                    \
+        ST(t1 + i, t);                                                                                  \
+        ST(X2 + i, (T)0.5 * z * ((T)1 + t));                                                            \
+    }                                                                                                   \
+    for (int64_t s = 0; s < S; s++)                                                                     \
+        for (int64_t d = 0; d < D; d++) z2[s * D + d] = b2[d];                                          \
+    MM(z2, X2, W2, S, F, D, 0, 1, 1);                                                                   \
+    lnl2_rows_##SUF(z2, gam2, gt, xh, mean, rstd, gxl, G2, S, D, S, eps);                               \
+    transpose_##SUF(W2T, W2, F, D);                                                                     \
+    MM(gx, G2, W2T, S, D, F, 0, 1, 0);                                                                  \
+    for (int64_t i = 0; i < S * F; i += W) ST(G1 + i, LD(gx + i) * gelu_p_##SUF(LD(z1 + i), LD(t1 + i))); \
+    MM(Z1q, P, G1, S, S, F, 0, -1, 1);                                                                  \
+    for (int64_t i = 0; i < S * F; i += W) {                                                            \
+        const V z = LD(Z1q + i), t = gelu_t_##SUF(z);                                                   \
+        ST(tq + i, t);                                                                                  \
+        ST(X2q + i, (T)0.5 * z * ((T)1 + t));                                                           \
+    }                                                                                                   \
+    MMDOT(Y2, X2q, X2, S, S, F, 1);                                                                     \
+    for (int64_t i = 0; i < S * S; i++) { Y2[i] += (T)1; Yc[i] = Y2[i] * coef[i]; }                     \
+    for (int64_t s = 0; s < S; s++)                                                                     \
+        for (int64_t d = 0; d < D; d++) zq[s * D + d] = b2[d];                                          \
+    MM(zq, X2q, W2, S, F, D, 0, 1, 1);                                                                  \
+    MM(zq, Yc, G2, S, S, D, 0, -1, 1);                                                                  \
+}                                                                                                       \
+static int64_t mlp_scratch_##SUF(int64_t S, int64_t D, int64_t F) { return 8 * S * F + D * F + 4 * S * D + 2 * S + 2 * S * S; } \
+void benchbox_mlp_chunk_forward_##SUF(const T *kq, const T *W1, const T *b1, const T *W2, const T *b2, const T *gt, \
+        const T *gam2, const T *P, const T *coef, const T *eT, T *zq, T *W1n, T *b1n, T *W2n, T *b2n, T *work, \
+        int64_t e0, int64_t e1, int64_t S, int64_t D, int64_t F, double eps) {                          \
+    T *x = work, *eg = work + mlp_scratch_##SUF(S, D, F);  /* eG1 (S F), eG2 (S D) */                   \
+    for (int64_t e = e0; e < e1; e++) {                                                                 \
+        const T *kqe = kq + e * 2 * S * D, *W1e = W1 + e * D * F, *W2e = W2 + e * F * D;                \
+        mlp_block_##SUF(kqe, W1e, b1 + e * F, W2e, b2 + e * D, gt + e * S * D, gam2 + e * D, P + e * S * S, \
+                        coef + e * S * S, zq + e * S * D, x, S, D, F, eps);                             \
+        if (!W1n) continue;                                                                             \
+        const T *X2 = x + 2 * S * F, *G1 = x + 3 * S * F, *G2 = x + 8 * S * F + D * F;                  \
+        const T *ee = eT + e * S;                                                                       \
+        T *eG1 = eg, *eG2 = eg + S * F;                                                                 \
+        for (int64_t s = 0; s < S; s++) {                                                               \
+            for (int64_t f = 0; f < F; f++) eG1[s * F + f] = ee[s] * G1[s * F + f];                     \
+            for (int64_t d = 0; d < D; d++) eG2[s * D + d] = ee[s] * G2[s * D + d];                     \
+        }                                                                                               \
+        memcpy(W1n + e * D * F, W1e, D * F * sizeof(T));                                                \
+        MM(W1n + e * D * F, kqe, eG1, D, S, F, 1, -1, 1);                                               \
+        memcpy(W2n + e * F * D, W2e, F * D * sizeof(T));                                                \
+        MM(W2n + e * F * D, X2, eG2, F, S, D, 1, -1, 1);                                                \
+        for (int64_t f = 0; f < F; f++) {                                                               \
+            T sm = 0;                                                                                   \
+            for (int64_t s = 0; s < S; s++) sm += eG1[s * F + f];                                       \
+            b1n[e * F + f] = b1[e * F + f] - sm;                                                        \
+        }                                                                                               \
+        for (int64_t d = 0; d < D; d++) {                                                               \
+            T sm = 0;                                                                                   \
+            for (int64_t s = 0; s < S; s++) sm += eG2[s * D + d];                                       \
+            b2n[e * D + d] = b2[e * D + d] - sm;                                                        \
+        }                                                                                               \
+    }                                                                                                   \
+}                                                                                                       \
+static void colsum_acc_##SUF(T *out, const T *a, int64_t R, int64_t C) {                                \
+    for (int64_t r = 0; r < R; r++)                                                                     \
+        for (int64_t c = 0; c < C; c++) out[c] += a[r * C + c];                                         \
+}                                                                                                       \
+void benchbox_mlp_chunk_backward_##SUF(const T *kq, const T *W1, const T *b1, const T *W2, const T *b2,     \
+        const T *gt, const T *gam2, const T *P, const T *coef, const T *eT, const T *dZq, const T *dW1n,    \
+        const T *db1n, const T *dW2n, const T *db2n, T *dkq, T *dW1, T *db1, T *dW2, T *db2, T *dgt, T *dgam2, \
+        T *dP, T *dcoef, T *de, T *work, int64_t e0, int64_t e1, int64_t S, int64_t D, int64_t F, double eps) { \
+    T *x = work, *y = work + mlp_scratch_##SUF(S, D, F);                                                \
+    T *zq = y, *dG1 = zq + S * D, *dX2 = dG1 + S * F, *dX2q = dX2 + S * F, *dZ1q = dX2q + S * F;        \
+    T *dz1 = dZ1q + S * F, *dgx = dz1 + S * F, *eG = dgx + S * F, *W1T = eG + S * F, *dG2 = W1T + F * D; \
+    T *dz2 = dG2 + S * D, *dK = dz2 + S * D, *dA2 = dK + S * D, *tmp = dA2 + S * S;  /* tmp: S F */       \
+    T dxh[256];                                                                                         \
+    for (int64_t e = e0; e < e1; e++) {                                                                 \
+        const T *kqe = kq + e * 2 * S * D, *W1e = W1 + e * D * F, *W2e = W2 + e * F * D;                \
+        const T *Pe = P + e * S * S, *ce = coef + e * S * S, *ee = eT + e * S, *dZ = dZq + e * S * D;   \
+        const T *g2e = gam2 + e * D;                                                                    \
+        mlp_block_##SUF(kqe, W1e, b1 + e * F, W2e, b2 + e * D, gt + e * S * D, g2e, Pe, ce, zq, x, S, D, F, eps); \
+        const T *z1 = x, *t1 = z1 + S * F, *X2 = t1 + S * F, *G1 = X2 + S * F, *gx = G1 + S * F;       \
+        const T *Z1q = gx + S * F, *tq = Z1q + S * F, *X2q = tq + S * F, *W2T = X2q + S * F;           \
+        const T *G2 = W2T + D * F, *xh = G2 + S * D, *gxl = xh + S * D, *rstd = gxl + S * D;           \
+        const T *Yc = rstd + 2 * S, *Y2 = Yc + S * S;                                                   \
+        T *dW1e = dW1 + e * D * F, *db1e = db1 + e * F, *dW2e = dW2 + e * F * D, *db2e = db2 + e * D;  \
+        T *dee = de + e * S, *dg2e = dgam2 + e * D;                                                     \
+        if (dW1n) {  /* the weights after the chunk: W1n = W1 - K^T (e G1), b1n = b1 - sum e G1, the same for W2 */ \
+            const T *dW1ne = dW1n + e * D * F, *dW2ne = dW2n + e * F * D;                               \
+            T *dEG1 = dG1, *dEG2 = dG2;  /* d(e G1), d(e G2), made dG1, dG2 in place below */            \
+            for (int64_t s = 0; s < S; s++) {                                                           \
+                for (int64_t f = 0; f < F; f++) dEG1[s * F + f] = -db1n[e * F + f];                     \
+                for (int64_t d = 0; d < D; d++) dEG2[s * D + d] = -db2n[e * D + d];                     \
+            }                                                                                           \
+            MM(dEG1, kqe, dW1ne, S, D, F, 0, -1, 1);                                                    \
+            MM(dEG2, X2, dW2ne, S, F, D, 0, -1, 1);                                                     \
+            for (int64_t s = 0; s < S; s++) {                                                           \
+                T a = 0;                                                                                \
+                for (int64_t f = 0; f < F; f++) {                                                       \
+                    a += G1[s * F + f] * dEG1[s * F + f];                                               \
+                    eG[s * F + f] = ee[s] * G1[s * F + f];                                              \
+                    dG1[s * F + f] = ee[s] * dEG1[s * F + f];                                           \
+                }                                                                                       \
+                for (int64_t d = 0; d < D; d++) {                                                       \
+                    a += G2[s * D + d] * dEG2[s * D + d];                                               \
+                    dG2[s * D + d] *= ee[s];                                                            \
+                }                                                                                       \
+                dee[s] = a;                                                                             \
+            }                                                                                           \
+            MMDOT(dK, eG, dW1ne, S, D, F, -1);  /* -(e G1) dW1n^T */                                    \
+            for (int64_t s = 0; s < S; s++)                                                             \
+                for (int64_t d = 0; d < D; d++) tmp[s * D + d] = ee[s] * G2[s * D + d];                 \
+            transpose_##SUF(W1T, dW2ne, F, D);  /* dW2n^T (D F), in W1T's space for now */              \
+            MM(dX2, tmp, W1T, S, D, F, 0, -1, 0);                                                       \
+            memcpy(dW1e, dW1ne, D * F * sizeof(T));                                                     \
+            memcpy(db1e, db1n + e * F, F * sizeof(T));                                                  \
+            memcpy(dW2e, dW2ne, F * D * sizeof(T));                                                     \
+            memcpy(db2e, db2n + e * D, D * sizeof(T));                                                  \
+        } else {                                                                                        \
+            memset(dG1, 0, S * F * sizeof(T)); memset(dX2, 0, S * F * sizeof(T));                       \
+            memset(dG2, 0, S * D * sizeof(T)); memset(dK, 0, S * D * sizeof(T));                        \
+            memset(dee, 0, S * sizeof(T));                                                              \
+            memset(dW1e, 0, D * F * sizeof(T)); memset(db1e, 0, F * sizeof(T));                         \
+            memset(dW2e, 0, F * D * sizeof(T)); memset(db2e, 0, D * sizeof(T));                         \
+        }                                                                                               \
+        /* Zq = X2q W2 + b2 - Yc G2, Yc = (X2q X2^T + 1) coef */                                        \
+        MM(dX2q, dZ, W2T, S, D, F, 0, 1, 0);                                                            \
+        MM(dW2e, X2q, dZ, F, S, D, 1, 1, 1);                                                            \
+        colsum_acc_##SUF(db2e, dZ, S, D);                                                               \
+        MMDOT(dA2, dZ, G2, S, S, D, -1);                                                                \
+        MM(dG2, Yc, dZ, S, S, D, 1, -1, 1);                                                             \
+        T *dcoefe = dcoef + e * S * S;                                                                  \
+        for (int64_t i = 0; i < S * S; i++) { dcoefe[i] = dA2[i] * Y2[i]; dA2[i] *= ce[i]; }  /* dA2 -> dT */ \
+        MM(dX2q, dA2, X2, S, S, F, 0, 1, 1);                                                            \
+        MM(dX2, dA2, X2q, S, S, F, 1, 1, 1);                                                            \
+        /* X2q = gelu(Z1q), Z1q = Q W1 + b1 - P G1 */                                                   \
+        for (int64_t i = 0; i < S * F; i += W)                                                          \
+            ST(dZ1q + i, LD(dX2q + i) * gelu_p_##SUF(LD(Z1q + i), LD(tq + i)));                         \
+        MMDOT(dP + e * S * S, dZ1q, G1, S, S, F, -1);                                                   \
+        MM(dG1, Pe, dZ1q, S, S, F, 1, -1, 1);                                                           \
+        /* the K side: G1 = gx gelu'(z1), gx = G2 W2^T, G2 = lnl2(X2 W2 + b2), X2 = gelu(z1) */          \
+        for (int64_t i = 0; i < S * F; i += W) {                                                        \
+            const V z = LD(z1 + i), t = LD(t1 + i), gp = gelu_p_##SUF(z, t), dg = LD(dG1 + i);          \
+            ST(dgx + i, dg * gp);                                                                       \
+            ST(dz1 + i, dg * LD(gx + i) * gelu_pp_##SUF(z, t));                                         \
+            ST(tmp + i, gp);                                                                            \
+        }                                                                                               \
+        MM(dG2, dgx, W2e, S, F, D, 0, 1, 1);                                                            \
+        memset(dg2e, 0, D * sizeof(T));                                                                 \
+        lnl2_vjp_rows_##SUF(dG2, G2, xh, rstd, gxl, g2e, dz2, dgt + e * S * D, dg2e, dxh, S, D, S);      \
+        MM(dX2, dz2, W2T, S, D, F, 0, 1, 1);                                                            \
+        for (int64_t i = 0; i < S * F; i++) dz1[i] += dX2[i] * tmp[i];                                  \
+        MM(dW2e, dgx, G2, F, S, D, 1, 1, 1);                                                            \
+        MM(dW2e, X2, dz2, F, S, D, 1, 1, 1);                                                            \
+        colsum_acc_##SUF(db2e, dz2, S, D);                                                              \
+        /* Z1 = [K; Q] W1 + b1 */                                                                       \
+        MM(dW1e, kqe, dz1, D, S, F, 1, 1, 1);                                                           \
+        MM(dW1e, kqe + S * D, dZ1q, D, S, F, 1, 1, 1);                                                  \
+        colsum_acc_##SUF(db1e, dz1, S, F);                                                              \
+        colsum_acc_##SUF(db1e, dZ1q, S, F);                                                             \
+        transpose_##SUF(W1T, W1e, D, F);                                                                \
+        T *dk = dkq + e * 2 * S * D, *dq = dk + S * D;                                                  \
+        MM(dk, dz1, W1T, S, F, D, 0, 1, 0);                                                             \
+        for (int64_t i = 0; i < S * D; i++) dk[i] += dK[i];                                             \
+        MM(dq, dZ1q, W1T, S, F, D, 0, 1, 0);                                                            \
+    }                                                                                                   \
+}
+MLP_CHUNK(double, f64, mm_f64, mmdot_f64, double, 1, SS_LD1, SS_ST1, exp)
+MLP_CHUNK(float, f32, mm_f32, mmdot_f32, vf16, 16, ld16, st16, exp16)
 """
 
 
@@ -1898,3 +2172,62 @@ def ttt_window_backward(proj, tok, WT, gam, cs, eta_scale: float, save, dout):
                                       dbet[p].data_ptr(), dtok[p].data_ptr(), dlrb[p].data_ptr(), b0, b1_, s, heads, d),
                 bounds)
     return dproj, dW.sum(0), db.sum(0), dgam.sum(0), dbet.sum(0), dtok.sum(0), dlrb.sum(0)
+
+
+@functools.cache
+def _mlp_chunk_kernels():
+    """{torch dtype: (forward, backward)} of TTT-MLP's one-mini-batch chunk (empty where no library)."""
+    p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+    forward = _per_dtype("mlp_chunk_forward", None, [p] * 16 + [i] * 5 + [f])
+    backward = _per_dtype("mlp_chunk_backward", None, [p] * 26 + [i] * 5 + [f])
+    return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
+
+
+def mlp_chunk_applies(kq, d: int, f: int) -> bool:
+    """Whether the TTT-MLP chunk kernels run for kq (BH, 2S, D): CPU, a dtype with a kernel, D at most 256 and
+    for float32 D and the hidden width F multiples of 16."""
+    import torch
+    return (kq.device.type == "cpu" and kq.dtype in _mlp_chunk_kernels() and d <= 256
+            and (kq.dtype != torch.float32 or (d % 16 == 0 and f % 16 == 0)))
+
+
+def _mlp_scratch(s: int, d: int, f: int) -> int:
+    return 8 * s * f + d * f + 4 * s * d + 2 * s + 2 * s * s
+
+
+def mlp_chunk_forward(kq, W1, b1, W2, b2, gt, gam2, P, coef, eT, update: bool, eps: float):
+    """Zq (BH, S, D), and with ``update`` the weights after the chunk (W1n, b1n, W2n, b2n), of one TTT-MLP chunk of
+    one mini-batch; every input contiguous, shapes as mixers.ttt._MLPChunk's."""
+    import torch
+    bh, s2, d = kq.shape
+    s, f = s2 // 2, W1.shape[-1]
+    zq = kq.new_empty(bh, s, d)
+    new = (torch.empty_like(W1), torch.empty_like(b1), torch.empty_like(W2), torch.empty_like(b2)) if update else None
+    bounds = _batch_parts(bh)
+    work = kq.new_empty(len(bounds) - 1, _mlp_scratch(s, d, f) + s * f + s * d)
+    fn = _mlp_chunk_kernels()[kq.dtype][0]
+    args = [t.data_ptr() for t in (kq, W1, b1, W2, b2, gt, gam2, P, coef, eT, zq)]
+    args += [t.data_ptr() for t in new] if update else [0, 0, 0, 0]
+    _over_batch(lambda p, e0, e1: fn(*args, work[p].data_ptr(), e0, e1, s, d, f, float(eps)), bounds)
+    return (zq, *new) if update else zq
+
+
+def mlp_chunk_backward(kq, W1, b1, W2, b2, gt, gam2, P, coef, eT, dZq, dnew, eps: float):
+    """(dkq, dW1, db1, dW2, db2, dgt, dgam2, dP, dcoef, deT) of ``mlp_chunk_forward`` from dZq (BH, S, D) and the new
+    weights' gradients ``dnew`` (dW1n, db1n, dW2n, db2n; None: none); recomputes the chunk's forward."""
+    import torch
+    bh, s2, d = kq.shape
+    s, f = s2 // 2, W1.shape[-1]
+    dZq = dZq.contiguous()
+    outs = (torch.empty_like(kq), torch.empty_like(W1), torch.empty_like(b1), torch.empty_like(W2),
+            torch.empty_like(b2), torch.empty_like(gt), torch.empty_like(gam2), torch.empty_like(P),
+            torch.empty_like(coef), torch.empty_like(eT))
+    bounds = _batch_parts(bh)
+    work = kq.new_empty(len(bounds) - 1, _mlp_scratch(s, d, f) + 8 * s * f + f * d + 4 * s * d + s * s)
+    fn = _mlp_chunk_kernels()[kq.dtype][1]
+    args = [t.data_ptr() for t in (kq, W1, b1, W2, b2, gt, gam2, P, coef, eT, dZq)]
+    dnew = None if dnew is None else [t.contiguous() for t in dnew]  # kept alive through the call
+    args += [t.data_ptr() for t in dnew] if dnew is not None else [0, 0, 0, 0]
+    args += [t.data_ptr() for t in outs]
+    _over_batch(lambda p, e0, e1: fn(*args, work[p].data_ptr(), e0, e1, s, d, f, float(eps)), bounds)
+    return outs

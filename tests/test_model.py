@@ -905,6 +905,68 @@ def test_ttt_window_kernel_gradcheck_and_what_it_declines(monkeypatch):
     assert not mixers.build("ttt_linear", 64, mini_batch_size=16)._window_in_c(x)
 
 
+@pytest.mark.parametrize("opts,L", [(dict(mini_batch_size=16), 40), (dict(mini_batch_size=16), 37),
+                                    (dict(mini_batch_size=16, num_heads=4, use_gate=True), 50),
+                                    (dict(mini_batch_size=8), 8)])
+def test_ttt_mlp_chunk_kernel_is_the_chunks_torch_path(opts, L, monkeypatch):
+    """TTT-MLP's chunks of one mini-batch in C (mixers.ttt._MLPChunk with g == 1: the whole chunk per (row, head)
+    block, its backward recomputing the forward) against the chunk's torch path: the layer's output and the
+    gradients of the input and of every parameter through several chunks (the weights handed from chunk to chunk,
+    a padded last chunk), float64 to 1e-12, float32 to its rounding."""
+    from benchbox import kernels
+    import mixers.ttt as ttt
+    if not kernels._mlp_chunk_kernels():
+        pytest.skip("no C compiler here: torch's ops run")
+    torch.manual_seed(0)
+    seen = []
+    real = kernels.mlp_chunk_forward
+    monkeypatch.setattr(kernels, "mlp_chunk_forward", lambda *a: seen.append(1) or real(*a))
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        m = mixers.build("ttt_mlp", d_model=64, max_len=L, **opts).to(dtype)
+        with torch.no_grad():
+            for p, mean, sd in ((m.learnable_token_idx, 0, 0.1), (m.ttt_norm_weight, 1, 0.1), (m.ttt_norm_bias, 0, 0.1),
+                                (m.b1, 0, 0.1), (m.b2, 0, 0.1), (m.learnable_ttt_lr_bias, 0, 0.5), (m.W1, 0, 0.2),
+                                (m.W2, 0, 0.1)):
+                p.normal_(mean, sd)
+        x = torch.randn(5, L, 64, dtype=dtype, requires_grad=True)
+        got = {}
+        for name, installed in (("c", kernels), ("torch", None)):
+            monkeypatch.setattr(ttt, "_KERNELS", installed)
+            before = len(seen)
+            y = m(x)
+            assert (len(seen) > before) == (installed is not None)
+            got[name] = (y,) + torch.autograd.grad((y * torch.cos(y)).sum(), [x, *m.parameters()])
+        for a, b in zip(got["c"], got["torch"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=tol * max(1.0, b.abs().max().item()))
+
+
+def test_ttt_mlp_chunk_kernel_gradcheck_and_what_it_declines(monkeypatch):
+    from benchbox import kernels
+    import mixers.ttt as ttt
+    if not kernels._mlp_chunk_kernels():
+        pytest.skip("no C compiler here: torch's ops run")
+    monkeypatch.setattr(ttt, "_KERNELS", kernels)
+    torch.manual_seed(0)
+    BH, S, D, F = 2, 3, 4, 8
+    r = lambda *s: (torch.randn(*s, dtype=torch.float64) * 0.5).requires_grad_()  # noqa: E731
+    args = (r(BH, 2 * S, D), r(BH, D, F), r(BH, 1, F), r(BH, F, D), r(BH, 1, D), r(BH, S, D),
+            (torch.rand(BH, 1, D, dtype=torch.float64) + 0.5).requires_grad_(), r(BH, S, S), r(BH, S, S))
+    eT = r(BH, 1, S)
+    for upd in (False, True):
+        def f(kq, W1, b1, W2, b2, gt, gam2, P, coef, eT):
+            return ttt._MLPChunk.apply(kq, W1, b1, W2, b2, gt, gam2, P, coef, None, eT, S, 1, upd)
+        assert torch.autograd.gradcheck(f, (*args, eT))
+    # what keeps the torch path: several mini-batches per chunk, float32 widths off the 16 lanes
+    assert kernels.mlp_chunk_applies(torch.randn(2, 6, 32), 32, 128)
+    assert not kernels.mlp_chunk_applies(torch.randn(2, 6, 24), 24, 96)
+    assert kernels.mlp_chunk_applies(torch.randn(2, 6, 24, dtype=torch.float64), 24, 96)
+    seen = []
+    monkeypatch.setattr(kernels, "mlp_chunk_forward", lambda *a: seen.append(1))
+    m = mixers.build("ttt_mlp", 64, mini_batch_size=4, scan_chunk=8)  # two mini-batches per chunk
+    m(torch.randn(2, 16, 64))
+    assert not seen
+
+
 def test_lnl2_kernels_are_the_inner_loss_gradient(monkeypatch):
     """TTT's inner loss gradient G = ln_l2_grad(z) (mixers.ttt._LNL2Grad, the last-position block's) in C against its
     torch path: G and the gradients of z, gamma^2 (one row per head) and the target term, float64 to 1e-12 and
