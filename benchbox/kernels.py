@@ -859,6 +859,28 @@ static inline void matmul_tn_f32(float *dw, const float *x, const float *g, int6
     }
 }
 
+/* RoPE on one row of interleaved pairs (x_2i, x_2i+1) with the row's (cos, sin) pairs csr: (x0 c - x1 s, x0 s + x1 c),
+   or its transpose (inverse: the backward). float: 16 lanes (8 pairs) with in-register pair swaps. */
+static inline void rope_row_f64(double *out, const double *x, const double *csr, int64_t d, int inverse) {
+    for (int64_t i = 0; i < d / 2; i++) {
+        const double c = csr[2 * i], sn = inverse ? -csr[2 * i + 1] : csr[2 * i + 1];
+        const double x0 = x[2 * i], x1 = x[2 * i + 1];
+        out[2 * i] = x0 * c - x1 * sn;
+        out[2 * i + 1] = x0 * sn + x1 * c;
+    }
+}
+static inline void rope_row_f32(float *out, const float *x, const float *csr, int64_t d, int inverse) {
+    const vi16 evens = {0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14};
+    const vi16 odds = {1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15};
+    const vi16 swap = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+    const float g = inverse ? -1.0f : 1.0f;
+    const vf16 sign = {-g, g, -g, g, -g, g, -g, g, -g, g, -g, g, -g, g, -g, g};
+    for (int64_t j = 0; j < d; j += 16) {
+        const vf16 cs = ld16(csr + j), xv = ld16(x + j);
+        st16(out + j, xv * __builtin_shuffle(cs, evens) + __builtin_shuffle(xv, swap) * __builtin_shuffle(cs, odds) * sign);
+    }
+}
+
 /* TTT-Linear over a window of S <= mini_batch_size positions, the whole layer between its projection and its
    post-norm (mixers.ttt._LinearWindow: the study's window of 10 in one mini-batch), per (b, h) block, with no
    tensor in between: q, k, v and the learning-rate logit read from the projection's rows (q | k | v | logit,
@@ -869,8 +891,8 @@ static inline void matmul_tn_f32(float *dw, const float *x, const float *g, int6
    The backward writes d(projection) in the projection's layout and accumulates this part's parameter
    gradients (dW (H, D, D), db, dgam, dbet (H, D), dtok (S), dlrb (H)); WT = W transposed per head. */
 #define TTT_WINDOW_SAVE(S, D) (7 * (S) * (D) + 3 * (S) + (S) * (S))
-#define TTT_WINDOW(T, SUF, MEAN, DOT, SQRT, EXP, AXPY, MATMUL, MATMUL_TN)                                                         \
-void benchbox_ttt_window_forward_##SUF(const T *proj, int64_t ps, const T *lrb, const T *tok, const T *W, \
+#define TTT_WINDOW(T, SUF, MEAN, DOT, SQRT, EXP, AXPY, MATMUL, MATMUL_TN, ROPE)                                                         \
+static void ttt_window_forward_range_##SUF(const T *proj, int64_t ps, const T *lrb, const T *tok, const T *W, \
         const T *b1, const T *gam, const T *bet, const T *cs, double eta_scale, T *out, T *save,          \
         int64_t b0, int64_t b1n, int64_t S, int64_t H, int64_t D, double eps) {                          \
     const int64_t C = H * D, SV = TTT_WINDOW_SAVE(S, D);                                                \
@@ -888,13 +910,8 @@ void benchbox_ttt_window_forward_##SUF(const T *proj, int64_t ps, const T *lrb, 
                 T *qt = qr + t * D, *kt = kr + t * D;                                                   \
                 sg[t] = (T)1 / ((T)1 + EXP(-(row[3 * C + h] + lrb[h])));                                \
                 if (cs) {                                                                               \
-                    for (int64_t i = 0; i < D / 2; i++) {                                               \
-                        const T c = cs[(t * (D / 2) + i) * 2], s = cs[(t * (D / 2) + i) * 2 + 1];       \
-                        qt[2 * i] = q[2 * i] * c - q[2 * i + 1] * s;                                    \
-                        qt[2 * i + 1] = q[2 * i] * s + q[2 * i + 1] * c;                                \
-                        kt[2 * i] = k[2 * i] * c - k[2 * i + 1] * s;                                    \
-                        kt[2 * i + 1] = k[2 * i] * s + k[2 * i + 1] * c;                                \
-                    }                                                                                   \
+                    ROPE(qt, q, cs + t * D, D, 0);                                                      \
+                    ROPE(kt, k, cs + t * D, D, 0);                                                      \
                 } else {                                                                                \
                     for (int64_t j = 0; j < D; j++) { qt[j] = q[j]; kt[j] = k[j]; }                     \
                 }                                                                                       \
@@ -928,7 +945,7 @@ void benchbox_ttt_window_forward_##SUF(const T *proj, int64_t ps, const T *lrb, 
             }                                                                                           \
         }                                                                                               \
 }                                                                                                       \
-void benchbox_ttt_window_backward_##SUF(const T *proj, int64_t ps, const T *tok, const T *WT,           \
+static void ttt_window_backward_range_##SUF(const T *proj, int64_t ps, const T *tok, const T *WT,           \
         const T *gam, const T *cs, double eta_scale, const T *save, const T *dout, T *dproj, T *dW, T *db,  \
         T *dgam, T *dbet, T *dtok, T *dlrb, int64_t b0, int64_t b1n, int64_t S, int64_t H, int64_t D) {   \
     const int64_t C = H * D, SV = TTT_WINDOW_SAVE(S, D);                                                \
@@ -993,13 +1010,8 @@ void benchbox_ttt_window_backward_##SUF(const T *proj, int64_t ps, const T *tok,
                 const T *dqt = dq + t * D, *dkt = dk + t * D;                                           \
                 T *dqo = row + h * D, *dko = row + C + h * D;                                           \
                 if (cs) {  /* RoPE's transpose */                                                       \
-                    for (int64_t i = 0; i < D / 2; i++) {                                               \
-                        const T c = cs[(t * (D / 2) + i) * 2], s = cs[(t * (D / 2) + i) * 2 + 1];       \
-                        dqo[2 * i] = dqt[2 * i] * c + dqt[2 * i + 1] * s;                               \
-                        dqo[2 * i + 1] = dqt[2 * i + 1] * c - dqt[2 * i] * s;                           \
-                        dko[2 * i] = dkt[2 * i] * c + dkt[2 * i + 1] * s;                               \
-                        dko[2 * i + 1] = dkt[2 * i + 1] * c - dkt[2 * i] * s;                           \
-                    }                                                                                   \
+                    ROPE(dqo, dqt, cs + t * D, D, 1);                                                   \
+                    ROPE(dko, dkt, cs + t * D, D, 1);                                                   \
                 } else {                                                                                \
                     for (int64_t j = 0; j < D; j++) { dqo[j] = dqt[j]; dko[j] = dkt[j]; }               \
                 }                                                                                       \
@@ -1009,8 +1021,8 @@ void benchbox_ttt_window_backward_##SUF(const T *proj, int64_t ps, const T *tok,
             }                                                                                           \
         }                                                                                               \
 }
-TTT_WINDOW(double, f64, mean_f64, dot_f64, sqrt, exp, axpy_f64, matmul_f64, matmul_tn_f64)
-TTT_WINDOW(float, f32, mean_f32v, dot_f32v, sqrtf, expf, axpy_f32, matmul_f32, matmul_tn_f32)
+TTT_WINDOW(double, f64, mean_f64, dot_f64, sqrt, exp, axpy_f64, matmul_f64, matmul_tn_f64, rope_row_f64)
+TTT_WINDOW(float, f32, mean_f32v, dot_f32v, sqrtf, expf, axpy_f32, matmul_f32, matmul_tn_f32, rope_row_f32)
 
 #define SP_BLOCK 64
 void benchbox_sigmoid_project_backward_f32(const float *ga, const float *s, const float *w, float *gu, float *gw,
@@ -1077,7 +1089,7 @@ void benchbox_sigmoid_project_backward_f64(const double *ga, const double *s, co
    dat (N, D) and ddskip (D) accumulate this call's dA^T and dD. */
 #define SSCAN_NMAX 64
 #define SELECTIVE_SCAN(SUF, T, V, W, LD, ST, EXPV, SPLAT, HSUM, SIGV)                                    \
-void benchbox_selective_scan_##SUF(const T *u, const T *dt, const T *at, const T *bm, const T *cm,     \
+static void selective_scan_range_##SUF(const T *u, const T *dt, const T *at, const T *bm, const T *cm,     \
                                    int64_t bc_sb, int64_t bc_st, const T *z, int64_t z_sb, int64_t z_st, \
                                    const T *dskip, const T *h0, T *y, T *ys, T *hlast, T *ck,           \
                                    int64_t b0, int64_t b1, int64_t L, int64_t D, int64_t N, int64_t K) { \
@@ -1109,7 +1121,7 @@ void benchbox_selective_scan_##SUF(const T *u, const T *dt, const T *at, const T
         }                                                                                               \
     }                                                                                                   \
 }                                                                                                       \
-void benchbox_selective_scan_backward_##SUF(const T *u, const T *dt, const T *at, const T *bm, const T *cm, \
+static void selective_scan_backward_range_##SUF(const T *u, const T *dt, const T *at, const T *bm, const T *cm, \
         int64_t bc_sb, int64_t bc_st, const T *z, int64_t z_sb, int64_t z_st, const T *dskip, const T *ys, \
         const T *dy, const T *dhlast, const T *ck, T *du, T *ddt, T *dbm, T *dcm, T *dz, T *dat, T *ddskip, \
         T *dh0, T *work, int64_t b0, int64_t b1, int64_t L, int64_t D, int64_t N, int64_t K) {          \
@@ -1193,7 +1205,7 @@ static inline V conv_pre_##SUF(const T *xb, int64_t x_st, const T *wt, const T *
     }                                                                                                   \
     return acc;                                                                                         \
 }                                                                                                       \
-void benchbox_conv_silu_##SUF(const T *x, int64_t x_sb, int64_t x_st, const T *wt, const T *bias, T *out, \
+static void conv_silu_range_##SUF(const T *x, int64_t x_sb, int64_t x_st, const T *wt, const T *bias, T *out, \
                               int64_t b0, int64_t b1, int64_t L, int64_t D, int64_t K) {                \
     for (int64_t b = b0; b < b1; b++)                                                                   \
         for (int64_t t = 0; t < L; t++)                                                                 \
@@ -1202,7 +1214,7 @@ void benchbox_conv_silu_##SUF(const T *x, int64_t x_sb, int64_t x_st, const T *w
                 ST(out + (b * L + t) * D + d, p * SIGV(p));                                             \
             }                                                                                           \
 }                                                                                                       \
-void benchbox_conv_silu_backward_##SUF(const T *x, int64_t x_sb, int64_t x_st, const T *wt, const T *bias, \
+static void conv_silu_backward_range_##SUF(const T *x, int64_t x_sb, int64_t x_st, const T *wt, const T *bias, \
                                        const T *dout, T *dx, T *dwt, T *dbias, T *pre, int64_t b0, int64_t b1, \
                                        int64_t L, int64_t D, int64_t K) {                               \
     for (int64_t b = b0; b < b1; b++) {                                                                 \
@@ -1375,7 +1387,7 @@ static void mlp_block_##SUF(const T *kq, const T *W1, const T *b1, const T *W2, 
     MM(zq, Yc, G2, S, S, D, 0, -1, 1);                                                                  \
 }                                                                                                       \
 static int64_t mlp_scratch_##SUF(int64_t S, int64_t D, int64_t F) { return 8 * S * F + D * F + 4 * S * D + 2 * S + 2 * S * S; } \
-void benchbox_mlp_chunk_forward_##SUF(const T *kq, const T *W1, const T *b1, const T *W2, const T *b2, const T *gt, \
+static void mlp_chunk_forward_range_##SUF(const T *kq, const T *W1, const T *b1, const T *W2, const T *b2, const T *gt, \
         const T *gam2, const T *P, const T *coef, const T *eT, T *zq, T *W1n, T *b1n, T *W2n, T *b2n, T *work, \
         int64_t e0, int64_t e1, int64_t S, int64_t D, int64_t F, double eps) {                          \
     T *x = work, *eg = work + mlp_scratch_##SUF(S, D, F);  /* eG1 (S F), eG2 (S D) */                   \
@@ -1411,7 +1423,7 @@ static void colsum_acc_##SUF(T *out, const T *a, int64_t R, int64_t C) {        
     for (int64_t r = 0; r < R; r++)                                                                     \
         for (int64_t c = 0; c < C; c++) out[c] += a[r * C + c];                                         \
 }                                                                                                       \
-void benchbox_mlp_chunk_backward_##SUF(const T *kq, const T *W1, const T *b1, const T *W2, const T *b2,     \
+static void mlp_chunk_backward_range_##SUF(const T *kq, const T *W1, const T *b1, const T *W2, const T *b2,     \
         const T *gt, const T *gam2, const T *P, const T *coef, const T *eT, const T *dZq, const T *dW1n,    \
         const T *db1n, const T *dW2n, const T *db2n, T *dkq, T *dW1, T *db1, T *dW2, T *db2, T *dgt, T *dgam2, \
         T *dP, T *dcoef, T *de, T *work, int64_t e0, int64_t e1, int64_t S, int64_t D, int64_t F, double eps) { \
@@ -1513,6 +1525,75 @@ void benchbox_mlp_chunk_backward_##SUF(const T *kq, const T *W1, const T *b1, co
 }
 MLP_CHUNK(double, f64, mm_f64, mmdot_f64, double, 1, SS_LD1, SS_ST1, exp)
 MLP_CHUNK(float, f32, mm_f32, mmdot_f32, vf16, 16, ld16, st16, exp16)
+
+/* The threaded kernels' entry points: the batch cut into `parts` ranges run by one OpenMP loop (each range with its
+   own slice of the per-part scratch and sums). The library is built with -fopenmp and loaded after torch, whose
+   wheel carries libgomp.so.1: the loader binds this library to that same runtime, so these loops run on torch's own
+   OpenMP threads. (A pool of Python threads calling the ranges competed for the two cores with those threads still
+   spinning after torch's last parallel operator: TTT-Linear's window kernels took 1.26 ms a step where they run in
+   0.76 ms alone.) Without OpenMP the loop runs the ranges one after the other. */
+#define PARTS(CALL)                                                                                     \
+    _Pragma("omp parallel for num_threads(parts) schedule(static)")                                     \
+    for (int64_t p_ = 0; p_ < parts; p_++) {                                                            \
+        const int64_t b0 = batch * p_ / parts, b1 = batch * (p_ + 1) / parts;                           \
+        CALL;                                                                                           \
+    }
+#define THREADED(T, SUF)                                                                                 \
+void benchbox_selective_scan_##SUF(const T *u, const T *dt, const T *at, const T *bm, const T *cm, int64_t bc_sb, \
+        int64_t bc_st, const T *z, int64_t z_sb, int64_t z_st, const T *dskip, const T *h0, T *y, T *ys, T *hlast, \
+        T *ck, int64_t batch, int64_t parts, int64_t L, int64_t D, int64_t N, int64_t K) {              \
+    PARTS(selective_scan_range_##SUF(u, dt, at, bm, cm, bc_sb, bc_st, z, z_sb, z_st, dskip, h0, y, ys, hlast, ck, \
+                                     b0, b1, L, D, N, K))                                               \
+}                                                                                                       \
+void benchbox_selective_scan_backward_##SUF(const T *u, const T *dt, const T *at, const T *bm, const T *cm,  \
+        int64_t bc_sb, int64_t bc_st, const T *z, int64_t z_sb, int64_t z_st, const T *dskip, const T *ys,   \
+        const T *dy, const T *dhlast, const T *ck, T *du, T *ddt, T *dbm, T *dcm, T *dz, T *dat, T *ddskip,  \
+        T *dh0, T *work, int64_t batch, int64_t parts, int64_t L, int64_t D, int64_t N, int64_t K) {     \
+    PARTS(selective_scan_backward_range_##SUF(u, dt, at, bm, cm, bc_sb, bc_st, z, z_sb, z_st, dskip, ys, dy, dhlast, \
+            ck, du, ddt, dbm, dcm, dz, dat + p_ * N * D, ddskip + p_ * D, dh0, work + p_ * (2 * K + 1) * N * D, \
+            b0, b1, L, D, N, K))                                                                        \
+}                                                                                                       \
+void benchbox_conv_silu_##SUF(const T *x, int64_t x_sb, int64_t x_st, const T *wt, const T *bias, T *out,    \
+                              int64_t batch, int64_t parts, int64_t L, int64_t D, int64_t K) {          \
+    PARTS(conv_silu_range_##SUF(x, x_sb, x_st, wt, bias, out, b0, b1, L, D, K))                         \
+}                                                                                                       \
+void benchbox_conv_silu_backward_##SUF(const T *x, int64_t x_sb, int64_t x_st, const T *wt, const T *bias,   \
+        const T *dout, T *dx, T *dwt, T *dbias, T *pre, int64_t batch, int64_t parts, int64_t L, int64_t D,  \
+        int64_t K) {                                                                                    \
+    PARTS(conv_silu_backward_range_##SUF(x, x_sb, x_st, wt, bias, dout, dx, dwt + p_ * K * D, dbias + p_ * D,  \
+                                         pre + p_ * L * D, b0, b1, L, D, K))                            \
+}                                                                                                       \
+void benchbox_ttt_window_forward_##SUF(const T *proj, int64_t ps, const T *lrb, const T *tok, const T *W,   \
+        const T *bias1, const T *gam, const T *bet, const T *cs, double eta_scale, T *out, T *save,      \
+        int64_t batch, int64_t parts, int64_t S, int64_t H, int64_t D, double eps) {                    \
+    PARTS(ttt_window_forward_range_##SUF(proj, ps, lrb, tok, W, bias1, gam, bet, cs, eta_scale, out, save, b0, b1, \
+                                         S, H, D, eps))                                                 \
+}                                                                                                       \
+void benchbox_ttt_window_backward_##SUF(const T *proj, int64_t ps, const T *tok, const T *WT, const T *gam,  \
+        const T *cs, double eta_scale, const T *save, const T *dout, T *dproj, T *dW, T *db, T *dgam, T *dbet, \
+        T *dtok, T *dlrb, int64_t batch, int64_t parts, int64_t S, int64_t H, int64_t D) {              \
+    PARTS(ttt_window_backward_range_##SUF(proj, ps, tok, WT, gam, cs, eta_scale, save, dout, dproj,      \
+            dW + p_ * H * D * D, db + p_ * H * D, dgam + p_ * H * D, dbet + p_ * H * D, dtok + p_ * S,   \
+            dlrb + p_ * H, b0, b1, S, H, D))                                                            \
+}                                                                                                       \
+void benchbox_mlp_chunk_forward_##SUF(const T *kq, const T *W1, const T *bias1, const T *W2, const T *b2,    \
+        const T *gt, const T *gam2, const T *P, const T *coef, const T *eT, T *zq, T *W1n, T *b1n, T *W2n,  \
+        T *b2n, T *work, int64_t batch, int64_t parts, int64_t S, int64_t D, int64_t F, double eps) {   \
+    const int64_t ws = mlp_scratch_##SUF(S, D, F) + S * F + S * D;                                      \
+    PARTS(mlp_chunk_forward_range_##SUF(kq, W1, bias1, W2, b2, gt, gam2, P, coef, eT, zq, W1n, b1n, W2n, b2n, \
+                                        work + p_ * ws, b0, b1, S, D, F, eps))                          \
+}                                                                                                       \
+void benchbox_mlp_chunk_backward_##SUF(const T *kq, const T *W1, const T *bias1, const T *W2, const T *b2,   \
+        const T *gt, const T *gam2, const T *P, const T *coef, const T *eT, const T *dZq, const T *dW1n,   \
+        const T *db1n, const T *dW2n, const T *db2n, T *dkq, T *dW1, T *db1, T *dW2, T *db2, T *dgt,     \
+        T *dgam2, T *dP, T *dcoef, T *de, T *work, int64_t batch, int64_t parts, int64_t S, int64_t D,   \
+        int64_t F, double eps) {                                                                        \
+    const int64_t ws = mlp_scratch_##SUF(S, D, F) + 8 * S * F + F * D + 4 * S * D + S * S;              \
+    PARTS(mlp_chunk_backward_range_##SUF(kq, W1, bias1, W2, b2, gt, gam2, P, coef, eT, dZq, dW1n, db1n, dW2n, \
+            db2n, dkq, dW1, db1, dW2, db2, dgt, dgam2, dP, dcoef, de, work + p_ * ws, b0, b1, S, D, F, eps)) \
+}
+THREADED(double, f64)
+THREADED(float, f32)
 """
 
 
@@ -1570,15 +1651,18 @@ def _library():
     import platform
     if not kernels_enabled() or platform.system() != "Linux":
         return None
-    flags = ("-O3", "-march=native", "-lm")  # -lm after the source: the double kernels' exp
-    tag = hashlib.sha256((_SOURCE + " ".join(flags) + _machine_tag()).encode()).hexdigest()[:12]
-    path = build_library(f"libbenchbox_kernels-{tag}.so", _SOURCE, flags)
-    if path is None:
-        return None
-    try:
-        return ctypes.CDLL(str(path))
-    except OSError:
-        return None
+    import torch  # noqa: F401  (loaded first: its libgomp.so.1 is then the OpenMP runtime this library binds to)
+    # -lm after the source: the double kernels' exp. -fopenmp for the threaded kernels (see PARTS); where it does not
+    # build (a compiler without OpenMP), the same source without it: those kernels then run their parts in turn
+    for flags in (("-O3", "-march=native", "-fopenmp", "-lm"), ("-O3", "-march=native", "-lm")):
+        tag = hashlib.sha256((_SOURCE + " ".join(flags) + _machine_tag()).encode()).hexdigest()[:12]
+        path = build_library(f"libbenchbox_kernels-{tag}.so", _SOURCE, flags)
+        if path is not None:
+            try:
+                return ctypes.CDLL(str(path))
+            except OSError:
+                pass
+    return None
 
 
 @functools.cache
@@ -1993,28 +2077,10 @@ def selective_scan_applies(u, d_state: int) -> bool:
             and (u.dtype != torch.float32 or u.shape[-1] % 16 == 0))
 
 
-@functools.cache
-def _pool():
-    from concurrent.futures import ThreadPoolExecutor
-    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="benchbox-kernels")
-
-
-def _batch_parts(batch: int) -> list[int]:
-    """Bounds [0, ..., batch] of torch.get_num_threads() parts (at most 8) of a batch."""
+def _parts(batch: int) -> int:
+    """How many ranges the threaded kernels cut a batch into: torch's thread count (at most 8 and the batch)."""
     import torch
-    parts = max(1, min(torch.get_num_threads(), batch, 8))
-    return [batch * k // parts for k in range(parts + 1)]
-
-
-def _over_batch(call, bounds: list[int]) -> None:
-    """call(part, b0, b1) for every part of ``bounds``, side by side: a ctypes call releases the GIL, so the parts
-    run in parallel as torch's own operators would."""
-    if len(bounds) == 2:
-        call(0, 0, bounds[1])
-        return
-    futures = [_pool().submit(call, p, b0, b1) for p, (b0, b1) in enumerate(zip(bounds[:-1], bounds[1:]))]
-    for f in futures:
-        f.result()
+    return max(1, min(torch.get_num_threads(), batch, 8))
 
 
 def _rows(t):
@@ -2047,8 +2113,7 @@ def selective_scan_forward(u, dt, at, bm, cm, z, dskip, h0):
     ptr = (lambda t: 0 if t is None else t.data_ptr())
     args = (u.data_ptr(), dt.data_ptr(), at.data_ptr(), bm.data_ptr(), cm.data_ptr(), bc_sb, bc_st, ptr(z), z_sb,
             z_st, ptr(dskip), ptr(h0), y.data_ptr(), ptr(ys), hlast.data_ptr(), ck.data_ptr())
-    fn = _scan_kernels()[u.dtype][0]
-    _over_batch(lambda p, b0, b1: fn(*args, b0, b1, length, d, n, k), _batch_parts(batch))
+    _scan_kernels()[u.dtype][0](*args, batch, _parts(batch), length, d, n, k)
     return y, ys, hlast, ck
 
 
@@ -2067,21 +2132,15 @@ def selective_scan_backward(u, dt, at, bm, cm, z, dskip, ys, ck, dy, dhlast):
     dbm, dcm = u.new_empty(batch, length, n), u.new_empty(batch, length, n)
     dz = torch.empty_like(u) if z is not None else None
     dh0 = u.new_empty(batch, n, d)
-    bounds = _batch_parts(batch)
-    parts = len(bounds) - 1
+    parts = _parts(batch)
     dat, ddskip = u.new_zeros(parts, n, d), u.new_zeros(parts, d)  # each part's own sums and work space
     work = u.new_empty(parts, (2 * k + 1) * n * d)
     ptr = (lambda t: 0 if t is None else t.data_ptr())
     args = (u.data_ptr(), dt.data_ptr(), at.data_ptr(), bm.data_ptr(), cm.data_ptr(), bc_sb, bc_st, ptr(z), z_sb,
             z_st, ptr(dskip), ptr(ys), dy.data_ptr(), ptr(dhlast), ck.data_ptr(), du.data_ptr(), ddt.data_ptr(),
             dbm.data_ptr(), dcm.data_ptr(), ptr(dz))
-    fn = _scan_kernels()[u.dtype][1]
-
-    def call(p, b0, b1):
-        fn(*args, dat[p].data_ptr(), ddskip[p].data_ptr(), dh0.data_ptr(), work[p].data_ptr(), b0, b1, length, d, n,
-           k)
-
-    _over_batch(call, bounds)
+    _scan_kernels()[u.dtype][1](*args, dat.data_ptr(), ddskip.data_ptr(), dh0.data_ptr(), work.data_ptr(), batch,
+                                parts, length, d, n, k)
     return du, ddt, dat.sum(0), dbm, dcm, dz, (ddskip.sum(0) if dskip is not None else None), dh0
 
 
@@ -2091,9 +2150,8 @@ def conv_silu_forward(x, wt, bias):
     batch, length, d = x.shape
     x, x_sb, x_st = _rows(x)
     out = x.new_empty(batch, length, d)
-    fn = _scan_kernels()[x.dtype][2]
-    _over_batch(lambda p, b0, b1: fn(x.data_ptr(), x_sb, x_st, wt.data_ptr(), bias.data_ptr(), out.data_ptr(), b0, b1,
-                                     length, d, wt.shape[0]), _batch_parts(batch))
+    _scan_kernels()[x.dtype][2](x.data_ptr(), x_sb, x_st, wt.data_ptr(), bias.data_ptr(), out.data_ptr(), batch,
+                                _parts(batch), length, d, wt.shape[0])
     return out
 
 
@@ -2104,13 +2162,11 @@ def conv_silu_backward(x, wt, bias, dout):
     x, x_sb, x_st = _rows(x)
     dout = dout.contiguous()
     dx = x.new_empty(batch, length, d)
-    bounds = _batch_parts(batch)
-    parts = len(bounds) - 1
+    parts = _parts(batch)
     dwt, dbias, pre = x.new_zeros(parts, *wt.shape), x.new_zeros(parts, d), x.new_empty(parts, length * d)
-    fn = _scan_kernels()[x.dtype][3]
-    _over_batch(lambda p, b0, b1: fn(x.data_ptr(), x_sb, x_st, wt.data_ptr(), bias.data_ptr(), dout.data_ptr(),
-                                     dx.data_ptr(), dwt[p].data_ptr(), dbias[p].data_ptr(), pre[p].data_ptr(), b0, b1,
-                                     length, d, wt.shape[0]), bounds)
+    _scan_kernels()[x.dtype][3](x.data_ptr(), x_sb, x_st, wt.data_ptr(), bias.data_ptr(), dout.data_ptr(),
+                                dx.data_ptr(), dwt.data_ptr(), dbias.data_ptr(), pre.data_ptr(), batch, parts, length, d,
+                                wt.shape[0])
     return dx, dwt.sum(0), dbias.sum(0)
 
 
@@ -2146,10 +2202,10 @@ def ttt_window_forward(proj, lrb, tok, W, b1, gam, bet, cs, eta_scale: float, he
     d = W.shape[-1]
     out = proj.new_empty(batch, s, heads * d)
     save = proj.new_empty(batch, heads, _window_save(s, d))
-    fn = _ttt_window_kernels()[proj.dtype][0]
-    args = (proj.data_ptr(), ps, lrb.data_ptr(), tok.data_ptr(), W.data_ptr(), b1.data_ptr(), gam.data_ptr(),
-            bet.data_ptr(), 0 if cs is None else cs.data_ptr(), float(eta_scale), out.data_ptr(), save.data_ptr())
-    _over_batch(lambda p, b0, b1_: fn(*args, b0, b1_, s, heads, d, float(eps)), _batch_parts(batch))
+    _ttt_window_kernels()[proj.dtype][0](proj.data_ptr(), ps, lrb.data_ptr(), tok.data_ptr(), W.data_ptr(),
+                                         b1.data_ptr(), gam.data_ptr(), bet.data_ptr(), 0 if cs is None else cs.data_ptr(),
+                                         float(eta_scale), out.data_ptr(), save.data_ptr(), batch, _parts(batch), s,
+                                         heads, d, float(eps))
     return out, save
 
 
@@ -2160,17 +2216,14 @@ def ttt_window_backward(proj, tok, WT, gam, cs, eta_scale: float, save, dout):
     heads, d = gam.shape
     dout = dout.contiguous()
     dproj = torch.empty_like(proj)
-    bounds = _batch_parts(batch)
-    parts = len(bounds) - 1
+    parts = _parts(batch)
     dW = proj.new_zeros(parts, heads, d, d)
     db, dgam, dbet = (proj.new_zeros(parts, heads, d) for _ in range(3))
     dtok, dlrb = proj.new_zeros(parts, s), proj.new_zeros(parts, heads)
-    fn = _ttt_window_kernels()[proj.dtype][1]
-    args = (proj.data_ptr(), ps, tok.data_ptr(), WT.data_ptr(), gam.data_ptr(), 0 if cs is None else cs.data_ptr(),
-            float(eta_scale), save.data_ptr(), dout.data_ptr(), dproj.data_ptr())
-    _over_batch(lambda p, b0, b1_: fn(*args, dW[p].data_ptr(), db[p].data_ptr(), dgam[p].data_ptr(),
-                                      dbet[p].data_ptr(), dtok[p].data_ptr(), dlrb[p].data_ptr(), b0, b1_, s, heads, d),
-                bounds)
+    _ttt_window_kernels()[proj.dtype][1](proj.data_ptr(), ps, tok.data_ptr(), WT.data_ptr(), gam.data_ptr(),
+                                         0 if cs is None else cs.data_ptr(), float(eta_scale), save.data_ptr(),
+                                         dout.data_ptr(), dproj.data_ptr(), dW.data_ptr(), db.data_ptr(), dgam.data_ptr(),
+                                         dbet.data_ptr(), dtok.data_ptr(), dlrb.data_ptr(), batch, parts, s, heads, d)
     return dproj, dW.sum(0), db.sum(0), dgam.sum(0), dbet.sum(0), dtok.sum(0), dlrb.sum(0)
 
 
@@ -2203,12 +2256,11 @@ def mlp_chunk_forward(kq, W1, b1, W2, b2, gt, gam2, P, coef, eT, update: bool, e
     s, f = s2 // 2, W1.shape[-1]
     zq = kq.new_empty(bh, s, d)
     new = (torch.empty_like(W1), torch.empty_like(b1), torch.empty_like(W2), torch.empty_like(b2)) if update else None
-    bounds = _batch_parts(bh)
-    work = kq.new_empty(len(bounds) - 1, _mlp_scratch(s, d, f) + s * f + s * d)
-    fn = _mlp_chunk_kernels()[kq.dtype][0]
+    parts = _parts(bh)
+    work = kq.new_empty(parts, _mlp_scratch(s, d, f) + s * f + s * d)
     args = [t.data_ptr() for t in (kq, W1, b1, W2, b2, gt, gam2, P, coef, eT, zq)]
     args += [t.data_ptr() for t in new] if update else [0, 0, 0, 0]
-    _over_batch(lambda p, e0, e1: fn(*args, work[p].data_ptr(), e0, e1, s, d, f, float(eps)), bounds)
+    _mlp_chunk_kernels()[kq.dtype][0](*args, work.data_ptr(), bh, parts, s, d, f, float(eps))
     return (zq, *new) if update else zq
 
 
@@ -2222,12 +2274,11 @@ def mlp_chunk_backward(kq, W1, b1, W2, b2, gt, gam2, P, coef, eT, dZq, dnew, eps
     outs = (torch.empty_like(kq), torch.empty_like(W1), torch.empty_like(b1), torch.empty_like(W2),
             torch.empty_like(b2), torch.empty_like(gt), torch.empty_like(gam2), torch.empty_like(P),
             torch.empty_like(coef), torch.empty_like(eT))
-    bounds = _batch_parts(bh)
-    work = kq.new_empty(len(bounds) - 1, _mlp_scratch(s, d, f) + 8 * s * f + f * d + 4 * s * d + s * s)
-    fn = _mlp_chunk_kernels()[kq.dtype][1]
+    parts = _parts(bh)
+    work = kq.new_empty(parts, _mlp_scratch(s, d, f) + 8 * s * f + f * d + 4 * s * d + s * s)
     args = [t.data_ptr() for t in (kq, W1, b1, W2, b2, gt, gam2, P, coef, eT, dZq)]
     dnew = None if dnew is None else [t.contiguous() for t in dnew]  # kept alive through the call
     args += [t.data_ptr() for t in dnew] if dnew is not None else [0, 0, 0, 0]
     args += [t.data_ptr() for t in outs]
-    _over_batch(lambda p, e0, e1: fn(*args, work[p].data_ptr(), e0, e1, s, d, f, float(eps)), bounds)
+    _mlp_chunk_kernels()[kq.dtype][1](*args, work.data_ptr(), bh, parts, s, d, f, float(eps))
     return outs

@@ -21,6 +21,7 @@ References (never dependencies of benchbox, never committed):
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import logging
 import os
@@ -196,10 +197,15 @@ def main(argv=None):
         x = torch.randn(a.batch_size, L, a.d_model)
         if kernel.startswith("ttt"):  # the same weights give the same outputs: the reference is the same maths
             ref.load_state_dict(ours.state_dict())
+            # checked in float64: float32 rounding through 13 inner updates reaches ~1e-4 and varies with how
+            # MKL blocks a product (it depends on the buffers' alignment), which made a float32 check flaky
+            o64, r64, x64 = copy.deepcopy(ours).double(), copy.deepcopy(ref).double(), x[:4].double()
             with torch.no_grad():
-                diff = (call_ours(ours, x[:4]) - call_ref(ref, x[:4])).abs().max().item()
-            if diff > 1e-4:
+                diff = (call_ours(o64, x64) - call_ref(r64, x64)).abs().max().item()
+            if diff > 1e-5:  # the official float32 constants (RoPE, 1/i, GELU') alone differ by ~1e-7
                 sys.exit(f"{kernel} L{L} mbs{mbs}: ours and the official layer differ by {diff:.2e}")
+            print(f"{kernel} L{L} mbs{mbs}: float64 outputs agree with the official layer to {diff:.1e}",
+                  file=sys.stderr)
         cases = [(ours, call_ours), (ref, call_ref)]
         compile_failed = None
         if a.compile:  # the first call compiles, inside the untimed warm-up
