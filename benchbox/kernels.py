@@ -18,8 +18,16 @@ torch; the tests hold each kernel to its torch path. This module imports torch o
 - ``gru_cell``, ``gru_cell_backward``: one GRU time step's gates, forward and backward.
 - ``ttt_dual_forward``, ``ttt_dual_backward``: TTT-Linear's dual form inside one mini-batch, around its GEMMs;
   ``lnl2_forward``, ``lnl2_vjp``: its inner loss gradient G and G's VJP alone (the last-position block).
-The last four groups sum in another order than torch's ops (float rounding), so rows record which ran
-(``cpu_kernels``, ``kernels_in_force``).
+- ``ttt_window_forward``, ``ttt_window_backward``: TTT-Linear's whole layer between its projection and its post-norm
+  over a window of at most one mini-batch (the study's window of 10), per (row, head) block.
+- ``mlp_chunk_forward``, ``mlp_chunk_backward``: TTT-MLP's chunk of one mini-batch per (row, head) block, its
+  intermediates in cache; the backward recomputes the forward.
+- ``selective_scan_forward``, ``selective_scan_backward``, ``conv_silu_forward``, ``conv_silu_backward``: Mamba's
+  selective scan with its D skip and silu gate (lanes over d_inner, the state checkpointed every 16 steps) and its
+  causal depthwise conv with SiLU in the (B, L, D) layout.
+The threaded ones (the last three groups) split their batch in one OpenMP loop (``PARTS``) on torch's own threads.
+All but the dropout and rows kernels sum in another order than torch's ops (float rounding), so rows record which
+ran (``cpu_kernels``, ``kernels_in_force``).
 """
 from __future__ import annotations
 

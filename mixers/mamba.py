@@ -15,6 +15,10 @@ Scans (all in (batch, length, channels) layout, computed in fp32 or fp64, never 
   shorter (down to one step), never produce inf/NaN. A custom autograd function recomputes the states
   in the backward pass from the per-chunk start states, so memory stays O(batch * d_inner * d_state
   * chunk_size) instead of O(... * length).
+- Where the harness installs its C kernels (``install_kernels``; benchbox.kernels), ``selective_scan_chunked`` on CPU
+  runs ``_FusedScan`` instead: the step recurrence itself with its D skip and gate, one pass per direction, the state
+  in registers, checkpointed every 16 steps; and the block's conv with its SiLU runs as ``_FusedConvSiLU``. The
+  torch paths above are what the tests hold them to.
 - On CUDA with the optional ``mamba-ssm`` package, backend ``mamba_ssm`` runs its fused
   ``selective_scan_fn`` (and ``causal_conv1d_fn`` when ``causal-conv1d`` is importable).
 
