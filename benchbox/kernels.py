@@ -789,84 +789,87 @@ static inline float dot_f32v(const float *a, const float *b, int64_t d) {
 TTT_LNL2(double, f64, mean_f64, dot_f64, sqrt)
 TTT_LNL2(float, f32, mean_f32v, dot_f32v, sqrtf)
 
-/* The window kernels' products with (D, D) matrices, over all S rows of a block at once: Z += X W and dW += X^T G
-   (rows of D, row-major). float: 16 lanes, four rows (or four rows of dW) at a time so that eight or more
-   independent sums hide the FMA latency (one row at a time is a chain of D dependent FMAs); D a multiple of 16 up
-   to 64. double: plain loops. And y += a x over a row. */
+/* Small row-major products for the window and TTT-MLP kernels: mm_T (C = [C] + alpha op(A) B, op(A) = A (M, K) or, with
+   ta, A^T for A stored (K, M); B (K, N); C's rows in registers: float four rows by two vectors at a time, so that
+   eight independent sums of K FMAs hide the FMA latency (one row at a time is a chain of K dependent FMAs), N a
+   multiple of 16) and mmdot_T (C = alpha A B^T, dots of K, a multiple of 16 in float). double: plain loops. And
+   y += a x over a row. */
 static inline void axpy_f64(double *restrict y, double a, const double *restrict x, int64_t n) {
     for (int64_t j = 0; j < n; j++) y[j] += a * x[j];
-}
-static inline void matmul_f64(double *z, const double *x, const double *w, int64_t rows, int64_t d) {
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t i = 0; i < d; i++) axpy_f64(z + r * d, x[r * d + i], w + i * d, d);
-}
-static inline void matmul_tn_f64(double *dw, const double *x, const double *g, int64_t rows, int64_t d) {
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t i = 0; i < d; i++) axpy_f64(dw + i * d, x[r * d + i], g + r * d, d);
 }
 static inline void axpy_f32(float *y, float a, const float *x, int64_t n) {
     for (int64_t j = 0; j < n; j += 16) st16(y + j, ld16(y + j) + a * ld16(x + j));
 }
-#define MATMUL_F32_NV(NV)                                                                                \
-static void matmul_f32_##NV(float *z, const float *x, const float *w, int64_t rows) {                    \
-    const int64_t d = 16 * NV;                                                                          \
-    int64_t r = 0;                                                                                      \
-    for (; r + 4 <= rows; r += 4) {                                                                     \
-        vf16 acc[4][NV];                                                                                \
-        for (int q = 0; q < 4; q++)                                                                     \
-            for (int c = 0; c < NV; c++) acc[q][c] = ld16(z + (r + q) * d + 16 * c);                    \
-        for (int64_t i = 0; i < d; i++)                                                                 \
-            for (int c = 0; c < NV; c++) {                                                              \
-                const vf16 wv = ld16(w + i * d + 16 * c);                                               \
-                for (int q = 0; q < 4; q++) acc[q][c] += x[(r + q) * d + i] * wv;                       \
-            }                                                                                           \
-        for (int q = 0; q < 4; q++)                                                                     \
-            for (int c = 0; c < NV; c++) st16(z + (r + q) * d + 16 * c, acc[q][c]);                     \
-    }                                                                                                   \
-    for (; r < rows; r++) {                                                                             \
-        vf16 acc[NV];                                                                                   \
-        for (int c = 0; c < NV; c++) acc[c] = ld16(z + r * d + 16 * c);                                 \
-        for (int64_t i = 0; i < d; i++)                                                                 \
-            for (int c = 0; c < NV; c++) acc[c] += x[r * d + i] * ld16(w + i * d + 16 * c);             \
-        for (int c = 0; c < NV; c++) st16(z + r * d + 16 * c, acc[c]);                                 \
-    }                                                                                                   \
-}                                                                                                       \
-static void matmul_tn_f32_##NV(float *dw, const float *x, const float *g, int64_t rows) {               \
-    const int64_t d = 16 * NV;                                                                          \
-    for (int64_t i = 0; i < d; i += 4) {                                                                \
-        vf16 acc[4][NV];                                                                                \
-        for (int q = 0; q < 4; q++)                                                                     \
-            for (int c = 0; c < NV; c++) acc[q][c] = ld16(dw + (i + q) * d + 16 * c);                  \
-        for (int64_t r = 0; r < rows; r++)                                                              \
-            for (int c = 0; c < NV; c++) {                                                              \
-                const vf16 gv = ld16(g + r * d + 16 * c);                                               \
-                for (int q = 0; q < 4; q++) acc[q][c] += x[r * d + i + q] * gv;                         \
-            }                                                                                           \
-        for (int q = 0; q < 4; q++)                                                                     \
-            for (int c = 0; c < NV; c++) st16(dw + (i + q) * d + 16 * c, acc[q][c]);                    \
-    }                                                                                                   \
-}
-MATMUL_F32_NV(1)
-MATMUL_F32_NV(2)
-MATMUL_F32_NV(3)
-MATMUL_F32_NV(4)
-static inline void matmul_f32(float *z, const float *x, const float *w, int64_t rows, int64_t d) {
-    switch (d) {
-    case 16: matmul_f32_1(z, x, w, rows); break;
-    case 32: matmul_f32_2(z, x, w, rows); break;
-    case 48: matmul_f32_3(z, x, w, rows); break;
-    default: matmul_f32_4(z, x, w, rows); break;
+static void mm_f64(double *c, const double *a, const double *b, int64_t M, int64_t K, int64_t N, int ta, double alpha,
+                   int acc) {
+    for (int64_t m = 0; m < M; m++) {
+        double *cr = c + m * N;
+        if (!acc) for (int64_t n = 0; n < N; n++) cr[n] = 0;
+        for (int64_t k = 0; k < K; k++) {
+            const double x = alpha * (ta ? a[k * M + m] : a[m * K + k]);
+            for (int64_t n = 0; n < N; n++) cr[n] += x * b[k * N + n];
+        }
     }
 }
-static inline void matmul_tn_f32(float *dw, const float *x, const float *g, int64_t rows, int64_t d) {
-    switch (d) {
-    case 16: matmul_tn_f32_1(dw, x, g, rows); break;
-    case 32: matmul_tn_f32_2(dw, x, g, rows); break;
-    case 48: matmul_tn_f32_3(dw, x, g, rows); break;
-    default: matmul_tn_f32_4(dw, x, g, rows); break;
-    }
+static void mmdot_f64(double *c, const double *a, const double *b, int64_t M, int64_t N, int64_t K, double alpha) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) {
+            double s = 0;
+            for (int64_t k = 0; k < K; k++) s += a[m * K + k] * b[n * K + k];
+            c[m * N + n] = alpha * s;
+        }
 }
-
+static void mm_f32(float *c, const float *a, const float *b, int64_t M, int64_t K, int64_t N, int ta, double alpha_d,
+                   int acc) {
+    const float alpha = (float)alpha_d;
+    const int64_t sm = ta ? 1 : K, sk = ta ? M : 1;  /* op(A)[m][k] = a[m sm + k sk] */
+    int64_t m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4) {
+        int64_t n0 = 0;
+        for (; n0 + 32 <= N; n0 += 32) {
+            vf16 s[4][2] = {{{0}}};
+            for (int64_t k = 0; k < K; k++) {
+                const vf16 b0 = ld16(b + k * N + n0), b1 = ld16(b + k * N + n0 + 16);
+                for (int q = 0; q < 4; q++) {
+                    const float x = a[(m0 + q) * sm + k * sk];
+                    s[q][0] += x * b0;
+                    s[q][1] += x * b1;
+                }
+            }
+            for (int q = 0; q < 4; q++)
+                for (int h = 0; h < 2; h++) {
+                    float *cp = c + (m0 + q) * N + n0 + 16 * h;
+                    st16(cp, (acc ? ld16(cp) : (vf16){0}) + alpha * s[q][h]);
+                }
+        }
+        for (; n0 < N; n0 += 16) {
+            vf16 s[4] = {{0}};
+            for (int64_t k = 0; k < K; k++) {
+                const vf16 b0 = ld16(b + k * N + n0);
+                for (int q = 0; q < 4; q++) s[q] += a[(m0 + q) * sm + k * sk] * b0;
+            }
+            for (int q = 0; q < 4; q++) {
+                float *cp = c + (m0 + q) * N + n0;
+                st16(cp, (acc ? ld16(cp) : (vf16){0}) + alpha * s[q]);
+            }
+        }
+    }
+    for (; m0 < M; m0++)
+        for (int64_t n0 = 0; n0 < N; n0 += 16) {
+            vf16 s = {0};
+            for (int64_t k = 0; k < K; k++) s += a[m0 * sm + k * sk] * ld16(b + k * N + n0);
+            float *cp = c + m0 * N + n0;
+            st16(cp, (acc ? ld16(cp) : (vf16){0}) + alpha * s);
+        }
+}
+static void mmdot_f32(float *c, const float *a, const float *b, int64_t M, int64_t N, int64_t K, double alpha) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) {
+            vf16 s = ld16(a + m * K) * ld16(b + n * K);
+            for (int64_t k = 16; k < K; k += 16) s += ld16(a + m * K + k) * ld16(b + n * K + k);
+            c[m * N + n] = (float)alpha * hsum16(s);
+        }
+}
 /* RoPE on one row of interleaved pairs (x_2i, x_2i+1) with the row's (cos, sin) pairs csr: (x0 c - x1 s, x0 s + x1 c),
    or its transpose (inverse: the backward). float: 16 lanes (8 pairs) with in-register pair swaps. */
 static inline void rope_row_f64(double *out, const double *x, const double *csr, int64_t d, int inverse) {
@@ -899,7 +902,7 @@ static inline void rope_row_f32(float *out, const float *x, const float *csr, in
    The backward writes d(projection) in the projection's layout and accumulates this part's parameter
    gradients (dW (H, D, D), db, dgam, dbet (H, D), dtok (S), dlrb (H)); WT = W transposed per head. */
 #define TTT_WINDOW_SAVE(S, D) (7 * (S) * (D) + 3 * (S) + (S) * (S))
-#define TTT_WINDOW(T, SUF, MEAN, DOT, SQRT, EXP, AXPY, MATMUL, MATMUL_TN, ROPE)                                                         \
+#define TTT_WINDOW(T, SUF, MEAN, DOT, SQRT, EXP, AXPY, MM, ROPE)                                                         \
 static void ttt_window_forward_range_##SUF(const T *proj, int64_t ps, const T *lrb, const T *tok, const T *W, \
         const T *b1, const T *gam, const T *bet, const T *cs, double eta_scale, T *out, T *save,          \
         int64_t b0, int64_t b1n, int64_t S, int64_t H, int64_t D, double eps) {                          \
@@ -929,8 +932,8 @@ static void ttt_window_forward_range_##SUF(const T *proj, int64_t ps, const T *l
                 }                                                                                       \
                 for (int64_t j = 0; j < D; j++) { zk[t * D + j] = bh[j]; zq[t * D + j] = bh[j]; }       \
             }                                                                                           \
-            MATMUL(zk, kr, Wh, S, D);                                                                   \
-            MATMUL(zq, qr, Wh, S, D);                                                                   \
+            MM(zk, kr, Wh, S, D, D, 0, 1, 1);                                                           \
+            MM(zq, qr, Wh, S, D, D, 0, 1, 1);                                                           \
             lnl2_rows_##SUF(zk, g2, gt, xh, mean, rstd, gxl, G, S, D, S, eps);                          \
             for (int64_t t = 0; t < S; t++) {                                                           \
                 T *zqt = zq + t * D, *o = out + (b * S + t) * C + h * D;                                \
@@ -982,8 +985,8 @@ static void ttt_window_backward_range_##SUF(const T *proj, int64_t ps, const T *
                 for (int64_t j = 0; j < D; j++) dzt[j] = rs * (dzt[j] - m1 - xqt[j] * m2);              \
                 AXPY(dbh, 1, dzt, D);                                                                   \
             }                                                                                           \
-            MATMUL(dq, dz, WTh, S, D);  /* Zq = Q W + b - P G */                                        \
-            MATMUL_TN(dWh, qr, dz, S, D);                                                               \
+            MM(dq, dz, WTh, S, D, D, 0, 1, 1);  /* Zq = Q W + b - P G */                                \
+            MM(dWh, qr, dz, D, S, D, 1, 1, 1);                                                          \
             for (int64_t i = 0; i < S * D; i++) dk[i] = 0;                                              \
             for (int64_t t = 0; t < S; t++) {                                                           \
                 const T *dzt = dz + t * D;                                                              \
@@ -1011,8 +1014,8 @@ static void ttt_window_backward_range_##SUF(const T *proj, int64_t ps, const T *
                 }                                                                                       \
                 AXPY(dbh, 1, dzk + t * D, D);                                                           \
             }                                                                                           \
-            MATMUL(dk, dzk, WTh, S, D);  /* Zk = K W + b */                                             \
-            MATMUL_TN(dWh, kr, dzk, S, D);                                                              \
+            MM(dk, dzk, WTh, S, D, D, 0, 1, 1);  /* Zk = K W + b */                                     \
+            MM(dWh, kr, dzk, D, S, D, 1, 1, 1);                                                         \
             for (int64_t t = 0; t < S; t++) {                                                           \
                 T *row = dproj + (b * S + t) * ps;                                                      \
                 const T *dqt = dq + t * D, *dkt = dk + t * D;                                           \
@@ -1029,8 +1032,8 @@ static void ttt_window_backward_range_##SUF(const T *proj, int64_t ps, const T *
             }                                                                                           \
         }                                                                                               \
 }
-TTT_WINDOW(double, f64, mean_f64, dot_f64, sqrt, exp, axpy_f64, matmul_f64, matmul_tn_f64, rope_row_f64)
-TTT_WINDOW(float, f32, mean_f32v, dot_f32v, sqrtf, expf, axpy_f32, matmul_f32, matmul_tn_f32, rope_row_f32)
+TTT_WINDOW(double, f64, mean_f64, dot_f64, sqrt, exp, axpy_f64, mm_f64, rope_row_f64)
+TTT_WINDOW(float, f32, mean_f32v, dot_f32v, sqrtf, expf, axpy_f32, mm_f32, rope_row_f32)
 
 #define SP_BLOCK 64
 void benchbox_sigmoid_project_backward_f32(const float *ga, const float *s, const float *w, float *gu, float *gw,
@@ -1264,81 +1267,10 @@ CONV_SILU(f32, float, vf16, 16, ld16, st16, SS_SPLAT16, sigmoid16)
    head) block with every intermediate in a per-thread scratch that stays in L2: the torch path's batched products
    and elementwise passes each stream (B H, S, 4 D) tensors through memory, which bounds it (a (256, 32, 128) bmm
    runs no faster on two threads than on one). The backward recomputes the block's forward (nothing but the inputs is
-   kept) and then runs the same VJP as the torch path. Small row-major products: mm_T (C = [C] + alpha op(A) B,
-   op(A) = A or A^T, B's rows vectorised; N a multiple of 16 in float), mmdot_T (C = alpha A B^T, dots), and the
-   tanh-GELU pieces of mixers.ttt (_gelu_t, _gelu_p, _gelu_pp). */
+   kept) and then runs the same VJP as the torch path. Its products are mm_T and mmdot_T (above); the tanh-GELU
+   pieces are mixers.ttt's (_gelu_t, _gelu_p, _gelu_pp). */
 #define GELU_A 0.044715
 #define GELU_C 0.7978845608028654
-static void mm_f64(double *c, const double *a, const double *b, int64_t M, int64_t K, int64_t N, int ta, double alpha,
-                   int acc) {
-    for (int64_t m = 0; m < M; m++) {
-        double *cr = c + m * N;
-        if (!acc) for (int64_t n = 0; n < N; n++) cr[n] = 0;
-        for (int64_t k = 0; k < K; k++) {
-            const double x = alpha * (ta ? a[k * M + m] : a[m * K + k]);
-            for (int64_t n = 0; n < N; n++) cr[n] += x * b[k * N + n];
-        }
-    }
-}
-static void mmdot_f64(double *c, const double *a, const double *b, int64_t M, int64_t N, int64_t K, double alpha) {
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t n = 0; n < N; n++) {
-            double s = 0;
-            for (int64_t k = 0; k < K; k++) s += a[m * K + k] * b[n * K + k];
-            c[m * N + n] = alpha * s;
-        }
-}
-static void mm_f32(float *c, const float *a, const float *b, int64_t M, int64_t K, int64_t N, int ta, double alpha_d,
-                   int acc) {
-    const float alpha = (float)alpha_d;
-    const int64_t sm = ta ? 1 : K, sk = ta ? M : 1;  /* op(A)[m][k] = a[m sm + k sk] */
-    int64_t m0 = 0;
-    for (; m0 + 4 <= M; m0 += 4) {
-        int64_t n0 = 0;
-        for (; n0 + 32 <= N; n0 += 32) {
-            vf16 s[4][2] = {{{0}}};
-            for (int64_t k = 0; k < K; k++) {
-                const vf16 b0 = ld16(b + k * N + n0), b1 = ld16(b + k * N + n0 + 16);
-                for (int q = 0; q < 4; q++) {
-                    const float x = a[(m0 + q) * sm + k * sk];
-                    s[q][0] += x * b0;
-                    s[q][1] += x * b1;
-                }
-            }
-            for (int q = 0; q < 4; q++)
-                for (int h = 0; h < 2; h++) {
-                    float *cp = c + (m0 + q) * N + n0 + 16 * h;
-                    st16(cp, (acc ? ld16(cp) : (vf16){0}) + alpha * s[q][h]);
-                }
-        }
-        for (; n0 < N; n0 += 16) {
-            vf16 s[4] = {{0}};
-            for (int64_t k = 0; k < K; k++) {
-                const vf16 b0 = ld16(b + k * N + n0);
-                for (int q = 0; q < 4; q++) s[q] += a[(m0 + q) * sm + k * sk] * b0;
-            }
-            for (int q = 0; q < 4; q++) {
-                float *cp = c + (m0 + q) * N + n0;
-                st16(cp, (acc ? ld16(cp) : (vf16){0}) + alpha * s[q]);
-            }
-        }
-    }
-    for (; m0 < M; m0++)
-        for (int64_t n0 = 0; n0 < N; n0 += 16) {
-            vf16 s = {0};
-            for (int64_t k = 0; k < K; k++) s += a[m0 * sm + k * sk] * ld16(b + k * N + n0);
-            float *cp = c + m0 * N + n0;
-            st16(cp, (acc ? ld16(cp) : (vf16){0}) + alpha * s);
-        }
-}
-static void mmdot_f32(float *c, const float *a, const float *b, int64_t M, int64_t N, int64_t K, double alpha) {
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t n = 0; n < N; n++) {
-            vf16 s = ld16(a + m * K) * ld16(b + n * K);
-            for (int64_t k = 16; k < K; k += 16) s += ld16(a + m * K + k) * ld16(b + n * K + k);
-            c[m * N + n] = (float)alpha * hsum16(s);
-        }
-}
 #define MLP_CHUNK(T, SUF, MM, MMDOT, V, W, LD, ST, EXPV)                                                              \
 static void transpose_##SUF(T *dst, const T *src, int64_t R, int64_t C) {                               \
     for (int64_t r = 0; r < R; r++)                                                                     \

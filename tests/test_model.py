@@ -840,6 +840,19 @@ def test_ttt_dual_kernels_are_the_scans_torch_path(shared, monkeypatch):
     assert kernels.ttt_dual_applies(torch.randn(4, 10, 24, dtype=torch.float64))
 
 
+def _nontrivial_ttt(m):
+    """A TTT layer with every parameter off its initial value (token factors, inner norms, biases, learning-rate
+    bias, inner weights), so that no term of a kernel is multiplied by a zero or a one."""
+    named = dict(m.named_parameters())
+    with torch.no_grad():
+        for name, mean, sd in (("learnable_token_idx", 0, 0.1), ("ttt_norm_weight", 1, 0.1), ("ttt_norm_bias", 0, 0.1),
+                               ("b1", 0, 0.1), ("b2", 0, 0.1), ("learnable_ttt_lr_bias", 0, 0.5), ("W1", 0, 0.2),
+                               ("W2", 0, 0.1)):
+            if name in named:
+                named[name].normal_(mean, sd)
+    return m
+
+
 @pytest.mark.parametrize("opts,L", [(dict(mini_batch_size=10), 10), (dict(mini_batch_size=16), 10),
                                     (dict(mini_batch_size=16, use_gate=True, pre_conv=True), 7),
                                     (dict(mini_batch_size=4, use_rope=False), 4),
@@ -856,11 +869,7 @@ def test_ttt_window_kernel_is_the_layers_torch_path(opts, L, monkeypatch):
         pytest.skip("no C compiler here: torch's ops run")
     torch.manual_seed(0)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        m = mixers.build("ttt_linear", d_model=64, max_len=L, **opts).to(dtype)
-        with torch.no_grad():
-            for p, mean, sd in ((m.learnable_token_idx, 0, 0.1), (m.ttt_norm_weight, 1, 0.1), (m.ttt_norm_bias, 0, 0.1),
-                                (m.b1, 0, 0.1), (m.learnable_ttt_lr_bias, 0, 0.5), (m.W1, 0, 0.2)):
-                p.normal_(mean, sd)
+        m = _nontrivial_ttt(mixers.build("ttt_linear", d_model=64, max_len=L, **opts).to(dtype))
         x = torch.randn(5, L, 64, dtype=dtype, requires_grad=True)
         got = {}
         for name, installed in (("c", kernels), ("torch", None)):
@@ -922,12 +931,7 @@ def test_ttt_mlp_chunk_kernel_is_the_chunks_torch_path(opts, L, monkeypatch):
     real = kernels.mlp_chunk_forward
     monkeypatch.setattr(kernels, "mlp_chunk_forward", lambda *a: seen.append(1) or real(*a))
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        m = mixers.build("ttt_mlp", d_model=64, max_len=L, **opts).to(dtype)
-        with torch.no_grad():
-            for p, mean, sd in ((m.learnable_token_idx, 0, 0.1), (m.ttt_norm_weight, 1, 0.1), (m.ttt_norm_bias, 0, 0.1),
-                                (m.b1, 0, 0.1), (m.b2, 0, 0.1), (m.learnable_ttt_lr_bias, 0, 0.5), (m.W1, 0, 0.2),
-                                (m.W2, 0, 0.1)):
-                p.normal_(mean, sd)
+        m = _nontrivial_ttt(mixers.build("ttt_mlp", d_model=64, max_len=L, **opts).to(dtype))
         x = torch.randn(5, L, 64, dtype=dtype, requires_grad=True)
         got = {}
         for name, installed in (("c", kernels), ("torch", None)):
