@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"DIN": ("none", "din"), "GRU4Rec": ("gru", "last"), "SASRec": ("attention", "last"),
-          "ComiSA": ("none", "comirec_sa"), "ComiDR": ("none", "comirec_dr"), "TTT4Rec": ("ttt_linear", "last")}
+sys.path.insert(0, str(ROOT))
+from benchbox.tables import MODELS  # noqa: E402  (Table 1's names: the study's six, TTT-MLP, Mamba, ComiDR+)
 
 CHILD = r"""
 import json, sys, torch
@@ -29,7 +29,8 @@ from benchbox.config import make_config
 from benchbox.train import build_training, train_step
 from benchbox import kernels
 a = json.loads(sys.argv[2])
-cfg = make_config(mixer=a["mixer"], readout=a["readout"], dataset=a["dataset"], protocol="study", threads=1)
+cfg = make_config(mixer=a["mixer"], readout=a["readout"], readout_opts=a["readout_opts"], dataset=a["dataset"],
+                  protocol="study", threads=1)
 torch.manual_seed(0)
 tr = build_training(cfg)
 if a["perturb"]:
@@ -45,9 +46,10 @@ print(json.dumps({"losses": losses, "cpu_kernels": kernels.kernels_in_force()}))
 
 
 def trajectory(model: str, dataset: str, steps: int, kernels_on: bool, perturb: bool) -> dict:
-    mixer, readout = MODELS[model]
+    mixer, readout, *opts = MODELS[model]
     env = dict(os.environ, BENCHBOX_C_KERNELS="on" if kernels_on else "off")
-    args = json.dumps(dict(mixer=mixer, readout=readout, dataset=dataset, steps=steps, perturb=perturb))
+    args = json.dumps(dict(mixer=mixer, readout=readout, readout_opts=opts[0] if opts else {}, dataset=dataset,
+                           steps=steps, perturb=perturb))
     out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), args], env=env, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"the training child failed: {out.stderr.strip().splitlines()[-1]}")
