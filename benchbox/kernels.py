@@ -905,7 +905,7 @@ static inline void rope_row_f32(float *out, const float *x, const float *csr, in
 #define TTT_WINDOW(T, SUF, MEAN, DOT, SQRT, EXP, AXPY, MM, ROPE)                                                         \
 static void ttt_window_forward_range_##SUF(const T *proj, int64_t ps, const T *lrb, const T *tok, const T *W, \
         const T *b1, const T *gam, const T *bet, const T *cs, double eta_scale, T *out, T *save,          \
-        int64_t b0, int64_t b1n, int64_t S, int64_t H, int64_t D, double eps) {                          \
+        int64_t b0, int64_t b1n, int64_t S, int64_t H, int64_t D, int64_t K, double eps) {               \
     const int64_t C = H * D, SV = TTT_WINDOW_SAVE(S, D);                                                \
     T g2[64], zk[64 * 64], zq[64 * 64], gt[64 * 64], mean[64];                                          \
     for (int64_t b = b0; b < b1n; b++)                                                                  \
@@ -934,13 +934,20 @@ static void ttt_window_forward_range_##SUF(const T *proj, int64_t ps, const T *l
             }                                                                                           \
             MM(zk, kr, Wh, S, D, D, 0, 1, 1);                                                           \
             MM(zq, qr, Wh, S, D, D, 0, 1, 1);                                                           \
-            lnl2_rows_##SUF(zk, g2, gt, xh, mean, rstd, gxl, G, S, D, S, eps);                          \
+            for (int64_t t = 0; t < S; t++) {  /* G row by row: a row sees the earlier mini-batches' steps */ \
+                for (int64_t s = 0; s < t / K * K; s++) {                                               \
+                    const T m = (DOT(kr + t * D, kr + s * D, D) * (T)D + 1) * tok[K - 1] * sg[s] * (T)eta_scale; \
+                    AXPY(zk + t * D, -m, G + s * D, D);                                                 \
+                }                                                                                       \
+                lnl2_rows_##SUF(zk + t * D, g2, gt + t * D, xh + t * D, mean + t, rstd + t, gxl + t * D,    \
+                                G + t * D, 1, D, 1, eps);                                               \
+            }                                                                                           \
             for (int64_t t = 0; t < S; t++) {                                                           \
                 T *zqt = zq + t * D, *o = out + (b * S + t) * C + h * D;                                \
-                const T eta_t = tok[t];                                                                 \
                 for (int64_t s = 0; s < S; s++) {                                                       \
                     if (s > t) { P[t * S + s] = 0; continue; }                                          \
-                    const T p = (DOT(qr + t * D, kr + s * D, D) * (T)D + 1) * eta_t * sg[s] * (T)eta_scale; \
+                    const T tk = s / K == t / K ? tok[t % K] : tok[K - 1];                              \
+                    const T p = (DOT(qr + t * D, kr + s * D, D) * (T)D + 1) * tk * sg[s] * (T)eta_scale; \
                     P[t * S + s] = p;                                                                   \
                     AXPY(zqt, -p, G + s * D, D);                                                        \
                 }                                                                                       \
@@ -958,7 +965,8 @@ static void ttt_window_forward_range_##SUF(const T *proj, int64_t ps, const T *l
 }                                                                                                       \
 static void ttt_window_backward_range_##SUF(const T *proj, int64_t ps, const T *tok, const T *WT,           \
         const T *gam, const T *cs, double eta_scale, const T *save, const T *dout, T *dproj, T *dW, T *db,  \
-        T *dgam, T *dbet, T *dtok, T *dlrb, int64_t b0, int64_t b1n, int64_t S, int64_t H, int64_t D) {   \
+        T *dgam, T *dbet, T *dtok, T *dlrb, int64_t b0, int64_t b1n, int64_t S, int64_t H, int64_t D,     \
+        int64_t K) {                                                                                    \
     const int64_t C = H * D, SV = TTT_WINDOW_SAVE(S, D);                                                \
     T g2[64], dg2[64], dxh[64], dq[64 * 64], dk[64 * 64], dz[64 * 64], dG[64 * 64], dzk[64 * 64];       \
     T dgt[64 * 64], deta[64];                                                                           \
@@ -994,14 +1002,28 @@ static void ttt_window_backward_range_##SUF(const T *proj, int64_t ps, const T *
                     const T p = P[t * S + s], dp = -DOT(dzt, G + s * D, D) * (T)D;                      \
                     AXPY(dG + s * D, -p, dzt, D);                                                       \
                     const T a1 = DOT(qr + t * D, kr + s * D, D) * (T)D + 1, es = sg[s] * (T)eta_scale;  \
-                    const T da = dp * tok[t] * es;                                                      \
-                    dtok[t] += dp * a1 * es;                                                            \
-                    deta[s] += dp * a1 * tok[t];                                                        \
+                    const int64_t ti = s / K == t / K ? t % K : K - 1;                                  \
+                    const T da = dp * tok[ti] * es;                                                     \
+                    dtok[ti] += dp * a1 * es;                                                           \
+                    deta[s] += dp * a1 * tok[ti];                                                       \
                     AXPY(dq + t * D, da, kr + s * D, D);                                                \
                     AXPY(dk + s * D, da, qr + t * D, D);                                                \
                 }                                                                                       \
             }                                                                                           \
-            lnl2_vjp_rows_##SUF(dG, G, xh, rstd, gxl, g2, dzk, dgt, dg2, dxh, S, D, S);                 \
+            for (int64_t t = S - 1; t >= 0; t--) {  /* G's rows in reverse: a row's z read earlier G's */ \
+                lnl2_vjp_rows_##SUF(dG + t * D, G + t * D, xh + t * D, rstd + t, gxl + t * D, g2, dzk + t * D, \
+                                    dgt + t * D, dg2, dxh, 1, D, 1);                                    \
+                for (int64_t s = 0; s < t / K * K; s++) {  /* z_t -= M[t][s] G_s, M = (k_t.k_s + 1) tok_last eta_s */ \
+                    const T es = sg[s] * (T)eta_scale, tl = tok[K - 1];                                 \
+                    const T kk1 = DOT(kr + t * D, kr + s * D, D) * (T)D + 1;                            \
+                    const T dm = -DOT(dzk + t * D, G + s * D, D) * (T)D, dkk = dm * tl * es;            \
+                    AXPY(dG + s * D, -kk1 * tl * es, dzk + t * D, D);                                   \
+                    AXPY(dk + t * D, dkk, kr + s * D, D);                                               \
+                    AXPY(dk + s * D, dkk, kr + t * D, D);                                               \
+                    dtok[K - 1] += dm * kk1 * es;                                                       \
+                    deta[s] += dm * kk1 * tl;                                                           \
+                }                                                                                       \
+            }                                                                                           \
             for (int64_t j = 0; j < D; j++) dgh[j] += 2 * gh[j] * dg2[j];                               \
             for (int64_t t = 0; t < S; t++) {                                                           \
                 T *dkt = dk + t * D, *dv = dproj + (b * S + t) * ps + 2 * C + h * D;                    \
@@ -1505,16 +1527,16 @@ void benchbox_conv_silu_backward_##SUF(const T *x, int64_t x_sb, int64_t x_st, c
 }                                                                                                       \
 void benchbox_ttt_window_forward_##SUF(const T *proj, int64_t ps, const T *lrb, const T *tok, const T *W,   \
         const T *bias1, const T *gam, const T *bet, const T *cs, double eta_scale, T *out, T *save,      \
-        int64_t batch, int64_t parts, int64_t S, int64_t H, int64_t D, double eps) {                    \
+        int64_t batch, int64_t parts, int64_t S, int64_t H, int64_t D, int64_t K, double eps) {         \
     PARTS(ttt_window_forward_range_##SUF(proj, ps, lrb, tok, W, bias1, gam, bet, cs, eta_scale, out, save, b0, b1, \
-                                         S, H, D, eps))                                                 \
+                                         S, H, D, K, eps))                                              \
 }                                                                                                       \
 void benchbox_ttt_window_backward_##SUF(const T *proj, int64_t ps, const T *tok, const T *WT, const T *gam,  \
         const T *cs, double eta_scale, const T *save, const T *dout, T *dproj, T *dW, T *db, T *dgam, T *dbet, \
-        T *dtok, T *dlrb, int64_t batch, int64_t parts, int64_t S, int64_t H, int64_t D) {              \
+        T *dtok, T *dlrb, int64_t batch, int64_t parts, int64_t S, int64_t H, int64_t D, int64_t K) {   \
     PARTS(ttt_window_backward_range_##SUF(proj, ps, tok, WT, gam, cs, eta_scale, save, dout, dproj,      \
-            dW + p_ * H * D * D, db + p_ * H * D, dgam + p_ * H * D, dbet + p_ * H * D, dtok + p_ * S,   \
-            dlrb + p_ * H, b0, b1, S, H, D))                                                            \
+            dW + p_ * H * D * D, db + p_ * H * D, dgam + p_ * H * D, dbet + p_ * H * D, dtok + p_ * K,   \
+            dlrb + p_ * H, b0, b1, S, H, D, K))                                                         \
 }                                                                                                       \
 void benchbox_mlp_chunk_forward_##SUF(const T *kq, const T *W1, const T *bias1, const T *W2, const T *b2,    \
         const T *gt, const T *gam2, const T *P, const T *coef, const T *eT, T *zq, T *W1n, T *b1n, T *W2n,  \
@@ -2114,8 +2136,8 @@ def conv_silu_backward(x, wt, bias, dout):
 def _ttt_window_kernels():
     """{torch dtype: (forward, backward)} of TTT-Linear's whole layer over one mini-batch (empty where no library)."""
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-    forward = _per_dtype("ttt_window_forward", None, [p, i] + [p] * 7 + [f, p, p] + [i] * 5 + [f])
-    backward = _per_dtype("ttt_window_backward", None, [p, i, p, p, p, p, f] + [p] * 9 + [i] * 5)
+    forward = _per_dtype("ttt_window_forward", None, [p, i] + [p] * 7 + [f, p, p] + [i] * 6 + [f])
+    backward = _per_dtype("ttt_window_backward", None, [p, i, p, p, p, p, f] + [p] * 9 + [i] * 6)
     return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
 
 
@@ -2135,8 +2157,9 @@ def _window_save(s: int, d: int) -> int:
 
 
 def ttt_window_forward(proj, lrb, tok, W, b1, gam, bet, cs, eta_scale: float, heads: int, eps: float):
-    """(out (B, S, H D), saved) from the projection (B, S, 3 H D + H) (contiguous rows); lrb (H,), tok (>= S,),
-    W (H, D, D), b1 (H, 1, D), gam and bet (H, D), cs (S, D/2, 2) cos/sin or None, all contiguous."""
+    """(out (B, S, H D), saved) from the projection (B, S, 3 H D + H) (contiguous rows); lrb (H,), tok (K,) the token
+    factors of mini-batches of K positions (S may span several: one chunk of them, the torch scan's), W (H, D, D),
+    b1 (H, 1, D), gam and bet (H, D), cs (S, D/2, 2) cos/sin or None, all contiguous."""
     import torch
     batch, s, ps = proj.shape
     d = W.shape[-1]
@@ -2145,12 +2168,12 @@ def ttt_window_forward(proj, lrb, tok, W, b1, gam, bet, cs, eta_scale: float, he
     _ttt_window_kernels()[proj.dtype][0](proj.data_ptr(), ps, lrb.data_ptr(), tok.data_ptr(), W.data_ptr(),
                                          b1.data_ptr(), gam.data_ptr(), bet.data_ptr(), 0 if cs is None else cs.data_ptr(),
                                          float(eta_scale), out.data_ptr(), save.data_ptr(), batch, _parts(batch), s,
-                                         heads, d, float(eps))
+                                         heads, d, tok.shape[0], float(eps))
     return out, save
 
 
 def ttt_window_backward(proj, tok, WT, gam, cs, eta_scale: float, save, dout):
-    """(dproj, dW, db (H, D), dgam, dbet, dtok (S,), dlrb (H,)) from dout (B, S, H D); WT = W transposed per head."""
+    """(dproj, dW, db (H, D), dgam, dbet, dtok (K,), dlrb (H,)) from dout (B, S, H D); WT = W transposed per head."""
     import torch
     batch, s, ps = proj.shape
     heads, d = gam.shape
@@ -2159,11 +2182,12 @@ def ttt_window_backward(proj, tok, WT, gam, cs, eta_scale: float, save, dout):
     parts = _parts(batch)
     dW = proj.new_zeros(parts, heads, d, d)
     db, dgam, dbet = (proj.new_zeros(parts, heads, d) for _ in range(3))
-    dtok, dlrb = proj.new_zeros(parts, s), proj.new_zeros(parts, heads)
+    dtok, dlrb = proj.new_zeros(parts, tok.shape[0]), proj.new_zeros(parts, heads)
     _ttt_window_kernels()[proj.dtype][1](proj.data_ptr(), ps, tok.data_ptr(), WT.data_ptr(), gam.data_ptr(),
                                          0 if cs is None else cs.data_ptr(), float(eta_scale), save.data_ptr(),
                                          dout.data_ptr(), dproj.data_ptr(), dW.data_ptr(), db.data_ptr(), dgam.data_ptr(),
-                                         dbet.data_ptr(), dtok.data_ptr(), dlrb.data_ptr(), batch, parts, s, heads, d)
+                                         dbet.data_ptr(), dtok.data_ptr(), dlrb.data_ptr(), batch, parts, s, heads, d,
+                                         tok.shape[0])
     return dproj, dW.sum(0), db.sum(0), dgam.sum(0), dbet.sum(0), dtok.sum(0), dlrb.sum(0)
 
 

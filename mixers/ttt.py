@@ -1130,9 +1130,10 @@ def _rope_table(L: int, D: int, theta: float, mini_batch_size: int, dtype, devic
 
 
 class _LinearWindow(torch.autograd.Function):
-    """TTT-Linear between its projection and its post-norm for a sequence of at most one mini-batch (the study's
-    window of 10), in one C pass per direction (benchbox.kernels.ttt_window_forward / _backward): RoPE, eta, the
-    inner step's G, the dual form's P and P G, the inner LN and the residual, per (row, head) block, with no
+    """TTT-Linear between its projection and its post-norm for a sequence that the scan takes as one chunk (the study's
+    window of 10, with mini-batches of 1 to 16), in one C pass per direction (benchbox.kernels.ttt_window_forward /
+    _backward): RoPE, eta, the inner gradients G mini-batch after mini-batch (a row's inner input minus the earlier
+    mini-batches' steps), the dual form's P and P G, the inner LN and the residual, per (row, head) block, with no
     tensor in between (torch's path makes ~60 small operations of these and permuting copies). Reads q, k, v and
     the learning-rate logits from the projection's rows and writes their gradient in the same layout. ``forward``
     with ``_prepare`` and ``ttt_fast`` is the reference the tests hold it to."""
@@ -1150,9 +1151,7 @@ class _LinearWindow(torch.autograd.Function):
         proj, tok, W, gam, cs, save = ctx.saved_tensors
         dproj, dW, db, dgam, dbet, dtok, dlrb = _KERNELS.ttt_window_backward(
             proj, tok, W.transpose(1, 2).contiguous(), gam, cs, ctx.eta_scale, save, dout)
-        dtok_all = dtok.new_zeros(tok.shape)
-        dtok_all[:dtok.shape[0]] = dtok  # positions past the window take no gradient
-        return dproj, dlrb, dtok_all, dW, db.unsqueeze(1), dgam, dbet, None, None, None
+        return dproj, dlrb, dtok, dW, db.unsqueeze(1), dgam, dbet, None, None, None
 
 
 class _TTTBase(Mixer):
@@ -1311,11 +1310,14 @@ class _TTTBase(Mixer):
 
     def _window_in_c(self, x: torch.Tensor) -> bool:
         """Whether ``forward`` runs as ``_LinearWindow``: TTT-Linear, the torch backend, q and k from the projection,
-        at most one mini-batch of positions, the C kernels installed and applicable (not traced, no autocast)."""
+        a sequence that ``ttt_fast`` scans as one chunk (its rule: at most twice mb_per_chunk mini-batches, e.g. the
+        study's window of 10 with mini-batches of 1 to 16), the C kernels installed and applicable (not traced, no
+        autocast)."""
+        L, K = x.shape[1], self.mini_batch_size
+        one_chunk = L <= 2 * min(max(1, self.scan_chunk // K), -(-L // K)) * K
         return (self.KIND == "linear" and self.backend == "torch" and not self.share_qk and _KERNELS is not None
-                and 0 < x.shape[1] <= self.mini_batch_size and not torch.compiler.is_compiling()
-                and not torch.is_autocast_enabled(x.device.type)
-                and _KERNELS.ttt_window_applies(x, self.head_dim, x.shape[1]))
+                and 0 < L and one_chunk and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled(x.device.type) and _KERNELS.ttt_window_applies(x, self.head_dim, L))
 
     def _window(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer input h and the pre-norm output z (B, L, d_model) by ``_LinearWindow``."""
