@@ -19,7 +19,8 @@ torch; the tests hold each kernel to its torch path. This module imports torch o
 - ``ttt_dual_forward``, ``ttt_dual_backward``: TTT-Linear's dual form inside one mini-batch, around its GEMMs;
   ``lnl2_forward``, ``lnl2_vjp``: its inner loss gradient G and G's VJP alone (the last-position block).
 - ``ttt_window_forward``, ``ttt_window_backward``: TTT-Linear's whole layer between its projection and its post-norm
-  over a window of at most one mini-batch (the study's window of 10), per (row, head) block.
+  over a sequence its scan takes as one chunk (the study's window of 10, mini-batches of 1 to 16), per (row, head)
+  block.
 - ``mlp_chunk_forward``, ``mlp_chunk_backward``: TTT-MLP's chunk of one mini-batch per (row, head) block, its
   intermediates in cache; the backward recomputes the forward.
 - ``selective_scan_forward``, ``selective_scan_backward``, ``conv_silu_forward``, ``conv_silu_backward``: Mamba's
@@ -888,21 +889,24 @@ static inline void rope_row_f32(float *out, const float *x, const float *csr, in
     const vf16 sign = {-g, g, -g, g, -g, g, -g, g, -g, g, -g, g, -g, g, -g, g};
     for (int64_t j = 0; j < d; j += 16) {
         const vf16 cs = ld16(csr + j), xv = ld16(x + j);
-        st16(out + j, xv * __builtin_shuffle(cs, evens) + __builtin_shuffle(xv, swap) * __builtin_shuffle(cs, odds) * sign);
+        const vf16 c = __builtin_shuffle(cs, evens), sn = __builtin_shuffle(cs, odds) * sign;
+        st16(out + j, xv * c + __builtin_shuffle(xv, swap) * sn);
     }
 }
 
-/* TTT-Linear over a window of S <= mini_batch_size positions, the whole layer between its projection and its
-   post-norm (mixers.ttt._LinearWindow: the study's window of 10 in one mini-batch), per (b, h) block, with no
-   tensor in between: q, k, v and the learning-rate logit read from the projection's rows (q | k | v | logit,
-   row stride ps), RoPE on interleaved pairs (cs: (S, D/2) cos, sin pairs, or NULL), eta = sigmoid(logit + lrb)
-   eta_scale, Zk = K W + b, G = the inner loss gradient (lnl2_rows), P[t][s] = (q_t.k_s + 1) tok_t eta_s for
-   s <= t, Zq = Q W + b - P G and out = q + LN(Zq) gamma + beta, written as (B, S, H D). `save` keeps per block
-   what the backward reads (rotated q and k, G and its statistics, the output LN's, v - k - beta, sigmoid, P).
-   The backward writes d(projection) in the projection's layout and accumulates this part's parameter
-   gradients (dW (H, D, D), db, dgam, dbet (H, D), dtok (S), dlrb (H)); WT = W transposed per head. */
+/* TTT-Linear over a window of S positions that its scan takes as one chunk (mini-batches of K), the whole layer between
+   its projection and its post-norm (mixers.ttt._LinearWindow: the study's window of 10 with mini-batches of 1 to 16),
+   per (b, h) block, with no tensor in between: q, k, v and the learning-rate logit read from the projection's rows
+   (q | k | v | logit, row stride ps), RoPE on interleaved pairs (cs: (S, D/2) cos, sin pairs, or NULL), eta =
+   sigmoid(logit + lrb) eta_scale, Zk = K W + b, G = the inner loss gradient (lnl2_rows) row by row, a row's Zk first
+   less the earlier mini-batches' steps M[t][s] G_s (M = (k_t.k_s + 1) tok_{K-1} eta_s), P[t][s] = (q_t.k_s + 1)
+   tok eta_s for s <= t (tok of t's place in its mini-batch, or tok_{K-1} for an earlier mini-batch), Zq = Q W + b -
+   P G and out = q + LN(Zq) gamma + beta, written as (B, S, H D). `save` keeps per block what the backward reads
+   (rotated q and k, G and its statistics, the output LN's, v - k - beta, sigmoid, P). The backward writes
+   d(projection) in the projection's layout and accumulates this part's parameter gradients (dW (H, D, D), db, dgam,
+   dbet (H, D), dtok (K), dlrb (H)); WT = W transposed per head. */
 #define TTT_WINDOW_SAVE(S, D) (7 * (S) * (D) + 3 * (S) + (S) * (S))
-#define TTT_WINDOW(T, SUF, MEAN, DOT, SQRT, EXP, AXPY, MM, ROPE)                                                         \
+#define TTT_WINDOW(T, SUF, MEAN, DOT, SQRT, EXP, AXPY, MM, ROPE)                                          \
 static void ttt_window_forward_range_##SUF(const T *proj, int64_t ps, const T *lrb, const T *tok, const T *W, \
         const T *b1, const T *gam, const T *bet, const T *cs, double eta_scale, T *out, T *save,          \
         int64_t b0, int64_t b1n, int64_t S, int64_t H, int64_t D, int64_t K, double eps) {               \
@@ -1293,7 +1297,7 @@ CONV_SILU(f32, float, vf16, 16, ld16, st16, SS_SPLAT16, sigmoid16)
    pieces are mixers.ttt's (_gelu_t, _gelu_p, _gelu_pp). */
 #define GELU_A 0.044715
 #define GELU_C 0.7978845608028654
-#define MLP_CHUNK(T, SUF, MM, MMDOT, V, W, LD, ST, EXPV)                                                              \
+#define MLP_CHUNK(T, SUF, MM, MMDOT, V, W, LD, ST, EXPV)                                               \
 static void transpose_##SUF(T *dst, const T *src, int64_t R, int64_t C) {                               \
     for (int64_t r = 0; r < R; r++)                                                                     \
         for (int64_t c = 0; c < C; c++) dst[c * R + r] = src[r * C + c];                                \
@@ -1348,9 +1352,12 @@ static void mlp_block_##SUF(const T *kq, const T *W1, const T *b1, const T *W2, 
     MM(zq, X2q, W2, S, F, D, 0, 1, 1);                                                                  \
     MM(zq, Yc, G2, S, S, D, 0, -1, 1);                                                                  \
 }                                                                                                       \
-static int64_t mlp_scratch_##SUF(int64_t S, int64_t D, int64_t F) { return 8 * S * F + D * F + 4 * S * D + 2 * S + 2 * S * S; } \
-static void mlp_chunk_forward_range_##SUF(const T *kq, const T *W1, const T *b1, const T *W2, const T *b2, const T *gt, \
-        const T *gam2, const T *P, const T *coef, const T *eT, T *zq, T *W1n, T *b1n, T *W2n, T *b2n, T *work, \
+static int64_t mlp_scratch_##SUF(int64_t S, int64_t D, int64_t F) {                                     \
+    return 8 * S * F + D * F + 4 * S * D + 2 * S + 2 * S * S;                                           \
+}                                                                                                       \
+static void mlp_chunk_forward_range_##SUF(const T *kq, const T *W1, const T *b1, const T *W2, const T *b2,   \
+        const T *gt, const T *gam2, const T *P, const T *coef, const T *eT, T *zq, T *W1n, T *b1n, T *W2n,    \
+        T *b2n, T *work,                                                                                \
         int64_t e0, int64_t e1, int64_t S, int64_t D, int64_t F, double eps) {                          \
     T *x = work, *eg = work + mlp_scratch_##SUF(S, D, F);  /* eG1 (S F), eG2 (S D) */                   \
     for (int64_t e = e0; e < e1; e++) {                                                                 \
@@ -2127,14 +2134,15 @@ def conv_silu_backward(x, wt, bias, dout):
     parts = _parts(batch)
     dwt, dbias, pre = x.new_zeros(parts, *wt.shape), x.new_zeros(parts, d), x.new_empty(parts, length * d)
     _scan_kernels()[x.dtype][3](x.data_ptr(), x_sb, x_st, wt.data_ptr(), bias.data_ptr(), dout.data_ptr(),
-                                dx.data_ptr(), dwt.data_ptr(), dbias.data_ptr(), pre.data_ptr(), batch, parts, length, d,
+                                dx.data_ptr(), dwt.data_ptr(), dbias.data_ptr(), pre.data_ptr(), batch, parts, length,
+                                d,
                                 wt.shape[0])
     return dx, dwt.sum(0), dbias.sum(0)
 
 
 @functools.cache
 def _ttt_window_kernels():
-    """{torch dtype: (forward, backward)} of TTT-Linear's whole layer over one mini-batch (empty where no library)."""
+    """{torch dtype: (forward, backward)} of TTT-Linear's whole layer over one chunk (empty where no library)."""
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
     forward = _per_dtype("ttt_window_forward", None, [p, i] + [p] * 7 + [f, p, p] + [i] * 6 + [f])
     backward = _per_dtype("ttt_window_backward", None, [p, i, p, p, p, p, f] + [p] * 9 + [i] * 6)
@@ -2145,8 +2153,8 @@ TTT_WINDOW_MAX = 64  # positions and head size: the kernels' per-block arrays li
 
 
 def ttt_window_applies(x, head_dim: int, window: int) -> bool:
-    """Whether the one-mini-batch TTT-Linear kernels run for x (B, S, C): CPU, a dtype with a kernel, S and the
-    head size at most 64, and for float32 a head size that is a multiple of 16."""
+    """Whether the TTT-Linear window kernels run for x (B, S, C): CPU, a dtype with a kernel, S and the head size at
+    most 64, and for float32 a head size that is a multiple of 16 (the caller checks that S is one chunk)."""
     import torch
     return (x.device.type == "cpu" and x.dtype in _ttt_window_kernels() and 0 < window <= TTT_WINDOW_MAX
             and head_dim <= TTT_WINDOW_MAX and (x.dtype != torch.float32 or head_dim % 16 == 0))
@@ -2166,7 +2174,8 @@ def ttt_window_forward(proj, lrb, tok, W, b1, gam, bet, cs, eta_scale: float, he
     out = proj.new_empty(batch, s, heads * d)
     save = proj.new_empty(batch, heads, _window_save(s, d))
     _ttt_window_kernels()[proj.dtype][0](proj.data_ptr(), ps, lrb.data_ptr(), tok.data_ptr(), W.data_ptr(),
-                                         b1.data_ptr(), gam.data_ptr(), bet.data_ptr(), 0 if cs is None else cs.data_ptr(),
+                                         b1.data_ptr(), gam.data_ptr(), bet.data_ptr(),
+                                         0 if cs is None else cs.data_ptr(),
                                          float(eta_scale), out.data_ptr(), save.data_ptr(), batch, _parts(batch), s,
                                          heads, d, tok.shape[0], float(eps))
     return out, save
@@ -2185,7 +2194,8 @@ def ttt_window_backward(proj, tok, WT, gam, cs, eta_scale: float, save, dout):
     dtok, dlrb = proj.new_zeros(parts, tok.shape[0]), proj.new_zeros(parts, heads)
     _ttt_window_kernels()[proj.dtype][1](proj.data_ptr(), ps, tok.data_ptr(), WT.data_ptr(), gam.data_ptr(),
                                          0 if cs is None else cs.data_ptr(), float(eta_scale), save.data_ptr(),
-                                         dout.data_ptr(), dproj.data_ptr(), dW.data_ptr(), db.data_ptr(), dgam.data_ptr(),
+                                         dout.data_ptr(), dproj.data_ptr(), dW.data_ptr(), db.data_ptr(),
+                                         dgam.data_ptr(),
                                          dbet.data_ptr(), dtok.data_ptr(), dlrb.data_ptr(), batch, parts, s, heads, d,
                                          tok.shape[0])
     return dproj, dW.sum(0), db.sum(0), dgam.sum(0), dbet.sum(0), dtok.sum(0), dlrb.sum(0)
