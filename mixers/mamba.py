@@ -17,7 +17,7 @@ Scans (all in (batch, length, channels) layout, computed in fp32 or fp64, never 
   * chunk_size) instead of O(... * length).
 - Where the harness installs its C kernels (``install_kernels``; benchbox.kernels), ``selective_scan_chunked`` on CPU
   runs ``_FusedScan`` instead: the step recurrence itself with its D skip and gate, one pass per direction, the state
-  in registers, checkpointed every 16 steps; and the block's conv with its SiLU runs as ``_FusedConvSiLU``. The
+  in L1 (n-major), checkpointed every 16 steps; and the block's conv with its SiLU runs as ``_FusedConvSiLU``. The
   torch paths above are what the tests hold them to.
 - On CUDA with the optional ``mamba-ssm`` package, backend ``mamba_ssm`` runs its fused
   ``selective_scan_fn`` (and ``causal_conv1d_fn`` when ``causal-conv1d`` is importable).
@@ -301,7 +301,7 @@ def _fused_scan_applies(u, A) -> bool:
 
 class _FusedScan(torch.autograd.Function):
     """``_ChunkedScan`` and ``_finish`` in one C pass per direction (dt already positive): y_t = (C_t . h_t +
-    D u_t) silu(z_t) and the last state, the step recurrence itself with the state in registers and L1, nothing
+    D u_t) silu(z_t) and the last state, the step recurrence itself with the state (N, D) per row in L1, nothing
     (B, L, D, N) in memory. Keeps the state entering every 16th step; the backward recomputes each 16 steps
     from there. D and z may be None."""
 
