@@ -18,9 +18,8 @@ torch; the tests hold each kernel to its torch path. This module imports torch o
 - ``gru_cell``, ``gru_cell_backward``: one GRU time step's gates, forward and backward.
 - ``ttt_dual_forward``, ``ttt_dual_backward``: TTT-Linear's dual form inside one mini-batch, around its GEMMs;
   ``lnl2_forward``, ``lnl2_vjp``: its inner loss gradient G and G's VJP alone (the last-position block).
-- ``ttt_window_forward``, ``ttt_window_backward``: TTT-Linear's whole layer between its projection and its post-norm
-  over a sequence its scan takes as one chunk (the study's window of 10, mini-batches of 1 to 16), per (row, head)
-  block.
+- ``ttt_window_forward``, ``ttt_window_backward``: TTT-Linear's whole layer between its projection and its post-norm,
+  its scan's chunks in turn with the inner weights carried between them, per (row, head) block.
 - ``mlp_chunk_forward``, ``mlp_chunk_backward``: TTT-MLP's chunk of one mini-batch per (row, head) block, its
   intermediates in cache; the backward recomputes the forward.
 - ``selective_scan_forward``, ``selective_scan_backward``, ``conv_silu_forward``, ``conv_silu_backward``: Mamba's
@@ -894,168 +893,222 @@ static inline void rope_row_f32(float *out, const float *x, const float *csr, in
     }
 }
 
-/* TTT-Linear over a window of S positions that its scan takes as one chunk (mini-batches of K), the whole layer between
-   its projection and its post-norm (mixers.ttt._LinearWindow: the study's window of 10 with mini-batches of 1 to 16),
-   per (b, h) block, with no tensor in between: q, k, v and the learning-rate logit read from the projection's rows
+/* TTT-Linear over L positions scanned in chunks of SC (mini-batches of K, a chunk holds one or several, the last chunk
+   may be shorter), the whole layer between its projection and its post-norm (mixers.ttt._LinearWindow), per (b, h)
+   block, with no tensor in between; the inner weights (Wc, bc) start as the layer's and after each chunk take its
+   step W -= K^T (e G), b -= sum e G (e = tok_{K-1} eta), and `save` keeps them at every chunk's start. Per chunk: q, k, v and the learning-rate logit read from the projection's rows
    (q | k | v | logit, row stride ps), RoPE on interleaved pairs (cs: (S, D/2) cos, sin pairs, or NULL), eta =
    sigmoid(logit + lrb) eta_scale, Zk = K W + b, G = the inner loss gradient (lnl2_rows) row by row, a row's Zk first
    less the earlier mini-batches' steps M[t][s] G_s (M = (k_t.k_s + 1) tok_{K-1} eta_s), P[t][s] = (q_t.k_s + 1)
    tok eta_s for s <= t (tok of t's place in its mini-batch, or tok_{K-1} for an earlier mini-batch), Zq = Q W + b -
-   P G and out = q + LN(Zq) gamma + beta, written as (B, S, H D). `save` keeps per block what the backward reads
-   (rotated q and k, G and its statistics, the output LN's, v - k - beta, sigmoid, P). The backward writes
+   P G and out = q + LN(Zq) gamma + beta, written as (B, L, H D). `save` keeps per block what the backward reads
+   (rotated q and k, G and its statistics, the output LN's, v - k - beta, sigmoid, P and the weights per chunk). The
+   backward runs the chunks in reverse with the gradient of the weights after each chunk (dWn, dbn), writes
    d(projection) in the projection's layout and accumulates this part's parameter gradients (dW (H, D, D), db, dgam,
-   dbet (H, D), dtok (K), dlrb (H)); WT = W transposed per head. */
-#define TTT_WINDOW_SAVE(S, D) (7 * (S) * (D) + 3 * (S) + (S) * (S))
+   dbet (H, D), dtok (K), dlrb (H)). */
+#define TTT_WINDOW_CHUNKS(L, SC) (((L) + (SC) - 1) / (SC))
+#define TTT_WINDOW_SAVE(L, SC, D) (7 * (L) * (D) + 3 * (L) + TTT_WINDOW_CHUNKS(L, SC) * ((SC) * (SC) + (D) * (D) + (D)))
 #define TTT_WINDOW(T, SUF, MEAN, DOT, SQRT, EXP, AXPY, MM, ROPE)                                          \
 static void ttt_window_forward_range_##SUF(const T *proj, int64_t ps, const T *lrb, const T *tok, const T *W, \
         const T *b1, const T *gam, const T *bet, const T *cs, double eta_scale, T *out, T *save,          \
-        int64_t b0, int64_t b1n, int64_t S, int64_t H, int64_t D, int64_t K, double eps) {               \
-    const int64_t C = H * D, SV = TTT_WINDOW_SAVE(S, D);                                                \
-    T g2[64], zk[64 * 64], zq[64 * 64], gt[64 * 64], mean[64];                                          \
+        int64_t b0, int64_t b1n, int64_t L, int64_t H, int64_t D, int64_t K, int64_t SC, double eps) {  \
+    const int64_t C = H * D, SV = TTT_WINDOW_SAVE(L, SC, D), nc = TTT_WINDOW_CHUNKS(L, SC);            \
+    T g2[64], zk[64 * 64], zq[64 * 64], gt[64 * 64], mean[64], Wc[64 * 64], bc[64], eg[64 * 64];       \
     for (int64_t b = b0; b < b1n; b++)                                                                  \
         for (int64_t h = 0; h < H; h++) {                                                               \
-            T *qr = save + (b * H + h) * SV, *kr = qr + S * D, *G = kr + S * D, *xh = G + S * D;        \
-            T *gxl = xh + S * D, *xq = gxl + S * D, *vmk = xq + S * D, *rstd = vmk + S * D;             \
-            T *rstdq = rstd + S, *sg = rstdq + S, *P = sg + S;                                          \
-            const T *Wh = W + h * D * D, *bh = b1 + h * D, *gh = gam + h * D, *beh = bet + h * D;       \
+            T *qr = save + (b * H + h) * SV, *kr = qr + L * D, *G = kr + L * D, *xh = G + L * D;        \
+            T *gxl = xh + L * D, *xq = gxl + L * D, *vmk = xq + L * D, *rstd = vmk + L * D;             \
+            T *rstdq = rstd + L, *sg = rstdq + L, *Ps = sg + L, *Ws = Ps + nc * SC * SC, *bs = Ws + nc * D * D; \
+            const T *gh = gam + h * D, *beh = bet + h * D;                                              \
             for (int64_t j = 0; j < D; j++) g2[j] = gh[j] * gh[j];                                      \
-            for (int64_t t = 0; t < S; t++) {                                                           \
-                const T *row = proj + (b * S + t) * ps;                                                 \
-                const T *q = row + h * D, *k = row + C + h * D, *v = row + 2 * C + h * D;               \
-                T *qt = qr + t * D, *kt = kr + t * D;                                                   \
-                sg[t] = (T)1 / ((T)1 + EXP(-(row[3 * C + h] + lrb[h])));                                \
-                if (cs) {                                                                               \
-                    ROPE(qt, q, cs + t * D, D, 0);                                                      \
-                    ROPE(kt, k, cs + t * D, D, 0);                                                      \
-                } else {                                                                                \
-                    for (int64_t j = 0; j < D; j++) { qt[j] = q[j]; kt[j] = k[j]; }                     \
+            memcpy(Wc, W + h * D * D, D * D * sizeof(T));                                               \
+            memcpy(bc, b1 + h * D, D * sizeof(T));                                                      \
+            for (int64_t c = 0; c < nc; c++) {  /* chunk c: rows t0 .. t0 + r - 1, the state (Wc, bc) at its start */ \
+                const int64_t t0 = c * SC, r = L - t0 < SC ? L - t0 : SC;                               \
+                T *P = Ps + c * SC * SC;                                                                \
+                memcpy(Ws + c * D * D, Wc, D * D * sizeof(T));                                          \
+                memcpy(bs + c * D, bc, D * sizeof(T));                                                  \
+                for (int64_t t = 0; t < r; t++) {                                                       \
+                    const int64_t tg = t0 + t;                                                          \
+                    const T *row = proj + (b * L + tg) * ps;                                            \
+                    const T *q = row + h * D, *k = row + C + h * D, *v = row + 2 * C + h * D;           \
+                    T *qt = qr + tg * D, *kt = kr + tg * D;                                             \
+                    sg[tg] = (T)1 / ((T)1 + EXP(-(row[3 * C + h] + lrb[h])));                           \
+                    if (cs) {                                                                           \
+                        ROPE(qt, q, cs + tg * D, D, 0);                                                 \
+                        ROPE(kt, k, cs + tg * D, D, 0);                                                 \
+                    } else {                                                                            \
+                        for (int64_t j = 0; j < D; j++) { qt[j] = q[j]; kt[j] = k[j]; }                 \
+                    }                                                                                   \
+                    for (int64_t j = 0; j < D; j++) {                                                   \
+                        vmk[tg * D + j] = v[j] - kt[j] - beh[j];                                        \
+                        gt[t * D + j] = gh[j] * vmk[tg * D + j];                                        \
+                        zk[t * D + j] = bc[j];                                                          \
+                        zq[t * D + j] = bc[j];                                                          \
+                    }                                                                                   \
                 }                                                                                       \
-                for (int64_t j = 0; j < D; j++) {                                                       \
-                    vmk[t * D + j] = v[j] - kt[j] - beh[j];                                             \
-                    gt[t * D + j] = gh[j] * vmk[t * D + j];                                             \
+                const T *qc = qr + t0 * D, *kc = kr + t0 * D;                                           \
+                T *Gc = G + t0 * D;                                                                     \
+                MM(zk, kc, Wc, r, D, D, 0, 1, 1);                                                       \
+                MM(zq, qc, Wc, r, D, D, 0, 1, 1);                                                       \
+                for (int64_t t = 0; t < r; t++) {  /* G row by row: a row sees the earlier mini-batches' steps */ \
+                    for (int64_t s = 0; s < t / K * K; s++) {                                           \
+                        const T m = (DOT(kc + t * D, kc + s * D, D) * (T)D + 1) * tok[K - 1] * sg[t0 + s] * (T)eta_scale; \
+                        AXPY(zk + t * D, -m, Gc + s * D, D);                                            \
+                    }                                                                                   \
+                    lnl2_rows_##SUF(zk + t * D, g2, gt + t * D, xh + (t0 + t) * D, mean + t, rstd + t0 + t, \
+                                    gxl + (t0 + t) * D, Gc + t * D, 1, D, 1, eps);                      \
                 }                                                                                       \
-                for (int64_t j = 0; j < D; j++) { zk[t * D + j] = bh[j]; zq[t * D + j] = bh[j]; }       \
-            }                                                                                           \
-            MM(zk, kr, Wh, S, D, D, 0, 1, 1);                                                           \
-            MM(zq, qr, Wh, S, D, D, 0, 1, 1);                                                           \
-            for (int64_t t = 0; t < S; t++) {  /* G row by row: a row sees the earlier mini-batches' steps */ \
-                for (int64_t s = 0; s < t / K * K; s++) {                                               \
-                    const T m = (DOT(kr + t * D, kr + s * D, D) * (T)D + 1) * tok[K - 1] * sg[s] * (T)eta_scale; \
-                    AXPY(zk + t * D, -m, G + s * D, D);                                                 \
+                for (int64_t t = 0; t < r; t++) {                                                       \
+                    T *zqt = zq + t * D, *o = out + (b * L + t0 + t) * C + h * D;                       \
+                    for (int64_t s = 0; s < r; s++) {                                                   \
+                        if (s > t) { P[t * SC + s] = 0; continue; }                                     \
+                        const T tk = s / K == t / K ? tok[t % K] : tok[K - 1];                          \
+                        const T p = (DOT(qc + t * D, kc + s * D, D) * (T)D + 1) * tk * sg[t0 + s] * (T)eta_scale; \
+                        P[t * SC + s] = p;                                                              \
+                        AXPY(zqt, -p, Gc + s * D, D);                                                   \
+                    }                                                                                   \
+                    const T m = MEAN(zqt, D);                                                           \
+                    T *xqt = xq + (t0 + t) * D;                                                         \
+                    for (int64_t j = 0; j < D; j++) xqt[j] = zqt[j] - m;                                \
+                    const T rs = (T)1 / SQRT(DOT(xqt, xqt, D) + (T)eps);                                \
+                    rstdq[t0 + t] = rs;                                                                 \
+                    for (int64_t j = 0; j < D; j++) {                                                   \
+                        xqt[j] *= rs;                                                                   \
+                        o[j] = qc[t * D + j] + gh[j] * xqt[j] + beh[j];                                 \
+                    }                                                                                   \
                 }                                                                                       \
-                lnl2_rows_##SUF(zk + t * D, g2, gt + t * D, xh + t * D, mean + t, rstd + t, gxl + t * D,    \
-                                G + t * D, 1, D, 1, eps);                                               \
-            }                                                                                           \
-            for (int64_t t = 0; t < S; t++) {                                                           \
-                T *zqt = zq + t * D, *o = out + (b * S + t) * C + h * D;                                \
-                for (int64_t s = 0; s < S; s++) {                                                       \
-                    if (s > t) { P[t * S + s] = 0; continue; }                                          \
-                    const T tk = s / K == t / K ? tok[t % K] : tok[K - 1];                              \
-                    const T p = (DOT(qr + t * D, kr + s * D, D) * (T)D + 1) * tk * sg[s] * (T)eta_scale; \
-                    P[t * S + s] = p;                                                                   \
-                    AXPY(zqt, -p, G + s * D, D);                                                        \
-                }                                                                                       \
-                const T m = MEAN(zqt, D);                                                               \
-                T *xqt = xq + t * D;                                                                    \
-                for (int64_t j = 0; j < D; j++) xqt[j] = zqt[j] - m;                                    \
-                const T rs = (T)1 / SQRT(DOT(xqt, xqt, D) + (T)eps);                                    \
-                rstdq[t] = rs;                                                                          \
-                for (int64_t j = 0; j < D; j++) {                                                       \
-                    xqt[j] *= rs;                                                                       \
-                    o[j] = qr[t * D + j] + gh[j] * xqt[j] + beh[j];                                     \
+                if (c < nc - 1) {  /* the state after the chunk: W -= K^T (e G), b -= sum e G, e = tok_last eta */ \
+                    for (int64_t s = 0; s < r; s++) {                                                   \
+                        const T e = tok[K - 1] * sg[t0 + s] * (T)eta_scale;                             \
+                        for (int64_t j = 0; j < D; j++) eg[s * D + j] = e * Gc[s * D + j];              \
+                        AXPY(bc, -1, eg + s * D, D);                                                    \
+                    }                                                                                   \
+                    MM(Wc, kc, eg, D, r, D, 1, -1, 1);                                                  \
                 }                                                                                       \
             }                                                                                           \
         }                                                                                               \
 }                                                                                                       \
-static void ttt_window_backward_range_##SUF(const T *proj, int64_t ps, const T *tok, const T *WT,           \
+static void ttt_window_backward_range_##SUF(const T *proj, int64_t ps, const T *tok,                    \
         const T *gam, const T *cs, double eta_scale, const T *save, const T *dout, T *dproj, T *dW, T *db,  \
-        T *dgam, T *dbet, T *dtok, T *dlrb, int64_t b0, int64_t b1n, int64_t S, int64_t H, int64_t D,     \
-        int64_t K) {                                                                                    \
-    const int64_t C = H * D, SV = TTT_WINDOW_SAVE(S, D);                                                \
+        T *dgam, T *dbet, T *dtok, T *dlrb, int64_t b0, int64_t b1n, int64_t L, int64_t H, int64_t D,     \
+        int64_t K, int64_t SC) {                                                                        \
+    const int64_t C = H * D, SV = TTT_WINDOW_SAVE(L, SC, D), nc = TTT_WINDOW_CHUNKS(L, SC);            \
     T g2[64], dg2[64], dxh[64], dq[64 * 64], dk[64 * 64], dz[64 * 64], dG[64 * 64], dzk[64 * 64];       \
-    T dgt[64 * 64], deta[64];                                                                           \
+    T dgt[64 * 64], deta[64], WT[64 * 64], dWn[64 * 64], dbn[64], tmp[64 * 64];                         \
     for (int64_t b = b0; b < b1n; b++)                                                                  \
         for (int64_t h = 0; h < H; h++) {                                                               \
-            const T *qr = save + (b * H + h) * SV, *kr = qr + S * D, *G = kr + S * D, *xh = G + S * D;  \
-            const T *gxl = xh + S * D, *xq = gxl + S * D, *vmk = xq + S * D, *rstd = vmk + S * D;       \
-            const T *rstdq = rstd + S, *sg = rstdq + S, *P = sg + S;                                    \
-            const T *WTh = WT + h * D * D, *gh = gam + h * D;                                           \
-            T *dWh = dW + h * D * D, *dbh = db + h * D, *dgh = dgam + h * D, *dbeh = dbet + h * D;      \
-            for (int64_t j = 0; j < D; j++) { g2[j] = gh[j] * gh[j]; dg2[j] = 0; }                      \
-            for (int64_t i = 0; i < S * D; i++) dG[i] = 0;                                              \
-            for (int64_t t = 0; t < S; t++) {                                                           \
-                deta[t] = 0;                                                                            \
-                const T *a = dout + (b * S + t) * C + h * D, *xqt = xq + t * D;                         \
-                T *dzt = dz + t * D, *dqt = dq + t * D;                                                 \
-                for (int64_t j = 0; j < D; j++) {                                                       \
-                    dqt[j] = a[j];                                                                      \
-                    dgh[j] += a[j] * xqt[j];                                                            \
-                    dbeh[j] += a[j];                                                                    \
-                    dzt[j] = a[j] * gh[j];  /* d(xq), made d(Zq) below */                               \
+            const T *qr = save + (b * H + h) * SV, *kr = qr + L * D, *G = kr + L * D, *xh = G + L * D;  \
+            const T *gxl = xh + L * D, *xq = gxl + L * D, *vmk = xq + L * D, *rstd = vmk + L * D;       \
+            const T *rstdq = rstd + L, *sg = rstdq + L, *Ps = sg + L, *Ws = Ps + nc * SC * SC;          \
+            const T *gh = gam + h * D;                                                                  \
+            T *dgh = dgam + h * D, *dbeh = dbet + h * D;                                                \
+            for (int64_t j = 0; j < D; j++) { g2[j] = gh[j] * gh[j]; dg2[j] = 0; dbn[j] = 0; }          \
+            memset(dWn, 0, D * D * sizeof(T));                                                          \
+            for (int64_t c = nc - 1; c >= 0; c--) {  /* dWn, dbn: the gradient of the state after chunk c */ \
+                const int64_t t0 = c * SC, r = L - t0 < SC ? L - t0 : SC;                               \
+                const T *P = Ps + c * SC * SC, *Wc = Ws + c * D * D, *qc = qr + t0 * D, *kc = kr + t0 * D; \
+                const T *Gc = G + t0 * D, *sgc = sg + t0;                                               \
+                for (int64_t i = 0; i < D; i++)                                                         \
+                    for (int64_t j = 0; j < D; j++) WT[j * D + i] = Wc[i * D + j];                      \
+                memset(dG, 0, r * D * sizeof(T));                                                       \
+                memset(dk, 0, r * D * sizeof(T));                                                       \
+                for (int64_t t = 0; t < r; t++) deta[t] = 0;                                            \
+                if (c < nc - 1) {  /* the state update after the chunk, W' = W - K^T (e G), b' = b - sum e G */ \
+                    T *deg = tmp;                                                                       \
+                    for (int64_t s = 0; s < r; s++)                                                     \
+                        for (int64_t j = 0; j < D; j++) deg[s * D + j] = -dbn[j];                       \
+                    MM(deg, kc, dWn, r, D, D, 0, -1, 1);  /* d(e G) = -(K dW' + db') */                  \
+                    T *eg = dz, *dWnT = dzk;  /* scratch until those are written below */               \
+                    for (int64_t i = 0; i < D; i++)                                                     \
+                        for (int64_t j = 0; j < D; j++) dWnT[j * D + i] = dWn[i * D + j];               \
+                    for (int64_t s = 0; s < r; s++) {                                                   \
+                        const T es = tok[K - 1] * sgc[s] * (T)eta_scale;                                \
+                        const T de = DOT(Gc + s * D, deg + s * D, D) * (T)D;                            \
+                        deta[s] += de * tok[K - 1];                                                     \
+                        dtok[K - 1] += de * sgc[s] * (T)eta_scale;                                      \
+                        for (int64_t j = 0; j < D; j++) {                                               \
+                            dG[s * D + j] += es * deg[s * D + j];                                       \
+                            eg[s * D + j] = es * Gc[s * D + j];                                         \
+                        }                                                                               \
+                    }                                                                                   \
+                    MM(dk, eg, dWnT, r, D, D, 0, -1, 1);  /* dK = -(e G) dW'^T */                        \
                 }                                                                                       \
-                const T m1 = MEAN(dzt, D), m2 = DOT(dzt, xqt, D), rs = rstdq[t];                        \
-                for (int64_t j = 0; j < D; j++) dzt[j] = rs * (dzt[j] - m1 - xqt[j] * m2);              \
-                AXPY(dbh, 1, dzt, D);                                                                   \
-            }                                                                                           \
-            MM(dq, dz, WTh, S, D, D, 0, 1, 1);  /* Zq = Q W + b - P G */                                \
-            MM(dWh, qr, dz, D, S, D, 1, 1, 1);                                                          \
-            for (int64_t i = 0; i < S * D; i++) dk[i] = 0;                                              \
-            for (int64_t t = 0; t < S; t++) {                                                           \
-                const T *dzt = dz + t * D;                                                              \
-                for (int64_t s = 0; s <= t; s++) {                                                      \
-                    const T p = P[t * S + s], dp = -DOT(dzt, G + s * D, D) * (T)D;                      \
-                    AXPY(dG + s * D, -p, dzt, D);                                                       \
-                    const T a1 = DOT(qr + t * D, kr + s * D, D) * (T)D + 1, es = sg[s] * (T)eta_scale;  \
-                    const int64_t ti = s / K == t / K ? t % K : K - 1;                                  \
-                    const T da = dp * tok[ti] * es;                                                     \
-                    dtok[ti] += dp * a1 * es;                                                           \
-                    deta[s] += dp * a1 * tok[ti];                                                       \
-                    AXPY(dq + t * D, da, kr + s * D, D);                                                \
-                    AXPY(dk + s * D, da, qr + t * D, D);                                                \
+                for (int64_t t = 0; t < r; t++) {                                                       \
+                    const T *a = dout + (b * L + t0 + t) * C + h * D, *xqt = xq + (t0 + t) * D;         \
+                    T *dzt = dz + t * D, *dqt = dq + t * D;                                             \
+                    for (int64_t j = 0; j < D; j++) {                                                   \
+                        dqt[j] = a[j];                                                                  \
+                        dgh[j] += a[j] * xqt[j];                                                        \
+                        dbeh[j] += a[j];                                                                \
+                        dzt[j] = a[j] * gh[j];  /* d(xq), made d(Zq) below */                           \
+                    }                                                                                   \
+                    const T m1 = MEAN(dzt, D), m2 = DOT(dzt, xqt, D), rs = rstdq[t0 + t];               \
+                    for (int64_t j = 0; j < D; j++) dzt[j] = rs * (dzt[j] - m1 - xqt[j] * m2);          \
+                    AXPY(dbn, 1, dzt, D);                                                               \
                 }                                                                                       \
-            }                                                                                           \
-            for (int64_t t = S - 1; t >= 0; t--) {  /* G's rows in reverse: a row's z read earlier G's */ \
-                lnl2_vjp_rows_##SUF(dG + t * D, G + t * D, xh + t * D, rstd + t, gxl + t * D, g2, dzk + t * D, \
-                                    dgt + t * D, dg2, dxh, 1, D, 1);                                    \
-                for (int64_t s = 0; s < t / K * K; s++) {  /* z_t -= M[t][s] G_s, M = (k_t.k_s + 1) tok_last eta_s */ \
-                    const T es = sg[s] * (T)eta_scale, tl = tok[K - 1];                                 \
-                    const T kk1 = DOT(kr + t * D, kr + s * D, D) * (T)D + 1;                            \
-                    const T dm = -DOT(dzk + t * D, G + s * D, D) * (T)D, dkk = dm * tl * es;            \
-                    AXPY(dG + s * D, -kk1 * tl * es, dzk + t * D, D);                                   \
-                    AXPY(dk + t * D, dkk, kr + s * D, D);                                               \
-                    AXPY(dk + s * D, dkk, kr + t * D, D);                                               \
-                    dtok[K - 1] += dm * kk1 * es;                                                       \
-                    deta[s] += dm * kk1 * tl;                                                           \
+                MM(dq, dz, WT, r, D, D, 0, 1, 1);  /* Zq = Q W + b - P G */                             \
+                MM(dWn, qc, dz, D, r, D, 1, 1, 1);                                                      \
+                for (int64_t t = 0; t < r; t++) {                                                       \
+                    const T *dzt = dz + t * D;                                                          \
+                    for (int64_t s = 0; s <= t; s++) {                                                  \
+                        const T p = P[t * SC + s], dp = -DOT(dzt, Gc + s * D, D) * (T)D;                \
+                        AXPY(dG + s * D, -p, dzt, D);                                                   \
+                        const T a1 = DOT(qc + t * D, kc + s * D, D) * (T)D + 1, es = sgc[s] * (T)eta_scale; \
+                        const int64_t ti = s / K == t / K ? t % K : K - 1;                              \
+                        const T da = dp * tok[ti] * es;                                                 \
+                        dtok[ti] += dp * a1 * es;                                                       \
+                        deta[s] += dp * a1 * tok[ti];                                                   \
+                        AXPY(dq + t * D, da, kc + s * D, D);                                            \
+                        AXPY(dk + s * D, da, qc + t * D, D);                                            \
+                    }                                                                                   \
+                }                                                                                       \
+                for (int64_t t = r - 1; t >= 0; t--) {  /* G's rows in reverse: a row's z read earlier G's */ \
+                    lnl2_vjp_rows_##SUF(dG + t * D, Gc + t * D, xh + (t0 + t) * D, rstd + t0 + t,           \
+                                        gxl + (t0 + t) * D, g2, dzk + t * D, dgt + t * D, dg2, dxh, 1, D, 1); \
+                    for (int64_t s = 0; s < t / K * K; s++) {  /* z_t -= M[t][s] G_s */                 \
+                        const T es = sgc[s] * (T)eta_scale, tl = tok[K - 1];                            \
+                        const T kk1 = DOT(kc + t * D, kc + s * D, D) * (T)D + 1;                        \
+                        const T dm = -DOT(dzk + t * D, Gc + s * D, D) * (T)D, dkk = dm * tl * es;       \
+                        AXPY(dG + s * D, -kk1 * tl * es, dzk + t * D, D);                               \
+                        AXPY(dk + t * D, dkk, kc + s * D, D);                                           \
+                        AXPY(dk + s * D, dkk, kc + t * D, D);                                           \
+                        dtok[K - 1] += dm * kk1 * es;                                                   \
+                        deta[s] += dm * kk1 * tl;                                                       \
+                    }                                                                                   \
+                }                                                                                       \
+                for (int64_t t = 0; t < r; t++) {                                                       \
+                    T *dkt = dk + t * D, *dv = dproj + (b * L + t0 + t) * ps + 2 * C + h * D;           \
+                    for (int64_t j = 0; j < D; j++) {  /* gt = gamma (v - k - beta) */                  \
+                        const T dvm = gh[j] * dgt[t * D + j];                                           \
+                        dv[j] = dvm;                                                                    \
+                        dkt[j] -= dvm;                                                                  \
+                        dbeh[j] -= dvm;                                                                 \
+                        dgh[j] += vmk[(t0 + t) * D + j] * dgt[t * D + j];                               \
+                    }                                                                                   \
+                    AXPY(dbn, 1, dzk + t * D, D);                                                       \
+                }                                                                                       \
+                MM(dk, dzk, WT, r, D, D, 0, 1, 1);  /* Zk = K W + b */                                  \
+                MM(dWn, kc, dzk, D, r, D, 1, 1, 1);                                                     \
+                for (int64_t t = 0; t < r; t++) {                                                       \
+                    const int64_t tg = t0 + t;                                                          \
+                    T *row = dproj + (b * L + tg) * ps;                                                 \
+                    const T *dqt = dq + t * D, *dkt = dk + t * D;                                       \
+                    T *dqo = row + h * D, *dko = row + C + h * D;                                       \
+                    if (cs) {  /* RoPE's transpose */                                                   \
+                        ROPE(dqo, dqt, cs + tg * D, D, 1);                                              \
+                        ROPE(dko, dkt, cs + tg * D, D, 1);                                              \
+                    } else {                                                                            \
+                        for (int64_t j = 0; j < D; j++) { dqo[j] = dqt[j]; dko[j] = dkt[j]; }           \
+                    }                                                                                   \
+                    const T dl = deta[t] * (T)eta_scale * sg[tg] * (1 - sg[tg]);                        \
+                    row[3 * C + h] = dl;                                                                \
+                    dlrb[h] += dl;                                                                      \
                 }                                                                                       \
             }                                                                                           \
             for (int64_t j = 0; j < D; j++) dgh[j] += 2 * gh[j] * dg2[j];                               \
-            for (int64_t t = 0; t < S; t++) {                                                           \
-                T *dkt = dk + t * D, *dv = dproj + (b * S + t) * ps + 2 * C + h * D;                    \
-                for (int64_t j = 0; j < D; j++) {  /* gt = gamma (v - k - beta) */                      \
-                    const T dvm = gh[j] * dgt[t * D + j];                                               \
-                    dv[j] = dvm;                                                                        \
-                    dkt[j] -= dvm;                                                                      \
-                    dbeh[j] -= dvm;                                                                     \
-                    dgh[j] += vmk[t * D + j] * dgt[t * D + j];                                          \
-                }                                                                                       \
-                AXPY(dbh, 1, dzk + t * D, D);                                                           \
-            }                                                                                           \
-            MM(dk, dzk, WTh, S, D, D, 0, 1, 1);  /* Zk = K W + b */                                     \
-            MM(dWh, kr, dzk, D, S, D, 1, 1, 1);                                                         \
-            for (int64_t t = 0; t < S; t++) {                                                           \
-                T *row = dproj + (b * S + t) * ps;                                                      \
-                const T *dqt = dq + t * D, *dkt = dk + t * D;                                           \
-                T *dqo = row + h * D, *dko = row + C + h * D;                                           \
-                if (cs) {  /* RoPE's transpose */                                                       \
-                    ROPE(dqo, dqt, cs + t * D, D, 1);                                                   \
-                    ROPE(dko, dkt, cs + t * D, D, 1);                                                   \
-                } else {                                                                                \
-                    for (int64_t j = 0; j < D; j++) { dqo[j] = dqt[j]; dko[j] = dkt[j]; }               \
-                }                                                                                       \
-                const T dl = deta[t] * (T)eta_scale * sg[t] * (1 - sg[t]);                              \
-                row[3 * C + h] = dl;                                                                    \
-                dlrb[h] += dl;                                                                          \
-            }                                                                                           \
+            AXPY(dW + h * D * D, 1, dWn, D * D);  /* the state at the start: the layer's own W and b */ \
+            AXPY(db + h * D, 1, dbn, D);                                                                \
         }                                                                                               \
 }
 TTT_WINDOW(double, f64, mean_f64, dot_f64, sqrt, exp, axpy_f64, mm_f64, rope_row_f64)
@@ -1534,16 +1587,16 @@ void benchbox_conv_silu_backward_##SUF(const T *x, int64_t x_sb, int64_t x_st, c
 }                                                                                                       \
 void benchbox_ttt_window_forward_##SUF(const T *proj, int64_t ps, const T *lrb, const T *tok, const T *W,   \
         const T *bias1, const T *gam, const T *bet, const T *cs, double eta_scale, T *out, T *save,      \
-        int64_t batch, int64_t parts, int64_t S, int64_t H, int64_t D, int64_t K, double eps) {         \
+        int64_t batch, int64_t parts, int64_t S, int64_t H, int64_t D, int64_t K, int64_t SC, double eps) { \
     PARTS(ttt_window_forward_range_##SUF(proj, ps, lrb, tok, W, bias1, gam, bet, cs, eta_scale, out, save, b0, b1, \
-                                         S, H, D, K, eps))                                              \
+                                         S, H, D, K, SC, eps))                                          \
 }                                                                                                       \
-void benchbox_ttt_window_backward_##SUF(const T *proj, int64_t ps, const T *tok, const T *WT, const T *gam,  \
-        const T *cs, double eta_scale, const T *save, const T *dout, T *dproj, T *dW, T *db, T *dgam, T *dbet, \
-        T *dtok, T *dlrb, int64_t batch, int64_t parts, int64_t S, int64_t H, int64_t D, int64_t K) {   \
-    PARTS(ttt_window_backward_range_##SUF(proj, ps, tok, WT, gam, cs, eta_scale, save, dout, dproj,      \
+void benchbox_ttt_window_backward_##SUF(const T *proj, int64_t ps, const T *tok, const T *gam, const T *cs,  \
+        double eta_scale, const T *save, const T *dout, T *dproj, T *dW, T *db, T *dgam, T *dbet, T *dtok,  \
+        T *dlrb, int64_t batch, int64_t parts, int64_t S, int64_t H, int64_t D, int64_t K, int64_t SC) {  \
+    PARTS(ttt_window_backward_range_##SUF(proj, ps, tok, gam, cs, eta_scale, save, dout, dproj,          \
             dW + p_ * H * D * D, db + p_ * H * D, dgam + p_ * H * D, dbet + p_ * H * D, dtok + p_ * K,   \
-            dlrb + p_ * H, b0, b1, S, H, D, K))                                                         \
+            dlrb + p_ * H, b0, b1, S, H, D, K, SC))                                                     \
 }                                                                                                       \
 void benchbox_mlp_chunk_forward_##SUF(const T *kq, const T *W1, const T *bias1, const T *W2, const T *b2,    \
         const T *gt, const T *gam2, const T *P, const T *coef, const T *eT, T *zq, T *W1n, T *b1n, T *W2n,  \
@@ -2142,49 +2195,52 @@ def conv_silu_backward(x, wt, bias, dout):
 
 @functools.cache
 def _ttt_window_kernels():
-    """{torch dtype: (forward, backward)} of TTT-Linear's whole layer over one chunk (empty where no library)."""
+    """{torch dtype: (forward, backward)} of TTT-Linear's whole layer over its scan's chunks (empty where no
+    library)."""
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-    forward = _per_dtype("ttt_window_forward", None, [p, i] + [p] * 7 + [f, p, p] + [i] * 6 + [f])
-    backward = _per_dtype("ttt_window_backward", None, [p, i, p, p, p, p, f] + [p] * 9 + [i] * 6)
+    forward = _per_dtype("ttt_window_forward", None, [p, i] + [p] * 7 + [f, p, p] + [i] * 7 + [f])
+    backward = _per_dtype("ttt_window_backward", None, [p, i, p, p, p, f] + [p] * 9 + [i] * 7)
     return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
 
 
-TTT_WINDOW_MAX = 64  # positions and head size: the kernels' per-block arrays live on the stack
+TTT_WINDOW_MAX = 64  # a chunk's positions and the head size: the kernels' per-chunk arrays live on the stack
 
 
-def ttt_window_applies(x, head_dim: int, window: int) -> bool:
-    """Whether the TTT-Linear window kernels run for x (B, S, C): CPU, a dtype with a kernel, S and the head size at
-    most 64, and for float32 a head size that is a multiple of 16 (the caller checks that S is one chunk)."""
+def ttt_window_applies(x, head_dim: int, chunk: int) -> bool:
+    """Whether the TTT-Linear window kernels run for x (B, L, C) scanned in chunks of ``chunk`` positions: CPU, a
+    dtype with a kernel, chunks and the head size at most 64, and for float32 a head size that is a multiple of 16
+    (the caller picks the chunks as the torch scan does)."""
     import torch
-    return (x.device.type == "cpu" and x.dtype in _ttt_window_kernels() and 0 < window <= TTT_WINDOW_MAX
+    return (x.device.type == "cpu" and x.dtype in _ttt_window_kernels() and 0 < chunk <= TTT_WINDOW_MAX
             and head_dim <= TTT_WINDOW_MAX and (x.dtype != torch.float32 or head_dim % 16 == 0))
 
 
-def _window_save(s: int, d: int) -> int:
-    return 7 * s * d + 3 * s + s * s
+def _window_save(length: int, chunk: int, d: int) -> int:
+    n = -(-length // chunk)
+    return 7 * length * d + 3 * length + n * (chunk * chunk + d * d + d)
 
 
-def ttt_window_forward(proj, lrb, tok, W, b1, gam, bet, cs, eta_scale: float, heads: int, eps: float):
-    """(out (B, S, H D), saved) from the projection (B, S, 3 H D + H) (contiguous rows); lrb (H,), tok (K,) the token
-    factors of mini-batches of K positions (S may span several: one chunk of them, the torch scan's), W (H, D, D),
-    b1 (H, 1, D), gam and bet (H, D), cs (S, D/2, 2) cos/sin or None, all contiguous."""
-    import torch
-    batch, s, ps = proj.shape
+def ttt_window_forward(proj, lrb, tok, W, b1, gam, bet, cs, eta_scale: float, heads: int, chunk: int, eps: float):
+    """(out (B, L, H D), saved) from the projection (B, L, 3 H D + H) (contiguous rows), scanned in chunks of ``chunk``
+    positions (the last may be shorter) with the inner weights carried from chunk to chunk; lrb (H,), tok (K,) the
+    token factors of mini-batches of K positions (a chunk holds one or several), W (H, D, D), b1 (H, 1, D), gam and bet
+    (H, D), cs (L, D/2, 2) cos/sin or None, all contiguous."""
+    batch, length, ps = proj.shape
     d = W.shape[-1]
-    out = proj.new_empty(batch, s, heads * d)
-    save = proj.new_empty(batch, heads, _window_save(s, d))
+    out = proj.new_empty(batch, length, heads * d)
+    save = proj.new_empty(batch, heads, _window_save(length, chunk, d))
     _ttt_window_kernels()[proj.dtype][0](proj.data_ptr(), ps, lrb.data_ptr(), tok.data_ptr(), W.data_ptr(),
                                          b1.data_ptr(), gam.data_ptr(), bet.data_ptr(),
-                                         0 if cs is None else cs.data_ptr(),
-                                         float(eta_scale), out.data_ptr(), save.data_ptr(), batch, _parts(batch), s,
-                                         heads, d, tok.shape[0], float(eps))
+                                         0 if cs is None else cs.data_ptr(), float(eta_scale), out.data_ptr(),
+                                         save.data_ptr(), batch, _parts(batch), length, heads, d, tok.shape[0], chunk,
+                                         float(eps))
     return out, save
 
 
-def ttt_window_backward(proj, tok, WT, gam, cs, eta_scale: float, save, dout):
-    """(dproj, dW, db (H, D), dgam, dbet, dtok (K,), dlrb (H,)) from dout (B, S, H D); WT = W transposed per head."""
+def ttt_window_backward(proj, tok, gam, cs, eta_scale: float, chunk: int, save, dout):
+    """(dproj, dW, db (H, D), dgam, dbet, dtok (K,), dlrb (H,)) from dout (B, L, H D)."""
     import torch
-    batch, s, ps = proj.shape
+    batch, length, ps = proj.shape
     heads, d = gam.shape
     dout = dout.contiguous()
     dproj = torch.empty_like(proj)
@@ -2192,12 +2248,11 @@ def ttt_window_backward(proj, tok, WT, gam, cs, eta_scale: float, save, dout):
     dW = proj.new_zeros(parts, heads, d, d)
     db, dgam, dbet = (proj.new_zeros(parts, heads, d) for _ in range(3))
     dtok, dlrb = proj.new_zeros(parts, tok.shape[0]), proj.new_zeros(parts, heads)
-    _ttt_window_kernels()[proj.dtype][1](proj.data_ptr(), ps, tok.data_ptr(), WT.data_ptr(), gam.data_ptr(),
+    _ttt_window_kernels()[proj.dtype][1](proj.data_ptr(), ps, tok.data_ptr(), gam.data_ptr(),
                                          0 if cs is None else cs.data_ptr(), float(eta_scale), save.data_ptr(),
                                          dout.data_ptr(), dproj.data_ptr(), dW.data_ptr(), db.data_ptr(),
-                                         dgam.data_ptr(),
-                                         dbet.data_ptr(), dtok.data_ptr(), dlrb.data_ptr(), batch, parts, s, heads, d,
-                                         tok.shape[0])
+                                         dgam.data_ptr(), dbet.data_ptr(), dtok.data_ptr(), dlrb.data_ptr(), batch,
+                                         parts, length, heads, d, tok.shape[0], chunk)
     return dproj, dW.sum(0), db.sum(0), dgam.sum(0), dbet.sum(0), dtok.sum(0), dlrb.sum(0)
 
 

@@ -1130,28 +1130,29 @@ def _rope_table(L: int, D: int, theta: float, mini_batch_size: int, dtype, devic
 
 
 class _LinearWindow(torch.autograd.Function):
-    """TTT-Linear between its projection and its post-norm for a sequence that the scan takes as one chunk (the study's
-    window of 10, with mini-batches of 1 to 16), in one C pass per direction (benchbox.kernels.ttt_window_forward /
-    _backward): RoPE, eta, the inner gradients G mini-batch after mini-batch (a row's inner input minus the earlier
-    mini-batches' steps), the dual form's P and P G, the inner LN and the residual, per (row, head) block, with no
+    """TTT-Linear between its projection and its post-norm, in one C pass per direction (benchbox.kernels.
+    ttt_window_forward / _backward) over the scan's chunks in turn (``_window_chunk``: the study's window of 10 is
+    one chunk; L 200 with mini-batches of 16 is 13), the inner weights carried from chunk to chunk per (row, head)
+    block: RoPE, eta, the inner gradients G mini-batch after mini-batch (a row's inner input minus the earlier
+    mini-batches' steps), the dual form's P and P G, the inner LN, the residual and the weights' update, with no
     tensor in between (torch's path makes ~60 small operations of these and permuting copies). Reads q, k, v and
     the learning-rate logits from the projection's rows and writes their gradient in the same layout. ``forward``
     with ``_prepare`` and ``ttt_fast`` is the reference the tests hold it to."""
 
     @staticmethod
-    def forward(ctx, proj, lrb, tok, W, b1, gam, bet, cs, eta_scale, heads):
-        out, save = _KERNELS.ttt_window_forward(proj, lrb, tok, W, b1, gam, bet, cs, eta_scale, heads, LN_EPS)
-        ctx.save_for_backward(proj, tok, W, gam, cs, save)
-        ctx.eta_scale = eta_scale
+    def forward(ctx, proj, lrb, tok, W, b1, gam, bet, cs, eta_scale, heads, chunk):
+        out, save = _KERNELS.ttt_window_forward(proj, lrb, tok, W, b1, gam, bet, cs, eta_scale, heads, chunk, LN_EPS)
+        ctx.save_for_backward(proj, tok, gam, cs, save)
+        ctx.eta_scale, ctx.chunk = eta_scale, chunk
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        proj, tok, W, gam, cs, save = ctx.saved_tensors
-        dproj, dW, db, dgam, dbet, dtok, dlrb = _KERNELS.ttt_window_backward(
-            proj, tok, W.transpose(1, 2).contiguous(), gam, cs, ctx.eta_scale, save, dout)
-        return dproj, dlrb, dtok, dW, db.unsqueeze(1), dgam, dbet, None, None, None
+        proj, tok, gam, cs, save = ctx.saved_tensors
+        dproj, dW, db, dgam, dbet, dtok, dlrb = _KERNELS.ttt_window_backward(proj, tok, gam, cs, ctx.eta_scale,
+                                                                             ctx.chunk, save, dout)
+        return dproj, dlrb, dtok, dW, db.unsqueeze(1), dgam, dbet, None, None, None, None
 
 
 class _TTTBase(Mixer):
@@ -1308,16 +1309,22 @@ class _TTTBase(Mixer):
         z, _ = self._scan(q, k, v, eta, self._token_factors(), self._inner_params(B, x.dtype))
         return self._finish(h, z)
 
+    def _window_chunk(self, L: int) -> int:
+        """The positions of each chunk that ``ttt_fast`` scans a sequence of L in (the last may be shorter): the
+        whole sequence when it is at most twice mb_per_chunk mini-batches (e.g. the study's window of 10 with
+        mini-batches of 1 to 16), else mb_per_chunk mini-batches."""
+        K = self.mini_batch_size
+        g = min(max(1, self.scan_chunk // K), -(-L // K))
+        return L if L <= 2 * g * K else g * K
+
     def _window_in_c(self, x: torch.Tensor) -> bool:
         """Whether ``forward`` runs as ``_LinearWindow``: TTT-Linear, the torch backend, q and k from the projection,
-        a sequence that ``ttt_fast`` scans as one chunk (its rule: at most twice mb_per_chunk mini-batches, e.g. the
-        study's window of 10 with mini-batches of 1 to 16), the C kernels installed and applicable (not traced, no
+        the C kernels installed and applicable to the scan's chunks (at most 64 positions each; not traced, no
         autocast)."""
-        L, K = x.shape[1], self.mini_batch_size
-        one_chunk = L <= 2 * min(max(1, self.scan_chunk // K), -(-L // K)) * K
+        L = x.shape[1]
         return (self.KIND == "linear" and self.backend == "torch" and not self.share_qk and _KERNELS is not None
-                and 0 < L and one_chunk and not torch.compiler.is_compiling()
-                and not torch.is_autocast_enabled(x.device.type) and _KERNELS.ttt_window_applies(x, self.head_dim, L))
+                and 0 < L and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
+                and _KERNELS.ttt_window_applies(x, self.head_dim, self._window_chunk(L)))
 
     def _window(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer input h and the pre-norm output z (B, L, d_model) by ``_LinearWindow``."""
@@ -1333,7 +1340,7 @@ class _TTTBase(Mixer):
         cs = _rope_table(L, D, self.rope_theta, self.mini_batch_size, dt, x.device) if self.use_rope else None
         z = _LinearWindow.apply(proj, self.learnable_ttt_lr_bias.reshape(H).to(dt), self._token_factors().to(dt),
                                 self.W1.to(dt), self.b1.to(dt), self.ttt_norm_weight.to(dt),
-                                self.ttt_norm_bias.to(dt), cs, self.ttt_base_lr / D, H)
+                                self.ttt_norm_bias.to(dt), cs, self.ttt_base_lr / D, H, self._window_chunk(L))
         return h, z
 
     def _cheap_last(self, x: torch.Tensor) -> bool:

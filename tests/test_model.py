@@ -858,11 +858,14 @@ def _nontrivial_ttt(m):
                                     (dict(mini_batch_size=4, use_rope=False), 4),
                                     (dict(mini_batch_size=16, num_heads=4), 16),
                                     (dict(mini_batch_size=1), 10), (dict(mini_batch_size=3), 10),
-                                    (dict(mini_batch_size=2), 7), (dict(mini_batch_size=16), 27)])
+                                    (dict(mini_batch_size=2), 7), (dict(mini_batch_size=16), 27),
+                                    (dict(mini_batch_size=16), 50), (dict(mini_batch_size=1), 40),
+                                    (dict(mini_batch_size=4, num_heads=4), 37)])
 def test_ttt_window_kernel_is_the_layers_torch_path(opts, L, monkeypatch):
-    """TTT-Linear over a sequence the scan takes as one chunk (the study's window, with one mini-batch or several:
-    mbs 1, 2, 3 and a ragged last one) as one C pass per direction (mixers.ttt._LinearWindow: RoPE, eta, G mini-batch
-    after mini-batch, P, P G, the inner LN and the residual from the projection's rows)
+    """TTT-Linear in one C pass per direction (mixers.ttt._LinearWindow: RoPE, eta, G mini-batch after mini-batch,
+    P, P G, the inner LN and the residual from the projection's rows, the inner weights carried from chunk to chunk)
+    over one chunk (the study's window with one mini-batch or several: mbs 1, 2, 3, a ragged last one) and several
+    (L 50 in chunks of 16 with a ragged tail; L 40 in chunks of 8 one-token mini-batches; L 37 in chunks of 8)
     against the layer's torch path (_prepare + ttt_fast, and forward_last's own): the full output, the last
     positions' (rows of several lengths) and the gradients of the input and of every parameter, float64 to 1e-12,
     float32 to its rounding, with non-trivial inner weights, norms, token factors."""
@@ -898,16 +901,17 @@ def test_ttt_window_kernel_gradcheck_and_what_it_declines(monkeypatch):
     r = lambda *s: torch.randn(*s, dtype=torch.float64, requires_grad=True)  # noqa: E731
     proj, lrb, W, b1, gam, bet = r(2, S, 3 * H * D + H), r(H), r(H, D, D), r(H, 1, D), r(H, D), r(H, D)
     cs = torch.view_as_real(ttt._rope_factors(torch.arange(S), D, 10000.0, "cpu")[:, 0]).contiguous()
-    for K in (7, 2):  # one mini-batch; three (2 + 2 + 1)
+    for K, chunk in ((7, 5), (2, 5), (1, 2), (2, 4)):  # one mini-batch; three (2 + 2 + 1); chunks of 2 and of 4
         tok = (torch.rand(K, dtype=torch.float64) + 0.1).requires_grad_()
         for table in (cs, None):
-            assert torch.autograd.gradcheck(lambda *a: ttt._LinearWindow.apply(*a, table, 0.3, H),
+            assert torch.autograd.gradcheck(lambda *a: ttt._LinearWindow.apply(*a, table, 0.3, H, chunk),
                                             (proj, lrb, tok, W, b1, gam, bet))
     x = torch.randn(2, 10, 64)
     assert mixers.build("ttt_linear", 64, mini_batch_size=10)._window_in_c(x)
     assert mixers.build("ttt_linear", 64, mini_batch_size=1)._window_in_c(x)  # ten mini-batches, one chunk
-    assert not mixers.build("ttt_linear", 64, mini_batch_size=1)._window_in_c(torch.randn(2, 17, 64))  # 2 chunks
-    assert not mixers.build("ttt_linear", 64, mini_batch_size=4)._window_in_c(torch.randn(2, 40, 64))
+    assert mixers.build("ttt_linear", 64, mini_batch_size=1)._window_in_c(torch.randn(2, 17, 64))  # 2 chunks
+    long = mixers.build("ttt_linear", 64, mini_batch_size=16, scan_chunk=128)  # chunks of 128 positions
+    assert long._window_chunk(300) == 128 and not long._window_in_c(torch.randn(2, 300, 64))
     assert not mixers.build("ttt_linear", 64, mini_batch_size=16, share_qk=True)._window_in_c(x)
     assert not mixers.build("ttt_linear", 64, mini_batch_size=16, backend="reference")._window_in_c(x)
     assert not mixers.build("ttt_mlp", 64, mini_batch_size=16)._window_in_c(x)
