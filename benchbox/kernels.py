@@ -1560,6 +1560,12 @@ MLP_CHUNK(float, f32, mm_f32, mmdot_f32, vf16, 16, ld16, st16, exp16)
         const int64_t b0 = batch * p_ / parts, b1 = batch * (p_ + 1) / parts;                           \
         CALL;                                                                                           \
     }
+/* The per-part scratch of the TTT-MLP chunk kernels and the per-block save of the window kernels, in values: the
+   Python side allocates what these say (one definition of each size). */
+int64_t benchbox_mlp_chunk_work(int64_t S, int64_t D, int64_t F, int backward) {
+    return mlp_scratch_f32(S, D, F) + (backward ? 8 * S * F + F * D + 4 * S * D + S * S : S * F + S * D);
+}
+int64_t benchbox_ttt_window_save(int64_t L, int64_t SC, int64_t D) { return TTT_WINDOW_SAVE(L, SC, D); }
 #define THREADED(T, SUF)                                                                                 \
 void benchbox_selective_scan_##SUF(const T *u, const T *dt, const T *at, const T *bm, const T *cm, int64_t bc_sb, \
         int64_t bc_st, const T *z, int64_t z_sb, int64_t z_st, const T *dskip, const T *h0, T *y, T *ys, T *hlast, \
@@ -1601,7 +1607,7 @@ void benchbox_ttt_window_backward_##SUF(const T *proj, int64_t ps, const T *tok,
 void benchbox_mlp_chunk_forward_##SUF(const T *kq, const T *W1, const T *bias1, const T *W2, const T *b2,    \
         const T *gt, const T *gam2, const T *P, const T *coef, const T *eT, T *zq, T *W1n, T *b1n, T *W2n,  \
         T *b2n, T *work, int64_t batch, int64_t parts, int64_t S, int64_t D, int64_t F, double eps) {   \
-    const int64_t ws = mlp_scratch_##SUF(S, D, F) + S * F + S * D;                                      \
+    const int64_t ws = benchbox_mlp_chunk_work(S, D, F, 0);                                             \
     PARTS(mlp_chunk_forward_range_##SUF(kq, W1, bias1, W2, b2, gt, gam2, P, coef, eT, zq, W1n, b1n, W2n, b2n, \
                                         work + p_ * ws, b0, b1, S, D, F, eps))                          \
 }                                                                                                       \
@@ -1610,7 +1616,7 @@ void benchbox_mlp_chunk_backward_##SUF(const T *kq, const T *W1, const T *bias1,
         const T *db1n, const T *dW2n, const T *db2n, T *dkq, T *dW1, T *db1, T *dW2, T *db2, T *dgt,     \
         T *dgam2, T *dP, T *dcoef, T *de, T *work, int64_t batch, int64_t parts, int64_t S, int64_t D,   \
         int64_t F, double eps) {                                                                        \
-    const int64_t ws = mlp_scratch_##SUF(S, D, F) + 8 * S * F + F * D + 4 * S * D + S * S;              \
+    const int64_t ws = benchbox_mlp_chunk_work(S, D, F, 1);                                             \
     PARTS(mlp_chunk_backward_range_##SUF(kq, W1, bias1, W2, b2, gt, gam2, P, coef, eT, dZq, dW1n, db1n, dW2n, \
             db2n, dkq, dW1, db1, dW2, db2, dgt, dgam2, dP, dcoef, de, work + p_ * ws, b0, b1, S, D, F, eps)) \
 }
@@ -2216,8 +2222,10 @@ def ttt_window_applies(x, head_dim: int, chunk: int) -> bool:
 
 
 def _window_save(length: int, chunk: int, d: int) -> int:
-    n = -(-length // chunk)
-    return 7 * length * d + 3 * length + n * (chunk * chunk + d * d + d)
+    """Values the window kernels keep per (row, head) block (the C library's own count)."""
+    fn = _library().benchbox_ttt_window_save
+    fn.restype, fn.argtypes = ctypes.c_int64, [ctypes.c_int64] * 3
+    return fn(length, chunk, d)
 
 
 def ttt_window_forward(proj, lrb, tok, W, b1, gam, bet, cs, eta_scale: float, heads: int, chunk: int, eps: float):
@@ -2273,8 +2281,11 @@ def mlp_chunk_applies(kq, d: int, f: int) -> bool:
             and (kq.dtype != torch.float32 or (d % 16 == 0 and f % 16 == 0)))
 
 
-def _mlp_scratch(s: int, d: int, f: int) -> int:
-    return 8 * s * f + d * f + 4 * s * d + 2 * s + 2 * s * s
+def _mlp_work(s: int, d: int, f: int, backward: bool) -> int:
+    """Values of scratch the TTT-MLP chunk kernels use per part (the C library's own count)."""
+    fn = _library().benchbox_mlp_chunk_work
+    fn.restype, fn.argtypes = ctypes.c_int64, [ctypes.c_int64] * 3 + [ctypes.c_int]
+    return fn(s, d, f, int(backward))
 
 
 def mlp_chunk_forward(kq, W1, b1, W2, b2, gt, gam2, P, coef, eT, update: bool, eps: float):
@@ -2286,7 +2297,7 @@ def mlp_chunk_forward(kq, W1, b1, W2, b2, gt, gam2, P, coef, eT, update: bool, e
     zq = kq.new_empty(bh, s, d)
     new = (torch.empty_like(W1), torch.empty_like(b1), torch.empty_like(W2), torch.empty_like(b2)) if update else None
     parts = _parts(bh)
-    work = kq.new_empty(parts, _mlp_scratch(s, d, f) + s * f + s * d)
+    work = kq.new_empty(parts, _mlp_work(s, d, f, False))
     args = [t.data_ptr() for t in (kq, W1, b1, W2, b2, gt, gam2, P, coef, eT, zq)]
     args += [t.data_ptr() for t in new] if update else [0, 0, 0, 0]
     _mlp_chunk_kernels()[kq.dtype][0](*args, work.data_ptr(), bh, parts, s, d, f, float(eps))
@@ -2304,7 +2315,7 @@ def mlp_chunk_backward(kq, W1, b1, W2, b2, gt, gam2, P, coef, eT, dZq, dnew, eps
             torch.empty_like(b2), torch.empty_like(gt), torch.empty_like(gam2), torch.empty_like(P),
             torch.empty_like(coef), torch.empty_like(eT))
     parts = _parts(bh)
-    work = kq.new_empty(parts, _mlp_scratch(s, d, f) + 8 * s * f + f * d + 4 * s * d + s * s)
+    work = kq.new_empty(parts, _mlp_work(s, d, f, True))
     args = [t.data_ptr() for t in (kq, W1, b1, W2, b2, gt, gam2, P, coef, eT, dZq)]
     dnew = None if dnew is None else [t.contiguous() for t in dnew]  # kept alive through the call
     args += [t.data_ptr() for t in dnew] if dnew is not None else [0, 0, 0, 0]
