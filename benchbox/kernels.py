@@ -256,7 +256,7 @@ RMSNORM_BACKWARD(benchbox_rmsnorm_backward_f64, double)
 /* ComiRec-SA's logits (readouts.ComiRecSAReadout._logits): s = sigmoid(u) for rows of hd and a = s w^T for
    w (k, hd), in one pass over u where torch makes two (sigmoid, then a product that reads s again); and the
    backward, gu = (ga w) s (1 - s) and gw = ga^T s, in one pass over s where torch makes three (the rank-k
-   product, sigmoid_backward, the weight's product). float: 16 lanes at a time with the compiler's vector
+   product, sigmoid_backward, the weight's product). float: VL lanes at a time with the compiler's vector
    types (hd a multiple of 16) and an exp of our own (Cephes' reduction and polynomial, about 1 ulp; torch's
    sigmoid differs by float rounding); double: plain loops and the C library's exp. gw sums its rows in
    blocks of 64, then the blocks. */
@@ -264,17 +264,49 @@ RMSNORM_BACKWARD(benchbox_rmsnorm_backward_f64, double)
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
-typedef float vf16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
-static inline vf16 ld16(const float *p) { vf16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void st16(float *p, vf16 v) { memcpy(p, &v, sizeof v); }
-static inline float hsum16(vf16 v) {  /* a tree: a chain of 16 dependent adds costs ~50 cycles a sum */
+/* VL, the float lanes of the machine's widest vector registers: every float kernel steps by VL (the sizes they
+   take are multiples of 16). A vector wider than the machine's registers is what gcc handles worst: with 16 lanes
+   on AVX2 it keeps them in memory and moves them through general registers (the TTT-Linear step 2.3x slower than
+   torch's on a Zen 3, measured), so the width follows the target. */
+#if defined(__AVX512F__)
+#define VL 16
+#define V_IOTA {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}
+#define V_EVENS {0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14}
+#define V_ODDS {1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15}
+#define V_SWAP {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}
+#define V_ALT {-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1}
+#elif defined(__AVX__)
+#define VL 8
+#define V_IOTA {0, 1, 2, 3, 4, 5, 6, 7}
+#define V_EVENS {0, 0, 2, 2, 4, 4, 6, 6}
+#define V_ODDS {1, 1, 3, 3, 5, 5, 7, 7}
+#define V_SWAP {1, 0, 3, 2, 5, 4, 7, 6}
+#define V_ALT {-1, 1, -1, 1, -1, 1, -1, 1}
+#else  /* SSE, NEON */
+#define VL 4
+#define V_IOTA {0, 1, 2, 3}
+#define V_EVENS {0, 0, 2, 2}
+#define V_ODDS {1, 1, 3, 3}
+#define V_SWAP {1, 0, 3, 2}
+#define V_ALT {-1, 1, -1, 1}
+#endif
+typedef float vf __attribute__((vector_size(4 * VL)));
+typedef int32_t vi __attribute__((vector_size(4 * VL)));
+static inline vf ldv(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void stv(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline float hsumv(vf v) {  /* a tree: a chain of 16 dependent adds costs ~50 cycles a sum */
+#if VL == 16
     const float a = (v[0] + v[8]) + (v[4] + v[12]), b = (v[2] + v[10]) + (v[6] + v[14]);
     const float c = (v[1] + v[9]) + (v[5] + v[13]), d = (v[3] + v[11]) + (v[7] + v[15]);
     return (a + b) + (c + d);
+#elif VL == 8
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+#else
+    return (v[0] + v[2]) + (v[1] + v[3]);
+#endif
 }
 
-static inline vf16 clamp16(vf16 x, float lo, float hi) {
+static inline vf clampv(vf x, float lo, float hi) {
 #ifdef __AVX512F__
     __m512 m;
     memcpy(&m, &x, sizeof m);
@@ -282,27 +314,27 @@ static inline vf16 clamp16(vf16 x, float lo, float hi) {
     memcpy(&x, &m, sizeof m);
     return x;
 #else
-    vi16 below = x < lo, above = x > hi;
-    vf16 l = (vf16){0} + lo, h = (vf16){0} + hi;
-    x = (vf16)(((vi16)l & below) | ((vi16)x & ~below));
-    return (vf16)(((vi16)h & above) | ((vi16)x & ~above));
+    vi below = x < lo, above = x > hi;
+    vf l = (vf){0} + lo, h = (vf){0} + hi;
+    x = (vf)(((vi)l & below) | ((vi)x & ~below));
+    return (vf)(((vi)h & above) | ((vi)x & ~above));
 #endif
 }
 
-static inline vf16 exp16(vf16 x) {  /* x clamped to [-87, 88]: no overflow of the exponent bits */
-    x = clamp16(x, -87.0f, 88.0f);
-    vf16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round to nearest */
-    vf16 r = x - n * 0.693359375f;
+static inline vf expv(vf x) {  /* x clamped to [-87, 88]: no overflow of the exponent bits */
+    x = clampv(x, -87.0f, 88.0f);
+    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round to nearest */
+    vf r = x - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
-    vf16 p = (vf16){0} + 1.9875691500e-4f;
+    vf p = (vf){0} + 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * (r * r) + r + 1.0f;
-    vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
-    return p * (vf16)bits;
+    vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vf)bits;
 }
 
 void benchbox_sigmoid_project_f32(const float *u, const float *w, float *s, float *a, int64_t n, int64_t hd,
@@ -311,23 +343,23 @@ void benchbox_sigmoid_project_f32(const float *u, const float *w, float *s, floa
         const float *ur = u + i * hd;
         float *sr = s + i * hd;
         if (k == 4) {  /* ComiRec's four interests: the products ride along the sigmoid's pass */
-            vf16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-            for (int64_t j = 0; j < hd; j += 16) {
-                vf16 sv = 1.0f / (1.0f + exp16(-ld16(ur + j)));
-                st16(sr + j, sv);
-                a0 += sv * ld16(w + j);
-                a1 += sv * ld16(w + hd + j);
-                a2 += sv * ld16(w + 2 * hd + j);
-                a3 += sv * ld16(w + 3 * hd + j);
+            vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            for (int64_t j = 0; j < hd; j += VL) {
+                vf sv = 1.0f / (1.0f + expv(-ldv(ur + j)));
+                stv(sr + j, sv);
+                a0 += sv * ldv(w + j);
+                a1 += sv * ldv(w + hd + j);
+                a2 += sv * ldv(w + 2 * hd + j);
+                a3 += sv * ldv(w + 3 * hd + j);
             }
-            a[i * 4] = hsum16(a0); a[i * 4 + 1] = hsum16(a1); a[i * 4 + 2] = hsum16(a2); a[i * 4 + 3] = hsum16(a3);
+            a[i * 4] = hsumv(a0); a[i * 4 + 1] = hsumv(a1); a[i * 4 + 2] = hsumv(a2); a[i * 4 + 3] = hsumv(a3);
             continue;
         }
-        for (int64_t j = 0; j < hd; j += 16) st16(sr + j, 1.0f / (1.0f + exp16(-ld16(ur + j))));
+        for (int64_t j = 0; j < hd; j += VL) stv(sr + j, 1.0f / (1.0f + expv(-ldv(ur + j))));
         for (int64_t q = 0; q < k; q++) {
-            vf16 acc = {0};
-            for (int64_t j = 0; j < hd; j += 16) acc += ld16(sr + j) * ld16(w + q * hd + j);
-            a[i * k + q] = hsum16(acc);
+            vf acc = {0};
+            for (int64_t j = 0; j < hd; j += VL) acc += ldv(sr + j) * ldv(w + q * hd + j);
+            a[i * k + q] = hsumv(acc);
         }
     }
 }
@@ -349,24 +381,24 @@ void benchbox_sigmoid_project_f64(const double *u, const double *w, double *s, d
      r = sigmoid(gi_r + gh_r), z = sigmoid(gi_z + gh_z), n = tanh(gi_n + r gh_n), h' = (1 - z) n + z h,
    in one pass where torch's CPU GRU cell makes about a dozen (chunks, adds, sigmoid_, tanh_, products).
    r, z, n and gh_n are kept for the backward. Rows of gi and h' are strided (the time step of (B, L, .)). */
-static inline vf16 sigmoid16(vf16 x) { return 1.0f / (1.0f + exp16(-x)); }
+static inline vf sigmoidv(vf x) { return 1.0f / (1.0f + expv(-x)); }
 
 void benchbox_gru_cell_f32(const float *gi, int64_t gi_stride, const float *gh, const float *h, int64_t h_stride,
                            float *h_out, int64_t out_stride, float *r, float *z, float *n, float *ghn, int64_t rows,
                            int64_t hid) {
     for (int64_t b = 0; b < rows; b++) {
         const float *gib = gi + b * gi_stride, *ghb = gh + b * 3 * hid;
-        for (int64_t j = 0; j < hid; j += 16) {
-            const vf16 rv = sigmoid16(ld16(gib + j) + ld16(ghb + j));
-            const vf16 zv = sigmoid16(ld16(gib + hid + j) + ld16(ghb + hid + j));
-            const vf16 gn = ld16(ghb + 2 * hid + j);
-            const vf16 nv = 2.0f * sigmoid16(2.0f * (ld16(gib + 2 * hid + j) + rv * gn)) - 1.0f;  /* tanh */
-            const vf16 hv = h ? ld16(h + b * h_stride + j) : (vf16){0};
-            st16(h_out + b * out_stride + j, (1.0f - zv) * nv + zv * hv);
-            st16(r + b * hid + j, rv);
-            st16(z + b * hid + j, zv);
-            st16(n + b * hid + j, nv);
-            st16(ghn + b * hid + j, gn);
+        for (int64_t j = 0; j < hid; j += VL) {
+            const vf rv = sigmoidv(ldv(gib + j) + ldv(ghb + j));
+            const vf zv = sigmoidv(ldv(gib + hid + j) + ldv(ghb + hid + j));
+            const vf gn = ldv(ghb + 2 * hid + j);
+            const vf nv = 2.0f * sigmoidv(2.0f * (ldv(gib + 2 * hid + j) + rv * gn)) - 1.0f;  /* tanh */
+            const vf hv = h ? ldv(h + b * h_stride + j) : (vf){0};
+            stv(h_out + b * out_stride + j, (1.0f - zv) * nv + zv * hv);
+            stv(r + b * hid + j, rv);
+            stv(z + b * hid + j, zv);
+            stv(n + b * hid + j, nv);
+            stv(ghn + b * hid + j, gn);
         }
     }
 }
@@ -426,15 +458,15 @@ void benchbox_gru_cell_backward_f32(const float *dh, const float *h, int64_t h_s
     for (int64_t b = 0; b < rows; b++) {
         float *gi = dgi + b * dgi_stride, *gh = dgh + b * 3 * hid;
         const int64_t o = b * hid;
-        for (int64_t j = 0; j < hid; j += 16) {
-            const vf16 g = ld16(dh + o + j), rv = ld16(r + o + j), zv = ld16(z + o + j), nv = ld16(n + o + j);
-            const vf16 hv = h ? ld16(h + b * h_stride + j) : (vf16){0};
-            const vf16 an = g * (1.0f - zv) * (1.0f - nv * nv);
-            const vf16 ar = an * ld16(ghn + o + j) * rv * (1.0f - rv);
-            const vf16 az = g * (hv - nv) * zv * (1.0f - zv);
-            st16(gi + j, ar); st16(gi + hid + j, az); st16(gi + 2 * hid + j, an);
-            st16(gh + j, ar); st16(gh + hid + j, az); st16(gh + 2 * hid + j, an * rv);
-            st16(dh_prev + o + j, g * zv + (gy_prev ? ld16(gy_prev + b * gy_stride + j) : (vf16){0}));
+        for (int64_t j = 0; j < hid; j += VL) {
+            const vf g = ldv(dh + o + j), rv = ldv(r + o + j), zv = ldv(z + o + j), nv = ldv(n + o + j);
+            const vf hv = h ? ldv(h + b * h_stride + j) : (vf){0};
+            const vf an = g * (1.0f - zv) * (1.0f - nv * nv);
+            const vf ar = an * ldv(ghn + o + j) * rv * (1.0f - rv);
+            const vf az = g * (hv - nv) * zv * (1.0f - zv);
+            stv(gi + j, ar); stv(gi + hid + j, az); stv(gi + 2 * hid + j, an);
+            stv(gh + j, ar); stv(gh + hid + j, az); stv(gh + 2 * hid + j, an * rv);
+            stv(dh_prev + o + j, g * zv + (gy_prev ? ldv(gy_prev + b * gy_stride + j) : (vf){0}));
         }
     }
 }
@@ -444,7 +476,7 @@ void benchbox_gru_cell_backward_f32(const float *dh, const float *h, int64_t h_s
    gradients are read and written in place in the projections' layouts (strides in elements: per row b, per
    position t; a head h is h E further), so that no transpose is copied either way; out (B, Tq, H, E) and the
    probabilities p (B, H, Tq, T, zero where not seen) are contiguous. T <= 64; float: E a multiple of 16 up to
-   128, its own exp (exp16).
+   128, its own exp (expv).
    torch's CPU SDPA at 204 x 2 heads x 10 x 32 spends ~1.5 ms a training step on blocking made for long
    sequences; this is a few dense loops. */
 #define ATT_MAXT 64
@@ -517,20 +549,26 @@ SMALL_ATTENTION(benchbox_small_attention_f64, double)
 SMALL_ATTENTION_BACKWARD(benchbox_small_attention_backward_f64, double)
 #undef EXPF
 
-/* float: the same loops over 16 lanes of E (a multiple of 16, at most 128) and of the keys (exp16) */
-static inline float dot16(const float *a, const float *b, int64_t e) {
-    vf16 acc = ld16(a) * ld16(b);
-    for (int64_t d = 16; d < e; d += 16) acc += ld16(a + d) * ld16(b + d);
-    return hsum16(acc);
+/* float: the same loops over 16 lanes of E (a multiple of 16, at most 128) and of the keys (expv) */
+static inline float dotv(const float *a, const float *b, int64_t e) {
+    vf acc = ldv(a) * ldv(b);
+    for (int64_t d = VL; d < e; d += VL) acc += ldv(a + d) * ldv(b + d);
+    return hsumv(acc);
 }
-static inline void axpy16(float *y, float a, const float *x, int64_t e) {
-    for (int64_t d = 0; d < e; d += 16) st16(y + d, ld16(y + d) + a * ld16(x + d));
+static inline void axpyv(float *y, float a, const float *x, int64_t e) {
+    for (int64_t d = 0; d < e; d += VL) stv(y + d, ldv(y + d) + a * ldv(x + d));
 }
 
-static inline float hmax16(vf16 v) {
+static inline float hmaxv(vf v) {
+#if VL != 16
+    float m = v[0];
+    for (int i = 1; i < VL; i++) m = fmaxf(m, v[i]);
+    return m;
+#else
     const float a = fmaxf(fmaxf(v[0], v[8]), fmaxf(v[4], v[12])), b = fmaxf(fmaxf(v[2], v[10]), fmaxf(v[6], v[14]));
     const float c = fmaxf(fmaxf(v[1], v[9]), fmaxf(v[5], v[13])), d = fmaxf(fmaxf(v[3], v[11]), fmaxf(v[7], v[15]));
     return fmaxf(fmaxf(a, b), fmaxf(c, d));
+#endif
 }
 
 /* a (b, h)'s keys (or values) transposed into xt (E, w) (columns t..w - 1 zeroed once by the caller): one
@@ -542,19 +580,19 @@ static inline void transpose_rows(const float *x, int64_t stride, int64_t t, int
     }
 }
 
-static inline vf16 scores16(const float *qi, const float *xt, int64_t e, int64_t w, int64_t j0) {
-    vf16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};  /* four chains: one would wait on each FMA's latency */
+static inline vf scoresv(const float *qi, const float *xt, int64_t e, int64_t w, int64_t j0) {
+    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};  /* four chains: one would wait on each FMA's latency */
     for (int64_t d = 0; d < e; d += 4) {
-        a0 += qi[d] * ld16(xt + d * w + j0);
-        a1 += qi[d + 1] * ld16(xt + (d + 1) * w + j0);
-        a2 += qi[d + 2] * ld16(xt + (d + 2) * w + j0);
-        a3 += qi[d + 3] * ld16(xt + (d + 3) * w + j0);
+        a0 += qi[d] * ldv(xt + d * w + j0);
+        a1 += qi[d + 1] * ldv(xt + (d + 1) * w + j0);
+        a2 += qi[d + 2] * ldv(xt + (d + 2) * w + j0);
+        a3 += qi[d + 3] * ldv(xt + (d + 3) * w + j0);
     }
     return (a0 + a1) + (a2 + a3);
 }
 
-static inline vi16 seen16(int64_t j0, int64_t n) {
-    return ((vi16){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + (int32_t)j0) < (int32_t)n;
+static inline vi seenv(int64_t j0, int64_t n) {
+    return ((vi)V_IOTA + (int32_t)j0) < (int32_t)n;
 }
 
 void benchbox_small_attention_f32(const float *q, int64_t q_sb, int64_t q_st, const float *k, const float *v,
@@ -562,7 +600,7 @@ void benchbox_small_attention_f32(const float *q, int64_t q_sb, int64_t q_st, co
                                   int64_t rows, int64_t tq, int64_t tk, int64_t heads, int64_t e, double scale) {
     float kt[128 * ATT_MAXT], prow[ATT_MAXT];
     const int64_t w = (tk + 15) & ~(int64_t)15;
-    const vf16 low = (vf16){0} - INFINITY;
+    const vf low = (vf){0} - INFINITY;
     memset(kt, 0, sizeof(float) * e * w);
     for (int64_t b = 0; b < rows; b++)
         for (int64_t h = 0; h < heads; h++) {
@@ -570,29 +608,29 @@ void benchbox_small_attention_f32(const float *q, int64_t q_sb, int64_t q_st, co
             for (int64_t i = 0; i < tq; i++) {
                 const float *qi = q + b * q_sb + i * q_st + h * e;
                 const int64_t n = kv_len ? kv_len[b] : i + 1;
-                vf16 sc[ATT_MAXT / 16];
+                vf sc[ATT_MAXT / VL];
                 float m = -INFINITY;
-                for (int64_t c = 0; c * 16 < n; c++) {
-                    const vi16 in = seen16(c * 16, n);
-                    sc[c] = scores16(qi, kt, e, w, c * 16) * (float)scale;
-                    m = fmaxf(m, hmax16((vf16)(((vi16)sc[c] & in) | ((vi16)low & ~in))));
+                for (int64_t c = 0; c * VL < n; c++) {
+                    const vi in = seenv(c * VL, n);
+                    sc[c] = scoresv(qi, kt, e, w, c * VL) * (float)scale;
+                    m = fmaxf(m, hmaxv((vf)(((vi)sc[c] & in) | ((vi)low & ~in))));
                 }
-                vf16 acc = {0};
-                for (int64_t c = 0; c * 16 < n; c++) {
-                    sc[c] = (vf16)((vi16)exp16(sc[c] - m) & seen16(c * 16, n));
+                vf acc = {0};
+                for (int64_t c = 0; c * VL < n; c++) {
+                    sc[c] = (vf)((vi)expv(sc[c] - m) & seenv(c * VL, n));
                     acc += sc[c];
                 }
-                const float inv = 1.0f / hsum16(acc);
-                for (int64_t c = 0; c * 16 < w; c++) st16(prow + c * 16, c * 16 < n ? sc[c] * inv : (vf16){0});
-                vf16 o[8] = {{0}};  /* the output row in registers (E <= 128) */
+                const float inv = 1.0f / hsumv(acc);
+                for (int64_t c = 0; c * VL < w; c++) stv(prow + c * VL, c * VL < n ? sc[c] * inv : (vf){0});
+                vf o[128 / VL] = {{0}};  /* the output row in registers (E <= 128) */
                 for (int64_t j = 0; j < n; j++) {
                     const float *vj = v + b * kv_sb + j * kv_st + h * e;
-                    for (int c = 0; c < 8; c++)
-                        if (c * 16 < e) o[c] += prow[j] * ld16(vj + c * 16);
+                    for (int c = 0; c < 128 / VL; c++)
+                        if (c * VL < e) o[c] += prow[j] * ldv(vj + c * VL);
                 }
                 float *oi = out + ((b * tq + i) * heads + h) * e;
-                for (int c = 0; c < 8; c++)
-                    if (c * 16 < e) st16(oi + c * 16, o[c]);
+                for (int c = 0; c < 128 / VL; c++)
+                    if (c * VL < e) stv(oi + c * VL, o[c]);
                 memcpy(p + ((b * heads + h) * tq + i) * tk, prow, tk * sizeof(float));
             }
         }
@@ -612,30 +650,30 @@ void benchbox_small_attention_backward_f32(const float *q, int64_t q_sb, int64_t
         for (int64_t h = 0; h < heads; h++) {
             transpose_rows(v + b * kv_sb + h * e, kv_st, tk, e, w, vt);
             for (int64_t j = 0; j < tk; j++)
-                for (int64_t d = 0; d < e; d += 16) {
-                    st16(dk + b * kv_sb + j * kv_st + h * e + d, (vf16){0});
-                    st16(dv + b * kv_sb + j * kv_st + h * e + d, (vf16){0});
+                for (int64_t d = 0; d < e; d += VL) {
+                    stv(dk + b * kv_sb + j * kv_st + h * e + d, (vf){0});
+                    stv(dv + b * kv_sb + j * kv_st + h * e + d, (vf){0});
                 }
             for (int64_t i = 0; i < tq; i++) {
                 const float *qi = q + b * q_sb + i * q_st + h * e;
                 const int64_t n = kv_len ? kv_len[b] : i + 1;
                 const float *pi = p + ((b * heads + h) * tq + i) * tk;
                 const float *gi = dout + ((b * tq + i) * heads + h) * e;
-                const float di = dot16(gi, out + ((b * tq + i) * heads + h) * e, e);
+                const float di = dotv(gi, out + ((b * tq + i) * heads + h) * e, e);
                 memcpy(pr, pi, tk * sizeof(float));
-                for (int64_t c = 0; c * 16 < n; c++)  /* ds = p (g . v - g . o) scale, 16 keys at a time */
-                    st16(ds + c * 16, ld16(pr + c * 16) * (scores16(gi, vt, e, w, c * 16) - di) * sc);
-                vf16 acc[8] = {{0}};  /* dq_i in registers */
+                for (int64_t c = 0; c * VL < n; c++)  /* ds = p (g . v - g . o) scale, 16 keys at a time */
+                    stv(ds + c * VL, ldv(pr + c * VL) * (scoresv(gi, vt, e, w, c * VL) - di) * sc);
+                vf acc[128 / VL] = {{0}};  /* dq_i in registers */
                 for (int64_t j = 0; j < n; j++) {
                     const int64_t o = b * kv_sb + j * kv_st + h * e;
-                    axpy16(dv + o, pr[j], gi, e);
-                    axpy16(dk + o, ds[j], qi, e);
-                    for (int c = 0; c < 8; c++)
-                        if (c * 16 < e) acc[c] += ds[j] * ld16(k + o + c * 16);
+                    axpyv(dv + o, pr[j], gi, e);
+                    axpyv(dk + o, ds[j], qi, e);
+                    for (int c = 0; c < 128 / VL; c++)
+                        if (c * VL < e) acc[c] += ds[j] * ldv(k + o + c * VL);
                 }
                 float *dqi = dq + b * q_sb + i * q_st + h * e;
-                for (int c = 0; c < 8; c++)
-                    if (c * 16 < e) st16(dqi + c * 16, acc[c]);
+                for (int c = 0; c < 128 / VL; c++)
+                    if (c * VL < e) stv(dqi + c * VL, acc[c]);
             }
         }
 }
@@ -647,14 +685,14 @@ void benchbox_rmsnorm_forward_f32(const float *x, const float *w, float *xhat, f
                                   int64_t d, double eps) {
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * d;
-        vf16 sq = {0};
-        for (int64_t j = 0; j < d; j += 16) sq += ld16(xr + j) * ld16(xr + j);
-        const float rs = 1.0f / sqrtf(hsum16(sq) / (float)d + (float)eps);
+        vf sq = {0};
+        for (int64_t j = 0; j < d; j += VL) sq += ldv(xr + j) * ldv(xr + j);
+        const float rs = 1.0f / sqrtf(hsumv(sq) / (float)d + (float)eps);
         rstd[r] = rs;
-        for (int64_t j = 0; j < d; j += 16) {
-            const vf16 xh = ld16(xr + j) * rs;
-            st16(xhat + r * d + j, xh);
-            st16(y + r * d + j, xh * ld16(w + j));
+        for (int64_t j = 0; j < d; j += VL) {
+            const vf xh = ldv(xr + j) * rs;
+            stv(xhat + r * d + j, xh);
+            stv(y + r * d + j, xh * ldv(w + j));
         }
     }
 }
@@ -777,14 +815,14 @@ static inline double dot_f64(const double *a, const double *b, int64_t d) {
     return t / (double)d;
 }
 static inline float mean_f32v(const float *x, int64_t d) {
-    vf16 acc = ld16(x);
-    for (int64_t j = 16; j < d; j += 16) acc += ld16(x + j);
-    return hsum16(acc) / (float)d;
+    vf acc = ldv(x);
+    for (int64_t j = VL; j < d; j += VL) acc += ldv(x + j);
+    return hsumv(acc) / (float)d;
 }
 static inline float dot_f32v(const float *a, const float *b, int64_t d) {
-    vf16 acc = ld16(a) * ld16(b);
-    for (int64_t j = 16; j < d; j += 16) acc += ld16(a + j) * ld16(b + j);
-    return hsum16(acc) / (float)d;
+    vf acc = ldv(a) * ldv(b);
+    for (int64_t j = VL; j < d; j += VL) acc += ldv(a + j) * ldv(b + j);
+    return hsumv(acc) / (float)d;
 }
 TTT_LNL2(double, f64, mean_f64, dot_f64, sqrt)
 TTT_LNL2(float, f32, mean_f32v, dot_f32v, sqrtf)
@@ -798,7 +836,7 @@ static inline void axpy_f64(double *restrict y, double a, const double *restrict
     for (int64_t j = 0; j < n; j++) y[j] += a * x[j];
 }
 static inline void axpy_f32(float *y, float a, const float *x, int64_t n) {
-    for (int64_t j = 0; j < n; j += 16) st16(y + j, ld16(y + j) + a * ld16(x + j));
+    for (int64_t j = 0; j < n; j += VL) stv(y + j, ldv(y + j) + a * ldv(x + j));
 }
 static void mm_f64(double *c, const double *a, const double *b, int64_t M, int64_t K, int64_t N, int ta, double alpha,
                    int acc) {
@@ -826,10 +864,10 @@ static void mm_f32(float *c, const float *a, const float *b, int64_t M, int64_t 
     int64_t m0 = 0;
     for (; m0 + 4 <= M; m0 += 4) {
         int64_t n0 = 0;
-        for (; n0 + 32 <= N; n0 += 32) {
-            vf16 s[4][2] = {{{0}}};
+        for (; n0 + 2 * VL <= N; n0 += 2 * VL) {
+            vf s[4][2] = {{{0}}};
             for (int64_t k = 0; k < K; k++) {
-                const vf16 b0 = ld16(b + k * N + n0), b1 = ld16(b + k * N + n0 + 16);
+                const vf b0 = ldv(b + k * N + n0), b1 = ldv(b + k * N + n0 + VL);
                 for (int q = 0; q < 4; q++) {
                     const float x = a[(m0 + q) * sm + k * sk];
                     s[q][0] += x * b0;
@@ -838,36 +876,36 @@ static void mm_f32(float *c, const float *a, const float *b, int64_t M, int64_t 
             }
             for (int q = 0; q < 4; q++)
                 for (int h = 0; h < 2; h++) {
-                    float *cp = c + (m0 + q) * N + n0 + 16 * h;
-                    st16(cp, (acc ? ld16(cp) : (vf16){0}) + alpha * s[q][h]);
+                    float *cp = c + (m0 + q) * N + n0 + VL * h;
+                    stv(cp, (acc ? ldv(cp) : (vf){0}) + alpha * s[q][h]);
                 }
         }
-        for (; n0 < N; n0 += 16) {
-            vf16 s[4] = {{0}};
+        for (; n0 < N; n0 += VL) {
+            vf s[4] = {{0}};
             for (int64_t k = 0; k < K; k++) {
-                const vf16 b0 = ld16(b + k * N + n0);
+                const vf b0 = ldv(b + k * N + n0);
                 for (int q = 0; q < 4; q++) s[q] += a[(m0 + q) * sm + k * sk] * b0;
             }
             for (int q = 0; q < 4; q++) {
                 float *cp = c + (m0 + q) * N + n0;
-                st16(cp, (acc ? ld16(cp) : (vf16){0}) + alpha * s[q]);
+                stv(cp, (acc ? ldv(cp) : (vf){0}) + alpha * s[q]);
             }
         }
     }
     for (; m0 < M; m0++)
-        for (int64_t n0 = 0; n0 < N; n0 += 16) {
-            vf16 s = {0};
-            for (int64_t k = 0; k < K; k++) s += a[m0 * sm + k * sk] * ld16(b + k * N + n0);
+        for (int64_t n0 = 0; n0 < N; n0 += VL) {
+            vf s = {0};
+            for (int64_t k = 0; k < K; k++) s += a[m0 * sm + k * sk] * ldv(b + k * N + n0);
             float *cp = c + m0 * N + n0;
-            st16(cp, (acc ? ld16(cp) : (vf16){0}) + alpha * s);
+            stv(cp, (acc ? ldv(cp) : (vf){0}) + alpha * s);
         }
 }
 static void mmdot_f32(float *c, const float *a, const float *b, int64_t M, int64_t N, int64_t K, double alpha) {
     for (int64_t m = 0; m < M; m++)
         for (int64_t n = 0; n < N; n++) {
-            vf16 s = ld16(a + m * K) * ld16(b + n * K);
-            for (int64_t k = 16; k < K; k += 16) s += ld16(a + m * K + k) * ld16(b + n * K + k);
-            c[m * N + n] = (float)alpha * hsum16(s);
+            vf s = ldv(a + m * K) * ldv(b + n * K);
+            for (int64_t k = VL; k < K; k += VL) s += ldv(a + m * K + k) * ldv(b + n * K + k);
+            c[m * N + n] = (float)alpha * hsumv(s);
         }
 }
 /* RoPE on one row of interleaved pairs (x_2i, x_2i+1) with the row's (cos, sin) pairs csr: (x0 c - x1 s, x0 s + x1 c),
@@ -881,15 +919,12 @@ static inline void rope_row_f64(double *out, const double *x, const double *csr,
     }
 }
 static inline void rope_row_f32(float *out, const float *x, const float *csr, int64_t d, int inverse) {
-    const vi16 evens = {0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14};
-    const vi16 odds = {1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15};
-    const vi16 swap = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
-    const float g = inverse ? -1.0f : 1.0f;
-    const vf16 sign = {-g, g, -g, g, -g, g, -g, g, -g, g, -g, g, -g, g, -g, g};
-    for (int64_t j = 0; j < d; j += 16) {
-        const vf16 cs = ld16(csr + j), xv = ld16(x + j);
-        const vf16 c = __builtin_shuffle(cs, evens), sn = __builtin_shuffle(cs, odds) * sign;
-        st16(out + j, xv * c + __builtin_shuffle(xv, swap) * sn);
+    const vi evens = V_EVENS, odds = V_ODDS, swap = V_SWAP;
+    const vf sign = (vf)V_ALT * (inverse ? -1.0f : 1.0f);
+    for (int64_t j = 0; j < d; j += VL) {
+        const vf cs = ldv(csr + j), xv = ldv(x + j);
+        const vf c = __builtin_shuffle(cs, evens), sn = __builtin_shuffle(cs, odds) * sign;
+        stv(out + j, xv * c + __builtin_shuffle(xv, swap) * sn);
     }
 }
 
@@ -1124,22 +1159,22 @@ void benchbox_sigmoid_project_backward_f32(const float *ga, const float *s, cons
         for (int64_t i = i0; i < i1; i++) {
             const float *sr = s + i * hd, *g = ga + i * k;
             float *gr = gu + i * hd;
-            for (int64_t j = 0; j < hd; j += 16) {
-                vf16 sv = ld16(sr + j), gv = {0};
+            for (int64_t j = 0; j < hd; j += VL) {
+                vf sv = ldv(sr + j), gv = {0};
                 if (k == 4) {
-                    gv = g[0] * ld16(w + j) + g[1] * ld16(w + hd + j) + g[2] * ld16(w + 2 * hd + j)
-                         + g[3] * ld16(w + 3 * hd + j);
-                    st16(part + j, ld16(part + j) + g[0] * sv);
-                    st16(part + hd + j, ld16(part + hd + j) + g[1] * sv);
-                    st16(part + 2 * hd + j, ld16(part + 2 * hd + j) + g[2] * sv);
-                    st16(part + 3 * hd + j, ld16(part + 3 * hd + j) + g[3] * sv);
+                    gv = g[0] * ldv(w + j) + g[1] * ldv(w + hd + j) + g[2] * ldv(w + 2 * hd + j)
+                         + g[3] * ldv(w + 3 * hd + j);
+                    stv(part + j, ldv(part + j) + g[0] * sv);
+                    stv(part + hd + j, ldv(part + hd + j) + g[1] * sv);
+                    stv(part + 2 * hd + j, ldv(part + 2 * hd + j) + g[2] * sv);
+                    stv(part + 3 * hd + j, ldv(part + 3 * hd + j) + g[3] * sv);
                 } else {
                     for (int64_t q = 0; q < k; q++) {
-                        gv += g[q] * ld16(w + q * hd + j);
-                        st16(part + q * hd + j, ld16(part + q * hd + j) + g[q] * sv);
+                        gv += g[q] * ldv(w + q * hd + j);
+                        stv(part + q * hd + j, ldv(part + q * hd + j) + g[q] * sv);
                     }
                 }
-                st16(gr + j, gv * ((1.0f - sv) * sv));
+                stv(gr + j, gv * ((1.0f - sv) * sv));
             }
         }
         for (int64_t i = 0; i < k * hd; i++) gw[i] += part[i];
@@ -1336,11 +1371,11 @@ static void conv_silu_backward_range_##SUF(const T *x, int64_t x_sb, int64_t x_s
 #define SS_SPLAT1(x) ((double)(x))
 #define SS_HSUM1(x) (x)
 #define SS_SIG1(x) (1.0 / (1.0 + exp(-(x))))
-#define SS_SPLAT16(x) ((vf16){0} + (float)(x))
+#define SPLATV(x) ((vf){0} + (float)(x))
 SELECTIVE_SCAN(f64, double, double, 1, SS_LD1, SS_ST1, exp, SS_SPLAT1, SS_HSUM1, SS_SIG1)
-SELECTIVE_SCAN(f32, float, vf16, 16, ld16, st16, exp16, SS_SPLAT16, hsum16, sigmoid16)
+SELECTIVE_SCAN(f32, float, vf, VL, ldv, stv, expv, SPLATV, hsumv, sigmoidv)
 CONV_SILU(f64, double, double, 1, SS_LD1, SS_ST1, SS_SPLAT1, SS_SIG1)
-CONV_SILU(f32, float, vf16, 16, ld16, st16, SS_SPLAT16, sigmoid16)
+CONV_SILU(f32, float, vf, VL, ldv, stv, SPLATV, sigmoidv)
 
 /* TTT-MLP's chunk of one mini-batch (mixers.ttt._MLPChunk with g == 1, every chunk of the default scan), per (row,
    head) block with every intermediate in a per-thread scratch that stays in L2: the torch path's batched products
@@ -1546,7 +1581,7 @@ static void mlp_chunk_backward_range_##SUF(const T *kq, const T *W1, const T *b1
     }                                                                                                   \
 }
 MLP_CHUNK(double, f64, mm_f64, mmdot_f64, double, 1, SS_LD1, SS_ST1, exp)
-MLP_CHUNK(float, f32, mm_f32, mmdot_f32, vf16, 16, ld16, st16, exp16)
+MLP_CHUNK(float, f32, mm_f32, mmdot_f32, vf, VL, ldv, stv, expv)
 
 /* The threaded kernels' entry points: the batch cut into `parts` ranges run by one OpenMP loop (each range with its
    own slice of the per-part scratch and sums). The library is built with -fopenmp and loaded after torch, whose
