@@ -40,6 +40,9 @@ import tempfile
 from pathlib import Path
 
 KERNELS_ENV = "BENCHBOX_C_KERNELS"  # "off": torch's own paths everywhere
+# the -march the library is built for (default native). The float kernels' lane width follows it (VL: 16 with
+# AVX-512, 8 with AVX, else 4); the tests build x86-64 (4 lanes) and x86-64-v3 (8) beside the native one.
+MARCH_ENV = "BENCHBOX_C_MARCH"
 
 _SOURCE = r"""
 /* benchbox (benchbox/kernels.py): torch's CPU dropout noise from torch's own mt19937 stream.
@@ -290,6 +293,7 @@ RMSNORM_BACKWARD(benchbox_rmsnorm_backward_f64, double)
 #define V_SWAP {1, 0, 3, 2}
 #define V_ALT {-1, 1, -1, 1}
 #endif
+int benchbox_lanes(void) { return VL; }
 typedef float vf __attribute__((vector_size(4 * VL)));
 typedef int32_t vi __attribute__((vector_size(4 * VL)));
 static inline vf ldv(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
@@ -549,7 +553,7 @@ SMALL_ATTENTION(benchbox_small_attention_f64, double)
 SMALL_ATTENTION_BACKWARD(benchbox_small_attention_backward_f64, double)
 #undef EXPF
 
-/* float: the same loops over 16 lanes of E (a multiple of 16, at most 128) and of the keys (expv) */
+/* float: the same loops over VL lanes of E (a multiple of 16, at most 128) and of the keys (expv) */
 static inline float dotv(const float *a, const float *b, int64_t e) {
     vf acc = ldv(a) * ldv(b);
     for (int64_t d = VL; d < e; d += VL) acc += ldv(a + d) * ldv(b + d);
@@ -680,7 +684,7 @@ void benchbox_small_attention_backward_f32(const float *q, int64_t q_sb, int64_t
 
 /* RMSNorm's forward (model._RMSNormFunction) in one pass over rows of d: rstd = 1 / sqrt(mean(x^2) + eps),
    xhat = x rstd (kept for the backward) and y = xhat w, where torch makes six (pow, mean, add, rsqrt, two
-   products). The row's sum of squares in 16 lanes (float; d a multiple of 16) or in order (double). */
+   products). The row's sum of squares in VL lanes (float; d a multiple of 16) or in order (double). */
 void benchbox_rmsnorm_forward_f32(const float *x, const float *w, float *xhat, float *rstd, float *y, int64_t rows,
                                   int64_t d, double eps) {
     for (int64_t r = 0; r < rows; r++) {
@@ -718,7 +722,7 @@ void benchbox_rmsnorm_forward_f64(const double *x, const double *w, double *xhat
    gam2 has one row for every `per` rows of z. The dual form inside one mini-batch (one chunk of one mini-batch, the
    study's window), per (b, h) block of S rows, around the GEMMs with the layer's weights (left to BLAS): forward
    G of Zk = K W + b and Zq -= P G; backward dP = -dZq G^T, dG = -P^T dZq and G's VJP. torch makes ~40 small
-   operations of these. Rows' means in 16 lanes (float; D a multiple of 16 up to 64) or in order (double). */
+   operations of these. Rows' means in VL lanes (float; D a multiple of 16 up to 64) or in order (double). */
 #define TTT_LNL2(T, SUF, MEAN, DOT, SQRT)                                                                \
 static void lnl2_rows_##SUF(const T *zk, const T *gam2, const T *gt, T *xh, T *mean, T *rstd, T *gxl, T *g, \
                             int64_t rows, int64_t d, int64_t per, double eps) {                         \
@@ -909,7 +913,7 @@ static void mmdot_f32(float *c, const float *a, const float *b, int64_t M, int64
         }
 }
 /* RoPE on one row of interleaved pairs (x_2i, x_2i+1) with the row's (cos, sin) pairs csr: (x0 c - x1 s, x0 s + x1 c),
-   or its transpose (inverse: the backward). float: 16 lanes (8 pairs) with in-register pair swaps. */
+   or its transpose (inverse: the backward). float: VL lanes (VL / 2 pairs) with in-register pair swaps. */
 static inline void rope_row_f64(double *out, const double *x, const double *csr, int64_t d, int inverse) {
     for (int64_t i = 0; i < d / 2; i++) {
         const double c = csr[2 * i], sn = inverse ? -csr[2 * i + 1] : csr[2 * i + 1];
@@ -1690,6 +1694,12 @@ def build_library(file_name: str, source: str, flags: tuple[str, ...] = ("-O2",)
         return None
 
 
+def lanes() -> int | None:
+    """The float kernels' lane width in the built library (VL: 16, 8 or 4), or None without the library."""
+    lib = _library()
+    return None if lib is None else int(lib.benchbox_lanes())
+
+
 def kernels_in_force() -> str:
     """What rows record as ``cpu_kernels``: ``c`` where this process runs the C kernels below (built, loaded),
     ``torch`` where torch's own paths run everywhere (turned off, not Linux, no compiler). The DIN and
@@ -1717,7 +1727,8 @@ def _library():
     import torch  # noqa: F401  (loaded first: its libgomp.so.1 is then the OpenMP runtime this library binds to)
     # -lm after the source: the double kernels' exp. -fopenmp for the threaded kernels (see PARTS); where it does not
     # build (a compiler without OpenMP), the same source without it: those kernels then run their parts in turn
-    for flags in (("-O3", "-march=native", "-fopenmp", "-lm"), ("-O3", "-march=native", "-lm")):
+    march = "-march=" + (os.environ.get(MARCH_ENV, "").strip() or "native")
+    for flags in (("-O3", march, "-fopenmp", "-lm"), ("-O3", march, "-lm")):
         tag = hashlib.sha256((_SOURCE + " ".join(flags) + _machine_tag()).encode()).hexdigest()[:12]
         path = build_library(f"libbenchbox_kernels-{tag}.so", _SOURCE, flags)
         if path is not None:

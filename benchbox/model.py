@@ -221,7 +221,7 @@ class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm with its backward in five passes over the input's size, or one in the C kernel
     (kernels.rmsnorm_backward, on CPU: 200 -> 113 us forward + backward at 204 x 10 x 64). torch's CPU
     ``rms_norm`` is composite: autograd differentiates pow, mean, rsqrt and three products one by one (about
-    ten passes backward). Forward: one pass in C (kernels.rmsnorm_forward; its row sums in 16 lanes, so
+    ten passes backward). Forward: one pass in C (kernels.rmsnorm_forward; its row sums in vector lanes, so
     values equal to torch's up to float rounding), else the same operations in the same order as torch's."""
 
     @staticmethod

@@ -421,7 +421,7 @@ def test_dropout_add_and_scaled_are_dropout_of_the_same_masks():
 @pytest.mark.parametrize("d", [16, 37, 64])
 def test_rmsnorm_is_torchs_with_a_hand_written_backward(c_kernel, d, monkeypatch):
     """benchbox's RMSNorm: torch's forward values (bitwise in torch's ops; to float rounding in the C kernel,
-    kernels.rmsnorm_forward, whose row sums run in 16 lanes), gradients equal to torch's composite ones in
+    kernels.rmsnorm_forward, whose row sums run in the machine's vector lanes), gradients equal to torch's composite ones in
     float64 (1e-12) and gradcheck-exact, the backward in the C kernel (kernels.rmsnorm_backward) or in torch's
     ops; torch's own path without grad."""
     from benchbox import kernels
@@ -1031,3 +1031,37 @@ def test_c_kernels_off_switch_and_a_missing_compiler_leave_torchs_paths(tmp_path
     if kernels._library() is not None:
         out = subprocess.run([sys.executable, "-c", code], env=base, capture_output=True, text=True)
         assert out.returncode == 0 and out.stdout.strip() == "c", out.stderr
+
+
+# the tests that hold each float C kernel to its torch path
+_KERNEL_TESTS = ("rmsnorm or gru_fused or small_attention or ttt_dual or ttt_window or ttt_mlp_chunk or lnl2_kernels"
+                 " or sigmoid_project or din_pair_kernels or din_pairs_function or fused")
+
+
+@pytest.mark.parametrize("march, lanes", [("x86-64", 4), ("x86-64-v3", 8)])
+def test_kernels_hold_at_every_lane_width(march, lanes, tmp_path):
+    """The float kernels step by the target's vector width (VL: 16 with AVX-512, 8 with AVX, else 4; gcc keeps a
+    vector wider than the registers in memory). The other tests check the native build; here the same kernel tests
+    run with the library built for another width, where this CPU runs it."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    from pathlib import Path
+    from benchbox import kernels
+    if platform.machine() != "x86_64":
+        pytest.skip("x86-64 targets")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if lanes == 8 and " avx2" not in flags:
+        pytest.skip("this CPU has no AVX2")
+    if kernels.lanes() in (None, lanes):
+        pytest.skip("no C library, or the native build has this width (the other tests check it)")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "BENCHBOX_C_MARCH": march, "BENCHBOX_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(root)}
+    probe = subprocess.run([sys.executable, "-c", "from benchbox import kernels; print(kernels.lanes())"], env=env,
+                           capture_output=True, text=True)
+    assert probe.returncode == 0 and probe.stdout.strip() == str(lanes), probe.stderr
+    tests = [str(root / "tests" / f) for f in ("test_model.py", "test_readouts.py", "test_mamba.py")]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k", _KERNEL_TESTS],
+                         env=env, capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0 and " passed" in out.stdout and "failed" not in out.stdout, out.stdout[-3000:]
