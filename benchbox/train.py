@@ -47,15 +47,29 @@ def resolve_device(name: str) -> torch.device:
 
 
 def device_name(dev: torch.device) -> str:
+    """The GPU's name, or the CPU's model, cores and widest vector extension ("cpu: AMD EPYC x2, avx2"): a
+    virtual machine may name two CPU generations alike, and the C kernels' lane width follows the extension."""
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"cpu: {line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
     except OSError:
-        pass
-    return f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}"
+        text = ""
+    return cpu_description(text, platform.processor() or platform.machine(), os.cpu_count())
+
+
+def cpu_description(cpuinfo: str, fallback: str, cores: int | None) -> str:
+    model, isa = fallback, ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == fallback:
+            model = value.strip()
+        elif key.strip() in ("flags", "Features") and not isa:
+            flags = set(value.split())
+            isa = next((name for name in ("avx512f", "avx2", "avx", "sve", "asimd") if name in flags), "")
+            isa = {"avx512f": "avx512"}.get(isa, isa)
+    return f"cpu: {model} x{cores}" + (f", {isa}" if isa else "")
 
 
 def git_commit() -> str:

@@ -25,7 +25,6 @@ import copy
 import importlib.util
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,7 +40,7 @@ import mixers  # noqa: E402
 from benchbox import BenchboxError  # noqa: E402
 from benchbox.efficiency import CLOCK_HELP, CLOCKS, cpu_allocator, pick_clock  # noqa: E402
 from benchbox.results import append_rows  # noqa: E402
-from benchbox.train import error_line, is_compile_failure  # noqa: E402
+from benchbox.train import device_name, error_line, is_compile_failure  # noqa: E402
 
 OFFICIAL_URL = ("https://raw.githubusercontent.com/test-time-training/ttt-lm-pytorch/"
                 "6990c68c979a0dd4d8fca41cc93e11e83d89914e/ttt.py")
@@ -222,7 +221,7 @@ def main(argv=None):
         row = dict(kernel=kernel, seq_len=L, mini_batch_size=mbs or "", batch_size=a.batch_size, d_model=a.d_model,
                    heads=a.heads, threads=a.threads, ours_tok_s=round(tok / t_ours), reference_tok_s=round(tok / t_ref),
                    ratio=round(t_ref / t_ours, 2), clock=a.clock, reference="official ttt.py" if kernel != "mamba" else "mambapy pscan",
-                   torch=torch.__version__, cpu=platform.processor() or platform.machine(), allocator=allocator, blas=blas,
+                   torch=torch.__version__, cpu=device_name(torch.device("cpu")), allocator=allocator, blas=blas,
                    time=time.strftime("%Y-%m-%dT%H:%M:%S"))
         line = f"| {kernel} | {L} | {mbs or '-'} | {row['ours_tok_s']:,} | {row['reference_tok_s']:,} | {row['ratio']:.2f}x |"
         if a.compile and compile_failed:
