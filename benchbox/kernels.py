@@ -861,96 +861,60 @@ static void mmdot_f64(double *c, const double *a, const double *b, int64_t M, in
             c[m * N + n] = alpha * s;
         }
 }
+/* mm_f32's blocks: rows m0 .. m0 + R - 1 by two vectors (MM_BLOCK2) or one (MM_BLOCK1) of columns from n0, R x 2 or
+   R accumulators over k in order */
+#define MM_BLOCK2(R)                                                                                     \
+    do {                                                                                                 \
+        vf s[R][2] = {{{0}}};                                                                            \
+        for (int64_t k = 0; k < K; k++) {                                                                \
+            const vf b0 = ldv(b + k * N + n0), b1 = ldv(b + k * N + n0 + VL);                            \
+            for (int q = 0; q < R; q++) {                                                                \
+                const float x = a[(m0 + q) * sm + k * sk];                                               \
+                s[q][0] += x * b0;                                                                       \
+                s[q][1] += x * b1;                                                                       \
+            }                                                                                            \
+        }                                                                                                \
+        for (int q = 0; q < R; q++)                                                                      \
+            for (int h = 0; h < 2; h++) {                                                                \
+                float *cp = c + (m0 + q) * N + n0 + VL * h;                                              \
+                stv(cp, (acc ? ldv(cp) : (vf){0}) + alpha * s[q][h]);                                    \
+            }                                                                                            \
+    } while (0)
+#define MM_BLOCK1(R)                                                                                     \
+    do {                                                                                                 \
+        vf s[R] = {{0}};                                                                                 \
+        for (int64_t k = 0; k < K; k++) {                                                                \
+            const vf b0 = ldv(b + k * N + n0);                                                           \
+            for (int q = 0; q < R; q++) s[q] += a[(m0 + q) * sm + k * sk] * b0;                          \
+        }                                                                                                \
+        for (int q = 0; q < R; q++) {                                                                    \
+            float *cp = c + (m0 + q) * N + n0;                                                           \
+            stv(cp, (acc ? ldv(cp) : (vf){0}) + alpha * s[q]);                                           \
+        }                                                                                                \
+    } while (0)
 static void mm_f32(float *c, const float *a, const float *b, int64_t M, int64_t K, int64_t N, int ta, double alpha_d,
                    int acc) {
     const float alpha = (float)alpha_d;
     const int64_t sm = ta ? 1 : K, sk = ta ? M : 1;  /* op(A)[m][k] = a[m sm + k sk] */
-    int64_t m0 = 0;
+    int64_t m0 = 0, n0;
 #if VL == 16
+    /* 4 rows x 2 vectors of accumulators, rows outer */
     for (; m0 + 4 <= M; m0 += 4) {
-        int64_t n0 = 0;
-        for (; n0 + 2 * VL <= N; n0 += 2 * VL) {
-            vf s[4][2] = {{{0}}};
-            for (int64_t k = 0; k < K; k++) {
-                const vf b0 = ldv(b + k * N + n0), b1 = ldv(b + k * N + n0 + VL);
-                for (int q = 0; q < 4; q++) {
-                    const float x = a[(m0 + q) * sm + k * sk];
-                    s[q][0] += x * b0;
-                    s[q][1] += x * b1;
-                }
-            }
-            for (int q = 0; q < 4; q++)
-                for (int h = 0; h < 2; h++) {
-                    float *cp = c + (m0 + q) * N + n0 + VL * h;
-                    stv(cp, (acc ? ldv(cp) : (vf){0}) + alpha * s[q][h]);
-                }
-        }
-        for (; n0 < N; n0 += VL) {
-            vf s[4] = {{0}};
-            for (int64_t k = 0; k < K; k++) {
-                const vf b0 = ldv(b + k * N + n0);
-                for (int q = 0; q < 4; q++) s[q] += a[(m0 + q) * sm + k * sk] * b0;
-            }
-            for (int q = 0; q < 4; q++) {
-                float *cp = c + (m0 + q) * N + n0;
-                stv(cp, (acc ? ldv(cp) : (vf){0}) + alpha * s[q]);
-            }
-        }
+        for (n0 = 0; n0 + 2 * VL <= N; n0 += 2 * VL) MM_BLOCK2(4);
+        for (; n0 < N; n0 += VL) MM_BLOCK1(4);
     }
 #else
-    /* 16 ymm registers: 6 rows x 2 vectors of accumulators (the 4 x 4 of AVX-512 would leave the FMA ports idle on
-       loads), column panels outer so that a panel of B (K x 2 VL) stays in L1 across the row blocks (a B of
-       64 x 256 does not fit); each element still sums its k in order, as in every block shape */
-    int64_t n0 = 0;
-    for (; n0 + 2 * VL <= N; n0 += 2 * VL)
-        for (m0 = 0; m0 + 6 <= M; m0 += 6) {
-            vf s[6][2] = {{{0}}};
-            for (int64_t k = 0; k < K; k++) {
-                const vf b0 = ldv(b + k * N + n0), b1 = ldv(b + k * N + n0 + VL);
-                for (int q = 0; q < 6; q++) {
-                    const float x = a[(m0 + q) * sm + k * sk];
-                    s[q][0] += x * b0;
-                    s[q][1] += x * b1;
-                }
-            }
-            for (int q = 0; q < 6; q++)
-                for (int h = 0; h < 2; h++) {
-                    float *cp = c + (m0 + q) * N + n0 + VL * h;
-                    stv(cp, (acc ? ldv(cp) : (vf){0}) + alpha * s[q][h]);
-                }
-        }
+    /* 16 ymm registers: 6 rows x 2 vectors (4 x 2 left the FMA ports waiting on loads), column panels outer so that
+       a panel of B (K x 2 VL) stays in L1 across the row blocks (a B of 64 x 256 does not fit) */
+    for (n0 = 0; n0 + 2 * VL <= N; n0 += 2 * VL)
+        for (m0 = 0; m0 + 6 <= M; m0 += 6) MM_BLOCK2(6);
     for (; n0 < N; n0 += VL)
-        for (m0 = 0; m0 + 6 <= M; m0 += 6) {
-            vf s[6] = {{0}};
-            for (int64_t k = 0; k < K; k++) {
-                const vf b0 = ldv(b + k * N + n0);
-                for (int q = 0; q < 6; q++) s[q] += a[(m0 + q) * sm + k * sk] * b0;
-            }
-            for (int q = 0; q < 6; q++) {
-                float *cp = c + (m0 + q) * N + n0;
-                stv(cp, (acc ? ldv(cp) : (vf){0}) + alpha * s[q]);
-            }
-        }
+        for (m0 = 0; m0 + 6 <= M; m0 += 6) MM_BLOCK1(6);
     for (m0 = M / 6 * 6; m0 + 4 <= M; m0 += 4)
-        for (n0 = 0; n0 < N; n0 += VL) {
-            vf s[4] = {{0}};
-            for (int64_t k = 0; k < K; k++) {
-                const vf b0 = ldv(b + k * N + n0);
-                for (int q = 0; q < 4; q++) s[q] += a[(m0 + q) * sm + k * sk] * b0;
-            }
-            for (int q = 0; q < 4; q++) {
-                float *cp = c + (m0 + q) * N + n0;
-                stv(cp, (acc ? ldv(cp) : (vf){0}) + alpha * s[q]);
-            }
-        }
+        for (n0 = 0; n0 < N; n0 += VL) MM_BLOCK1(4);
 #endif
     for (; m0 < M; m0++)
-        for (int64_t n0 = 0; n0 < N; n0 += VL) {
-            vf s = {0};
-            for (int64_t k = 0; k < K; k++) s += a[m0 * sm + k * sk] * ldv(b + k * N + n0);
-            float *cp = c + m0 * N + n0;
-            stv(cp, (acc ? ldv(cp) : (vf){0}) + alpha * s);
-        }
+        for (n0 = 0; n0 < N; n0 += VL) MM_BLOCK1(1);
 }
 static void mmdot_f32(float *c, const float *a, const float *b, int64_t M, int64_t N, int64_t K, double alpha) {
     for (int64_t m = 0; m < M; m++)

@@ -421,8 +421,8 @@ def test_dropout_add_and_scaled_are_dropout_of_the_same_masks():
 @pytest.mark.parametrize("d", [16, 37, 64])
 def test_rmsnorm_is_torchs_with_a_hand_written_backward(c_kernel, d, monkeypatch):
     """benchbox's RMSNorm: torch's forward values (bitwise in torch's ops; to float rounding in the C kernel,
-    kernels.rmsnorm_forward, whose row sums run in the machine's vector lanes), gradients equal to torch's composite ones in
-    float64 (1e-12) and gradcheck-exact, the backward in the C kernel (kernels.rmsnorm_backward) or in torch's
+    kernels.rmsnorm_forward, whose row sums run in the machine's vector lanes), gradients equal to torch's
+    composite ones in float64 (1e-12) and gradcheck-exact, the backward in the C kernel (kernels.rmsnorm_backward) or in torch's
     ops; torch's own path without grad."""
     from benchbox import kernels
     from benchbox.model import RMSNorm, _RMSNormFunction
