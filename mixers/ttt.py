@@ -73,7 +73,7 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 # the harness's C kernels (an object with ttt_dual_applies, ttt_dual_forward / _backward for the dual form inside
 # one mini-batch, lnl2_forward / lnl2_vjp for the inner loss gradient, ttt_window_applies / _forward / _backward for
-# TTT-Linear's whole layer over one mini-batch, mlp_chunk_applies / _forward / _backward for TTT-MLP's chunk of one
+# TTT-Linear's whole layer over the scan's chunks, mlp_chunk_applies / _forward / _backward for TTT-MLP's chunk of one
 # mini-batch; benchbox.kernels), installed where it builds them; None: torch's ops everywhere
 _KERNELS = None
 
