@@ -2279,6 +2279,7 @@ def ttt_window_applies(x, head_dim: int, chunk: int) -> bool:
             and head_dim <= TTT_WINDOW_MAX and (x.dtype != torch.float32 or head_dim % 16 == 0))
 
 
+@functools.cache  # a pure count, asked on every call of the kernels: set up the ctypes call once
 def _window_save(length: int, chunk: int, d: int) -> int:
     """Values the window kernels keep per (row, head) block (the C library's own count)."""
     fn = _library().benchbox_ttt_window_save
@@ -2339,6 +2340,7 @@ def mlp_chunk_applies(kq, d: int, f: int) -> bool:
             and (kq.dtype != torch.float32 or (d % 16 == 0 and f % 16 == 0)))
 
 
+@functools.cache  # a pure count, asked on every call of the kernels: set up the ctypes call once
 def _mlp_work(s: int, d: int, f: int, backward: bool) -> int:
     """Values of scratch the TTT-MLP chunk kernels use per part (the C library's own count)."""
     fn = _library().benchbox_mlp_chunk_work

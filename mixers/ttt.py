@@ -533,7 +533,7 @@ class _MLPChunk(torch.autograd.Function):
                  and _KERNELS.mlp_chunk_applies(kq, kq.shape[-1], W1.shape[-1]))
         if ctx.c:
             ins = [t.contiguous() for t in (kq, W1, b1, W2, b2, gt, gam2, P, coef, eT)]
-            ctx.K, ctx.g, ctx.upd = K, g, upd
+            ctx.upd = upd  # the C backward reads no K or g
             ctx.save_for_backward(*ins)
             return _KERNELS.mlp_chunk_forward(*ins, upd, LN_EPS)
         Z1 = torch.baddbmm(b1, kq, W1)
