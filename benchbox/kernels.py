@@ -43,6 +43,8 @@ KERNELS_ENV = "BENCHBOX_C_KERNELS"  # "off": torch's own paths everywhere
 # the -march the library is built for (default native). The float kernels' lane width follows it (VL: 16 with
 # AVX-512, 8 with AVX, else 4); the tests build x86-64 (4 lanes) and x86-64-v3 (8) beside the native one.
 MARCH_ENV = "BENCHBOX_C_MARCH"
+# tests only: the float lane width whatever the target (16 built for AVX2 runs the AVX-512 build's code, slowly)
+LANES_ENV = "BENCHBOX_C_LANES"
 
 _SOURCE = r"""
 /* benchbox (benchbox/kernels.py): torch's CPU dropout noise from torch's own mt19937 stream.
@@ -270,21 +272,51 @@ RMSNORM_BACKWARD(benchbox_rmsnorm_backward_f64, double)
 /* VL, the float lanes of the machine's widest vector registers: every float kernel steps by VL (the sizes they
    take are multiples of 16). A vector wider than the machine's registers is what gcc handles worst: with 16 lanes
    on AVX2 it keeps them in memory and moves them through general registers (the TTT-Linear step 2.3x slower than
-   torch's on a Zen 3, measured), so the width follows the target. */
+   torch's on a Zen 3, measured), so the width follows the target. BENCHBOX_VL (tests only) sets it: 16 lanes built
+   for AVX2 run the AVX-512 build's code, slowly, on a machine without AVX-512. */
+#ifndef BENCHBOX_VL
 #if defined(__AVX512F__)
+#define BENCHBOX_VL 16
+#elif defined(__AVX__)
+#define BENCHBOX_VL 8
+#else
+#define BENCHBOX_VL 4
+#endif
+#endif
+#if BENCHBOX_VL == 16
 #define VL 16
 #define V_IOTA {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}
 #define V_EVENS {0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14}
 #define V_ODDS {1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15}
 #define V_SWAP {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}
 #define V_ALT {-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1}
-#elif defined(__AVX__)
+#define V_BITREV {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15}
+#define V_H8A {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}
+#define V_H8B {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}
+#define V_H4A {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}
+#define V_H4B {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}
+#define V_H2A {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}
+#define V_H2B {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}
+#define V_H1A {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}
+#define V_H1B {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}
+#define V_ZIPLO {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23}
+#define V_ZIPHI {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31}
+#elif BENCHBOX_VL == 8
 #define VL 8
 #define V_IOTA {0, 1, 2, 3, 4, 5, 6, 7}
 #define V_EVENS {0, 0, 2, 2, 4, 4, 6, 6}
 #define V_ODDS {1, 1, 3, 3, 5, 5, 7, 7}
 #define V_SWAP {1, 0, 3, 2, 5, 4, 7, 6}
 #define V_ALT {-1, 1, -1, 1, -1, 1, -1, 1}
+#define V_BITREV {0, 4, 2, 6, 1, 5, 3, 7}
+#define V_H4A {0, 1, 2, 3, 8, 9, 10, 11}
+#define V_H4B {4, 5, 6, 7, 12, 13, 14, 15}
+#define V_H2A {0, 1, 8, 9, 4, 5, 12, 13}
+#define V_H2B {2, 3, 10, 11, 6, 7, 14, 15}
+#define V_H1A {0, 8, 2, 10, 4, 12, 6, 14}
+#define V_H1B {1, 9, 3, 11, 5, 13, 7, 15}
+#define V_ZIPLO {0, 8, 1, 9, 2, 10, 3, 11}
+#define V_ZIPHI {4, 12, 5, 13, 6, 14, 7, 15}
 #else  /* SSE, NEON */
 #define VL 4
 #define V_IOTA {0, 1, 2, 3}
@@ -292,6 +324,13 @@ RMSNORM_BACKWARD(benchbox_rmsnorm_backward_f64, double)
 #define V_ODDS {1, 1, 3, 3}
 #define V_SWAP {1, 0, 3, 2}
 #define V_ALT {-1, 1, -1, 1}
+#define V_BITREV {0, 2, 1, 3}
+#define V_H2A {0, 1, 4, 5}
+#define V_H2B {2, 3, 6, 7}
+#define V_H1A {0, 4, 2, 6}
+#define V_H1B {1, 5, 3, 7}
+#define V_ZIPLO {0, 4, 1, 5}
+#define V_ZIPHI {2, 6, 3, 7}
 #endif
 int benchbox_lanes(void) { return VL; }
 typedef float vf __attribute__((vector_size(4 * VL)));
@@ -309,9 +348,24 @@ static inline float hsumv(vf v) {  /* a tree: a chain of 16 dependent adds costs
     return (v[0] + v[2]) + (v[1] + v[3]);
 #endif
 }
+/* VL sums at once: lane i of the result is hsumv(s[V_BITREV[i]]), bit for bit (the same tree: lanes i + VL/2 first,
+   then i + VL/4, ... i + 1), in log2(VL) levels of two shuffles and an add over pairs of vectors (VL separate hsumv
+   cost ~7 VL operations, this ~3 VL). Level h pairs lane i with i + h: x's sums in the lanes where i % 2h < h, y's in
+   the others. s is overwritten. */
+#define V_PAIR_SUMS(x, y, A, B) (__builtin_shuffle(x, y, (vi)A) + __builtin_shuffle(x, y, (vi)B))
+static inline vf hsum_lanes(vf *s) {
+#if VL == 16
+    for (int j = 0; j < 8; j++) s[j] = V_PAIR_SUMS(s[2 * j], s[2 * j + 1], V_H8A, V_H8B);
+#endif
+#if VL >= 8
+    for (int j = 0; j < 4; j++) s[j] = V_PAIR_SUMS(s[2 * j], s[2 * j + 1], V_H4A, V_H4B);
+#endif
+    for (int j = 0; j < 2; j++) s[j] = V_PAIR_SUMS(s[2 * j], s[2 * j + 1], V_H2A, V_H2B);
+    return V_PAIR_SUMS(s[0], s[1], V_H1A, V_H1B);
+}
 
 static inline vf clampv(vf x, float lo, float hi) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && VL == 16
     __m512 m;
     memcpy(&m, &x, sizeof m);
     m = _mm512_min_ps(_mm512_max_ps(m, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
@@ -832,10 +886,11 @@ TTT_LNL2(double, f64, mean_f64, dot_f64, sqrt)
 TTT_LNL2(float, f32, mean_f32v, dot_f32v, sqrtf)
 
 /* Small row-major products for the window and TTT-MLP kernels: mm_T (C = [C] + alpha op(A) B, op(A) = A (M, K) or, with
-   ta, A^T for A stored (K, M); B (K, N); C's rows in registers: float four rows by two vectors at a time, so that
-   eight independent sums of K FMAs hide the FMA latency (one row at a time is a chain of K dependent FMAs), N a
-   multiple of 16) and mmdot_T (C = alpha A B^T, dots of K, a multiple of 16 in float). double: plain loops. And
-   y += a x over a row. */
+   ta, A^T for A stored (K, M); B (K, N); C's rows in registers: float four (AVX-512) or six rows by two vectors at a
+   time, so that eight or more independent sums of K FMAs hide the FMA latency (one row at a time is a chain of K
+   dependent FMAs), N a multiple of 16) and mmdot_T (C = alpha A B^T, dots of K, a multiple of 16 in float; VL dots of
+   a row at once, summed by hsum_lanes: 2x one at a time with its own hsumv). double: plain loops. And y += a x over a
+   row. */
 static inline void axpy_f64(double *restrict y, double a, const double *restrict x, int64_t n) {
     for (int64_t j = 0; j < n; j++) y[j] += a * x[j];
 }
@@ -903,26 +958,54 @@ static void mm_f32(float *c, const float *a, const float *b, int64_t M, int64_t 
         for (n0 = 0; n0 + 2 * VL <= N; n0 += 2 * VL) MM_BLOCK2(4);
         for (; n0 < N; n0 += VL) MM_BLOCK1(4);
     }
-#else
-    /* 16 ymm registers: 6 rows x 2 vectors (4 x 2 left the FMA ports waiting on loads), column panels outer so that
-       a panel of B (K x 2 VL) stays in L1 across the row blocks (a B of 64 x 256 does not fit) */
-    for (n0 = 0; n0 + 2 * VL <= N; n0 += 2 * VL)
-        for (m0 = 0; m0 + 6 <= M; m0 += 6) MM_BLOCK2(6);
-    for (; n0 < N; n0 += VL)
-        for (m0 = 0; m0 + 6 <= M; m0 += 6) MM_BLOCK1(6);
-    for (m0 = M / 6 * 6; m0 + 4 <= M; m0 += 4)
-        for (n0 = 0; n0 < N; n0 += VL) MM_BLOCK1(4);
-#endif
     for (; m0 < M; m0++)
         for (n0 = 0; n0 < N; n0 += VL) MM_BLOCK1(1);
+#else
+    /* 16 ymm registers: 6 rows x 2 vectors (4 x 2 left the FMA ports waiting on loads), column panels outer so that
+       a panel of B (K x 2 VL) stays in L1 across the row blocks (a B of 64 x 256 does not fit). The rows left over
+       take one block of as many rows by two vectors (M = 16: 6 + 6 + 4; 6 k + 2 as 6 (k - 1) + 4 + 4): by one vector
+       at a time, 4 rows kept 4 sums in flight where the FMA ports need 8, and a row on its own is a single chain
+       (1.3-1.5x on the TTT-MLP chunk's shapes, measured). */
+    const int64_t m6 = M >= 8 && M % 6 == 2 ? M - 8 : M / 6 * 6;
+    for (n0 = 0; n0 + 2 * VL <= N; n0 += 2 * VL) {
+        for (m0 = 0; m0 < m6; m0 += 6) MM_BLOCK2(6);
+        switch (M - m6) {
+            case 8: MM_BLOCK2(4); m0 += 4; MM_BLOCK2(4); break;
+            case 5: MM_BLOCK2(5); break;
+            case 4: MM_BLOCK2(4); break;
+            case 3: MM_BLOCK2(3); break;
+            case 2: MM_BLOCK2(2); break;
+            case 1: MM_BLOCK2(1); break;
+        }
+    }
+    for (; n0 < N; n0 += VL) {
+        for (m0 = 0; m0 < m6; m0 += 6) MM_BLOCK1(6);
+        for (; m0 + 4 <= M; m0 += 4) MM_BLOCK1(4);
+        for (; m0 < M; m0++) MM_BLOCK1(1);
+    }
+#endif
 }
 static void mmdot_f32(float *c, const float *a, const float *b, int64_t M, int64_t N, int64_t K, double alpha) {
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t n = 0; n < N; n++) {
+    const vi order = V_BITREV;
+    for (int64_t m = 0; m < M; m++) {
+        const float *ar = a + m * K;
+        int64_t n0 = 0;
+        for (; n0 + VL <= N; n0 += VL) {  /* VL dots of row m at once, summed by hsum_lanes */
+            vf s[VL];
+            const vf a0 = ldv(ar);
+            for (int j = 0; j < VL; j++) s[j] = a0 * ldv(b + (n0 + order[j]) * K);
+            for (int64_t k = VL; k < K; k += VL) {
+                const vf ak = ldv(ar + k);
+                for (int j = 0; j < VL; j++) s[j] += ak * ldv(b + (n0 + order[j]) * K + k);
+            }
+            stv(c + m * N + n0, (float)alpha * hsum_lanes(s));
+        }
+        for (int64_t n = n0; n < N; n++) {
             vf s = ldv(a + m * K) * ldv(b + n * K);
             for (int64_t k = VL; k < K; k += VL) s += ldv(a + m * K + k) * ldv(b + n * K + k);
             c[m * N + n] = (float)alpha * hsumv(s);
         }
+    }
 }
 /* RoPE on one row of interleaved pairs (x_2i, x_2i+1) with the row's (cos, sin) pairs csr: (x0 c - x1 s, x0 s + x1 c),
    or its transpose (inverse: the backward). float: VL lanes (VL / 2 pairs) with in-register pair swaps. */
@@ -1401,11 +1484,31 @@ CONV_SILU(f32, float, vf, VL, ldv, stv, SPLATV, sigmoidv)
    pieces are mixers.ttt's (_gelu_t, _gelu_p, _gelu_pp). */
 #define GELU_A 0.044715
 #define GELU_C 0.7978845608028654
+/* dst (C, R) = src (R, C)^T. float: VL x VL tiles in registers, log2(VL) rounds of interleaving the rows i and
+   i + VL/2 (a perfect shuffle; 3x the element by element copy on 128 x 32, measured), the edges element by element */
+static void transpose_f64(double *dst, const double *src, int64_t R, int64_t C) {
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t c = 0; c < C; c++) dst[c * R + r] = src[r * C + c];
+}
+static void transpose_f32(float *dst, const float *src, int64_t R, int64_t C) {
+    const int64_t Rv = R / VL * VL, Cv = C / VL * VL;
+    for (int64_t r0 = 0; r0 < Rv; r0 += VL)
+        for (int64_t c0 = 0; c0 < Cv; c0 += VL) {
+            vf x[VL], y[VL];
+            for (int i = 0; i < VL; i++) x[i] = ldv(src + (r0 + i) * C + c0);
+            for (int round = 1; round < VL; round *= 2) {
+                for (int i = 0; i < VL / 2; i++) {
+                    y[2 * i] = __builtin_shuffle(x[i], x[i + VL / 2], (vi)V_ZIPLO);
+                    y[2 * i + 1] = __builtin_shuffle(x[i], x[i + VL / 2], (vi)V_ZIPHI);
+                }
+                memcpy(x, y, sizeof x);
+            }
+            for (int i = 0; i < VL; i++) stv(dst + (c0 + i) * R + r0, x[i]);
+        }
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t c = r < Rv ? Cv : 0; c < C; c++) dst[c * R + r] = src[r * C + c];
+}
 #define MLP_CHUNK(T, SUF, MM, MMDOT, V, W, LD, ST, EXPV)                                               \
-static void transpose_##SUF(T *dst, const T *src, int64_t R, int64_t C) {                               \
-    for (int64_t r = 0; r < R; r++)                                                                     \
-        for (int64_t c = 0; c < C; c++) dst[c * R + r] = src[r * C + c];                                \
-}                                                                                                       \
 static inline V gelu_t_##SUF(V z) {  /* tanh(c (z + a z^3)) as 2 sigmoid(2 u) - 1, as the torch path */     \
     const V u = (z * z * (T)(2 * GELU_A * GELU_C) + (T)(2 * GELU_C)) * z;                               \
     return (T)2 / ((T)1 + EXPV(-u)) - (T)1;                                                             \
@@ -1739,8 +1842,10 @@ def _library():
     import torch  # noqa: F401  (loaded first: its libgomp.so.1 is then the OpenMP runtime this library binds to)
     # -lm after the source: the double kernels' exp. -fopenmp for the threaded kernels (see PARTS); where it does not
     # build (a compiler without OpenMP), the same source without it: those kernels then run their parts in turn
-    march = "-march=" + (os.environ.get(MARCH_ENV, "").strip() or "native")
-    for flags in (("-O3", march, "-fopenmp", "-lm"), ("-O3", march, "-lm")):
+    march = ("-march=" + (os.environ.get(MARCH_ENV, "").strip() or "native"),)
+    lanes = os.environ.get(LANES_ENV, "").strip()
+    march += (f"-DBENCHBOX_VL={int(lanes)}",) if lanes else ()
+    for flags in (("-O3", *march, "-fopenmp", "-lm"), ("-O3", *march, "-lm")):
         tag = hashlib.sha256((_SOURCE + " ".join(flags) + _machine_tag()).encode()).hexdigest()[:12]
         path = build_library(f"libbenchbox_kernels-{tag}.so", _SOURCE, flags)
         if path is not None:
