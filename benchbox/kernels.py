@@ -41,7 +41,8 @@ from pathlib import Path
 
 KERNELS_ENV = "BENCHBOX_C_KERNELS"  # "off": torch's own paths everywhere
 # the -march the library is built for (default native). The float kernels' lane width follows it (VL: 16 with
-# AVX-512, 8 with AVX, else 4); the tests build x86-64 (4 lanes) and x86-64-v3 (8) beside the native one.
+# AVX-512, 8 with AVX, else 4); the tests build x86-64 (4 lanes), x86-64-v3 (8) and x86-64-v3 with 16 lanes
+# (LANES_ENV) beside the native one.
 MARCH_ENV = "BENCHBOX_C_MARCH"
 # tests only: the float lane width whatever the target (16 built for AVX2 runs the AVX-512 build's code, slowly)
 LANES_ENV = "BENCHBOX_C_LANES"
