@@ -926,7 +926,7 @@ def test_ttt_window_kernel_gradcheck_and_what_it_declines(monkeypatch):
 
 @pytest.mark.parametrize("opts,L", [(dict(mini_batch_size=16), 40), (dict(mini_batch_size=16), 37),
                                     (dict(mini_batch_size=16, num_heads=4, use_gate=True), 50),
-                                    (dict(mini_batch_size=8), 8)])
+                                    (dict(mini_batch_size=8), 8), (dict(mini_batch_size=10), 30)])
 def test_ttt_mlp_chunk_kernel_is_the_chunks_torch_path(opts, L, monkeypatch):
     """TTT-MLP's chunks of one mini-batch in C (mixers.ttt._MLPChunk with g == 1: the whole chunk per (row, head)
     block, its backward recomputing the forward) against the chunk's torch path: the layer's output and the
