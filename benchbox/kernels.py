@@ -630,14 +630,35 @@ static inline float hmaxv(vf v) {
 #endif
 }
 
-/* a (b, h)'s keys (or values) transposed into xt (E, w) (columns t..w - 1 zeroed once by the caller): one
-   query's scores for 16 keys are then E broadcast products, no horizontal sum per key */
-static inline void transpose_rows(const float *x, int64_t stride, int64_t t, int64_t e, int64_t w, float *xt) {
-    for (int64_t j = 0; j < t; j++) {
-        const float *xj = x + j * stride;
-        for (int64_t d = 0; d < e; d++) xt[d * w + j] = xj[d];
-    }
+/* dst (C, R) = src (R, C)^T, rows of src ss apart and of dst ds apart. float: VL x VL tiles in registers, log2(VL)
+   rounds of interleaving the rows i and i + VL/2 (a perfect shuffle; 3x the element by element copy on 128 x 32,
+   measured), the edges element by element */
+static void transpose_f64(double *dst, const double *src, int64_t R, int64_t C) {
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t c = 0; c < C; c++) dst[c * R + r] = src[r * C + c];
 }
+static void transpose_strided_f32(float *dst, int64_t ds, const float *src, int64_t ss, int64_t R, int64_t C) {
+    const int64_t Rv = R / VL * VL, Cv = C / VL * VL;
+    for (int64_t r0 = 0; r0 < Rv; r0 += VL)
+        for (int64_t c0 = 0; c0 < Cv; c0 += VL) {
+            vf x[VL], y[VL];
+            for (int i = 0; i < VL; i++) x[i] = ldv(src + (r0 + i) * ss + c0);
+            for (int round = 1; round < VL; round *= 2) {
+                for (int i = 0; i < VL / 2; i++) {
+                    y[2 * i] = __builtin_shuffle(x[i], x[i + VL / 2], (vi)V_ZIPLO);
+                    y[2 * i + 1] = __builtin_shuffle(x[i], x[i + VL / 2], (vi)V_ZIPHI);
+                }
+                memcpy(x, y, sizeof x);
+            }
+            for (int i = 0; i < VL; i++) stv(dst + (c0 + i) * ds + r0, x[i]);
+        }
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t c = r < Rv ? Cv : 0; c < C; c++) dst[c * ds + r] = src[r * ss + c];
+}
+static void transpose_f32(float *dst, const float *src, int64_t R, int64_t C) {
+    transpose_strided_f32(dst, R, src, C, R, C);
+}
+
 
 static inline vf scoresv(const float *qi, const float *xt, int64_t e, int64_t w, int64_t j0) {
     vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};  /* four chains: one would wait on each FMA's latency */
@@ -663,7 +684,9 @@ void benchbox_small_attention_f32(const float *q, int64_t q_sb, int64_t q_st, co
     memset(kt, 0, sizeof(float) * e * w);
     for (int64_t b = 0; b < rows; b++)
         for (int64_t h = 0; h < heads; h++) {
-            transpose_rows(k + b * kv_sb + h * e, kv_st, tk, e, w, kt);
+            /* the keys transposed into kt (E, w), columns tk..w - 1 zeroed once: one query's scores for VL keys
+               are then E broadcast products, no horizontal sum per key */
+            transpose_strided_f32(kt, w, k + b * kv_sb + h * e, kv_st, tk, e);
             for (int64_t i = 0; i < tq; i++) {
                 const float *qi = q + b * q_sb + i * q_st + h * e;
                 const int64_t n = kv_len ? kv_len[b] : i + 1;
@@ -707,7 +730,7 @@ void benchbox_small_attention_backward_f32(const float *q, int64_t q_sb, int64_t
     for (int64_t j = tk; j < w; j++) pr[j] = 0;
     for (int64_t b = 0; b < rows; b++)
         for (int64_t h = 0; h < heads; h++) {
-            transpose_rows(v + b * kv_sb + h * e, kv_st, tk, e, w, vt);
+            transpose_strided_f32(vt, w, v + b * kv_sb + h * e, kv_st, tk, e);
             for (int64_t j = 0; j < tk; j++)
                 for (int64_t d = 0; d < e; d += VL) {
                     stv(dk + b * kv_sb + j * kv_st + h * e + d, (vf){0});
@@ -1007,30 +1030,6 @@ static void mmdot_f32(float *c, const float *a, const float *b, int64_t M, int64
             c[m * N + n] = (float)alpha * hsumv(s);
         }
     }
-}
-/* dst (C, R) = src (R, C)^T. float: VL x VL tiles in registers, log2(VL) rounds of interleaving the rows i and
-   i + VL/2 (a perfect shuffle; 3x the element by element copy on 128 x 32, measured), the edges element by element */
-static void transpose_f64(double *dst, const double *src, int64_t R, int64_t C) {
-    for (int64_t r = 0; r < R; r++)
-        for (int64_t c = 0; c < C; c++) dst[c * R + r] = src[r * C + c];
-}
-static void transpose_f32(float *dst, const float *src, int64_t R, int64_t C) {
-    const int64_t Rv = R / VL * VL, Cv = C / VL * VL;
-    for (int64_t r0 = 0; r0 < Rv; r0 += VL)
-        for (int64_t c0 = 0; c0 < Cv; c0 += VL) {
-            vf x[VL], y[VL];
-            for (int i = 0; i < VL; i++) x[i] = ldv(src + (r0 + i) * C + c0);
-            for (int round = 1; round < VL; round *= 2) {
-                for (int i = 0; i < VL / 2; i++) {
-                    y[2 * i] = __builtin_shuffle(x[i], x[i + VL / 2], (vi)V_ZIPLO);
-                    y[2 * i + 1] = __builtin_shuffle(x[i], x[i + VL / 2], (vi)V_ZIPHI);
-                }
-                memcpy(x, y, sizeof x);
-            }
-            for (int i = 0; i < VL; i++) stv(dst + (c0 + i) * R + r0, x[i]);
-        }
-    for (int64_t r = 0; r < R; r++)
-        for (int64_t c = r < Rv ? Cv : 0; c < C; c++) dst[c * R + r] = src[r * C + c];
 }
 /* RoPE on one row of interleaved pairs (x_2i, x_2i+1) with the row's (cos, sin) pairs csr: (x0 c - x1 s, x0 s + x1 c),
    or its transpose (inverse: the backward). float: VL lanes (VL / 2 pairs) with in-register pair swaps. */
