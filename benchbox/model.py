@@ -299,18 +299,40 @@ class _NativeGELUFunction(torch.autograd.Function):
             return torch.ops.aten.gelu_backward(g, x)
 
 
+class _GELUFunction(torch.autograd.Function):
+    """erf-GELU by the C kernel (kernels.gelu): one pass gives y = x Phi(x) and, where a gradient is wanted, the
+    derivative Phi(x) + x phi(x), kept in x's place for the backward, which is then one product."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y, d = kernels.gelu(x, derivative=ctx.needs_input_grad[0])
+        ctx.save_for_backward(d)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (d,) = ctx.saved_tensors
+        return g * d
+
+
 class GELU(nn.GELU):
-    """nn.GELU; with ``native`` on (the length-grouped path, whose shapes change every call) by torch's own
-    kernel. On CPU, float32 GELU and its backward go to oneDNN, which builds (JIT-compiles) a primitive for
-    every new shape: a grouped step's shapes are new each step, and on RecBole's rows (Beauty, window 50,
-    2,048 rows) oneDNN's primitive building took 5.8% of the step. torch's kernel differs from oneDNN's by
-    float rounding (<= 1.5e-6 on values up to 9)."""
+    """nn.GELU (exact, erf), on CPU in float32/64 by the C kernel (``_GELUFunction``): torch's took 1.2-1.6 ns an
+    element forward and 1.9-2.8 backward on a Zen 3, 1.3 ms of a 16 ms study-protocol SASRec step; the kernel's
+    forward with the derivative and its one-product backward take about half. It differs from torch's by float
+    rounding (its own erf, see kernels.py). Where no kernel applies and ``native`` is on (the length-grouped path,
+    whose shapes change every call), torch's own kernel: on CPU, float32 GELU and its backward go to oneDNN, which
+    builds (JIT-compiles) a primitive for every new shape: a grouped step's shapes are new each step, and on
+    RecBole's rows (Beauty, window 50, 2,048 rows) oneDNN's primitive building took 5.8% of the step. torch's kernel
+    differs from oneDNN's by float rounding (<= 1.5e-6 on values up to 9)."""
     native = False
 
     def forward(self, x):
-        if (self.native and self.approximate == "none" and x.device.type == "cpu" and x.dtype == torch.float32
-                and not torch.compiler.is_compiling()):
-            return _NativeGELUFunction.apply(x)
+        if self.approximate == "none" and not torch.compiler.is_compiling():
+            if kernels.gelu_applies(x):
+                return _GELUFunction.apply(x)
+            if self.native and x.device.type == "cpu" and x.dtype == torch.float32:
+                return _NativeGELUFunction.apply(x)
         return super().forward(x)
 
 
@@ -400,7 +422,7 @@ class Recommender(nn.Module):
             Block(mixers.build(mixer, d_model, max_len, **(mixer_opts or {})), d_model, dropout, ffn_mult)
             for _ in range(0 if mixer == "none" else n_layers))
         self.norm = RMSNorm(d_model, eps=1e-6)
-        self.target_mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+        self.target_mlp = nn.Sequential(nn.Linear(d_model, d_model), GELU(), nn.Linear(d_model, d_model))
         self.readout = build_readout(readout, d_model, max_len=max_len, **(readout_opts or {}))
         # run a batch's rows through the encoder in groups of similar length where that saves padding
         # (length_groups); False: always the whole batch at once (the reference the tests hold it to)

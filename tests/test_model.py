@@ -270,12 +270,13 @@ def test_dropout_mask_keeps_exactly_the_lanes_at_or_above_the_threshold():
 
 
 def test_native_gelu_is_torchs_kernel_forward_and_backward_and_only_in_the_grouped_path(monkeypatch):
-    """GELU with ``native`` on runs torch's own CPU kernel (not oneDNN's, which builds a primitive for every new
+    """Where the C kernel does not apply, GELU with ``native`` on runs torch's own CPU kernel (not oneDNN's, which builds a primitive for every new
     shape) forward and backward: bit for bit what torch gives with oneDNN off, within float rounding of
     nn.GELU. The grouped path turns it on for the blocks' FFN and off after; oneDNN's switch is restored."""
     import torch.nn.functional as F
     import benchbox.model as M
     from benchbox.model import GELU, _NativeGELUFunction
+    monkeypatch.setattr(M.kernels, "gelu_applies", lambda x: False)  # the path where no C kernel applies
     torch.manual_seed(0)
     x = (torch.randn(37, 11, 128) * 3).requires_grad_()
     g = torch.randn(37, 11, 128)
@@ -309,6 +310,49 @@ def test_native_gelu_is_torchs_kernel_forward_and_backward_and_only_in_the_group
         assert len(calls) == n
     finally:
         _NativeGELUFunction.apply = real
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gelu_kernel_is_the_erf_gelu_with_its_derivative(dtype, monkeypatch):
+    """kernels.gelu: y = x Phi(x) and d = Phi(x) + x phi(x) against torch's GELU and gelu_backward in float64,
+    across the erf fit's range and past its clamp (float32: |error| <= 4e-7 max(1, |x|), 3e-7 for d, about torch's own
+    float32 GELU's; float64: the C library's erfc, 1e-14), on sizes that end in partial vectors; the same y without the derivative; NaN stays
+    NaN. GELU (the FFNs' and the target tower's) runs it forward and backward where it applies, and torch's own
+    GELU exactly where it does not."""
+    import torch.nn.functional as F
+    import benchbox.model as M
+    from benchbox import kernels
+    if not kernels.gelu_applies(torch.zeros(1, dtype=dtype)):
+        pytest.skip("no C kernels here")
+    torch.manual_seed(0)
+    x = torch.cat([torch.linspace(-12, 12, 24_001), torch.randn(37 * 11 * 13) * 3, torch.tensor([0.0, -0.0])])
+    x64 = x.double()
+    want = F.gelu(x64)
+    want_d = torch.ops.aten.gelu_backward(torch.ones_like(x64), x64)
+    for n in (x.numel(), 37 * 11 * 13, 5, 1):  # whole blocks and partial ones, and one element
+        xs = x[-n:].to(dtype)
+        y, d = kernels.gelu(xs, derivative=True)
+        scale = x64[-n:].abs().clamp(min=1)
+        tol_y, tol_d = (4e-7, 3e-7) if dtype == torch.float32 else (1e-14, 1e-14)
+        assert ((y.double() - want[-n:]).abs() / scale).max() <= tol_y, n
+        assert ((d.double() - want_d[-n:]).abs() / scale).max() <= tol_d, n
+        y_only, none = kernels.gelu(xs, derivative=False)
+        assert none is None and torch.equal(y_only, y)
+    y, d = kernels.gelu(torch.tensor([float("nan"), 1.0], dtype=dtype), derivative=True)
+    assert y[0].isnan() and d[0].isnan() and y[1] == F.gelu(torch.tensor(1.0, dtype=dtype))
+    # the module: the kernel's y forward, g d backward; float64 gradcheck; torch's GELU where no kernel applies
+    xm = (torch.randn(7, 9, 24, dtype=dtype) * 3).requires_grad_()
+    g = torch.randn(7, 9, 24, dtype=dtype)
+    ym = M.GELU()(xm)
+    (dx,) = torch.autograd.grad(ym, xm, g)
+    y, d = kernels.gelu(xm.detach(), derivative=True)
+    assert torch.equal(ym, y) and torch.equal(dx, g * d)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(M.GELU(), (xm[:2, :3, :5].detach().clone().requires_grad_(),))
+    monkeypatch.setattr(M.kernels, "gelu_applies", lambda x: False)
+    ym = M.GELU()(xm)
+    assert torch.equal(ym, F.gelu(xm.detach()))
+    assert torch.equal(torch.autograd.grad(ym, xm, g)[0], torch.ops.aten.gelu_backward(g, xm.detach()))
 
 
 def test_midpoint_groups_from_the_mixers_row_threshold():
@@ -1034,7 +1078,7 @@ def test_c_kernels_off_switch_and_a_missing_compiler_leave_torchs_paths(tmp_path
 
 
 # the tests that hold each float C kernel to its torch path
-_KERNEL_TESTS = ("rmsnorm or gru_fused or small_attention or ttt_dual or ttt_window or ttt_mlp_chunk or lnl2_kernels"
+_KERNEL_TESTS = ("rmsnorm or gelu_kernel or gru_fused or small_attention or ttt_dual or ttt_window or ttt_mlp_chunk or lnl2_kernels"
                  " or sigmoid_project or din_pair_kernels or din_pairs_function or fused")
 
 
