@@ -54,6 +54,7 @@ _SOURCE = r"""
    int32 left, int32 seeded, uint64 next, uint64 state[624], ...), read and written in place. */
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 
 #define MT_N 624
 #define MT_M 397
@@ -98,6 +99,9 @@ int benchbox_dropout_noise(unsigned char *state, void *out, int64_t n, double ke
     for (int i = 0; i < MT_N; i++) mt[i] = (uint32_t)legacy[i];
     int64_t avail = left - 1, pos = (int64_t)next;  /* outputs left in mt from pos before a regeneration */
     float kept_f = (float)kept_value;
+    /* ceil(keep 2^53) in [0, 2^53]: never kept for keep <= 0 (or NaN), always for keep >= 1 */
+    const uint64_t thr = keep > 0 ? (keep < 1 ? (uint64_t)ceil(keep * 0x1p53) : 1ull << 53) : 0;
+    const uint32_t thr_hi = (uint32_t)(thr >> 32), thr_lo = (uint32_t)thr;
     for (int64_t done = 0; done < n; done += CHUNK) {
         int64_t m = n - done < CHUNK ? n - done : CHUNK;
         for (int64_t got = 0; got < 2 * m;) {
@@ -106,20 +110,22 @@ int benchbox_dropout_noise(unsigned char *state, void *out, int64_t n, double ke
             temper(mt + pos, stream + got, k);
             pos += k; avail -= k; got += k;
         }
-        /* random64() = first output << 32 | second; uniform_ = its low 53 bits * 2^-53 (exact) */
+        /* random64() = first output << 32 | second; uniform_ = its low 53 bits r * 2^-53 (exact), kept where
+           uniform_ < keep, i.e. where r < keep 2^53, i.e. where r < thr = ceil(keep 2^53) (r an integer; keep 2^53
+           exact). Compared as integers in 32-bit halves: r's high 21 bits against thr's, then the low 32. (The
+           double compare wants a 64-bit integer to double conversion, which AVX2 lacks: the compiler made it
+           scalar, 4.7 ns an element on a Zen 3 against 0.84 now; with AVX-512 both vectorise.) */
         if (out_is_double) {
             double *o = (double *)out + done;
             for (int64_t i = 0; i < m; i++) {
-                uint64_t r = ((uint64_t)stream[2 * i] << 32) | stream[2 * i + 1];
-                double u = (double)(int64_t)(r & ((1ull << 53) - 1)) * 0x1p-53;
-                o[i] = u < keep ? kept_value : 0.0;
+                const uint32_t hi = stream[2 * i] & 0x1fffffu, lo = stream[2 * i + 1];
+                o[i] = (hi < thr_hi) | ((hi == thr_hi) & (lo < thr_lo)) ? kept_value : 0.0;
             }
         } else {
             float *o = (float *)out + done;
             for (int64_t i = 0; i < m; i++) {
-                uint64_t r = ((uint64_t)stream[2 * i] << 32) | stream[2 * i + 1];
-                double u = (double)(int64_t)(r & ((1ull << 53) - 1)) * 0x1p-53;
-                o[i] = u < keep ? kept_f : 0.0f;
+                const uint32_t hi = stream[2 * i] & 0x1fffffu, lo = stream[2 * i + 1];
+                o[i] = (hi < thr_hi) | ((hi == thr_hi) & (lo < thr_lo)) ? kept_f : 0.0f;
             }
         }
     }
