@@ -315,10 +315,10 @@ def test_native_gelu_is_torchs_kernel_forward_and_backward_and_only_in_the_group
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gelu_kernel_is_the_erf_gelu_with_its_derivative(dtype, monkeypatch):
     """kernels.gelu: y = x Phi(x) and d = Phi(x) + x phi(x) against torch's GELU and gelu_backward in float64,
-    across the erf fit's range and past its clamp (float32: |error| <= 4e-7 max(1, |x|), 3e-7 for d, about torch's own
-    float32 GELU's; float64: the C library's erfc, 1e-14), on sizes that end in partial vectors; the same y without the derivative; NaN stays
-    NaN. GELU (the FFNs' and the target tower's) runs it forward and backward where it applies, and torch's own
-    GELU exactly where it does not."""
+    across the erf fit's range and past its clamp (float32: |error| <= 4e-7 max(1, |x|), 3e-7 for d, about torch's
+    own float32 GELU's; float64: the C library's erfc, 1e-14), on sizes that end in partial vectors; the same y
+    without the derivative; NaN stays NaN. GELU (the FFNs' and the target tower's) runs it forward and backward
+    where it applies, and torch's own GELU exactly where it does not."""
     import torch.nn.functional as F
     import benchbox.model as M
     from benchbox import kernels
@@ -639,6 +639,58 @@ def test_c_dropout_kernel_is_torchs_bernoulli_from_any_point_of_the_stream(dtype
         assert got is not None and got.dtype == dtype and got.stride() == want.stride()
         assert torch.equal(got, want), (shape, skip, keep)
         assert torch.equal(torch.get_rng_state(), state_want), (shape, skip, keep)
+
+
+def _untemper(y: int) -> int:
+    """The mt19937 state word whose tempered output is y (each tempering step inverted, last first)."""
+    y ^= y >> 18
+    y ^= (y << 15) & 0xEFC60000
+    x = y
+    for _ in range(5):  # y ^= (y << 7) & b: recover 7 more low bits each round
+        x = y ^ ((x << 7) & 0x9D2C5680)
+    y = x & 0xFFFFFFFF
+    x = y
+    for _ in range(3):  # y ^= y >> 11
+        x = y ^ (x >> 11)
+    return x & 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_c_dropout_kernel_decides_draws_at_the_keep_boundary_as_torch(dtype):
+    """The kernel keeps an element where its 53-bit draw r (random64's low 53 bits) has r 2^-53 < keep, by comparing
+    r with ceil(keep 2^53) in two 32-bit halves. Random draws almost never land next to that threshold, so here the
+    generator's state is made to (mt19937's tempering inverted): draws r = thr - 2 .. thr + 1, with the high word's
+    unused 11 bits set, draws at the high half's boundary, for keeps whose threshold's low half is 0 or not. Held to
+    torch's own bernoulli_ from the same state, and to the exact comparison."""
+    import math
+    import struct
+    from fractions import Fraction
+    from benchbox import kernels
+    _c_dropout_kernel()
+    base = torch.Generator().manual_seed(5).get_state()
+    for keep in (0.8, 0.5, 0.3, 0.123456789, 0.75, 1.0 - 2 ** -40):
+        thr = math.ceil(Fraction(keep) * 2 ** 53)
+        draws = [thr - 2, thr - 1, thr, thr + 1, thr & ~0xFFFFFFFF, (thr & ~0xFFFFFFFF) - 1, (thr | 0xFFFFFFFF) + 1,
+                 0, 2 ** 53 - 1]
+        draws = [r for r in draws if 0 <= r < 2 ** 53]
+        words = []
+        for i, r in enumerate(draws):
+            words += [(r >> 32) | ((0x5A5 + i) << 21 & 0xFFE00000), r & 0xFFFFFFFF]  # unused high bits set
+        state = base.clone()
+        raw = bytearray(state.numpy().tobytes())
+        struct.pack_into("<iiQ", raw, 8, len(words) + 1, 1, 0)  # left, seeded, next: the next draws are state[0..]
+        for i, w in enumerate(words):
+            struct.pack_into("<Q", raw, 24 + 8 * i, _untemper(w))
+        state = torch.tensor(list(raw), dtype=torch.uint8)
+        g, g_ours = torch.Generator(), torch.Generator()
+        g.set_state(state)
+        g_ours.set_state(state)
+        want = torch.empty(len(draws), dtype=dtype).bernoulli_(keep, generator=g).div_(keep)
+        got = kernels._kernel_noise(kernels._dropout_library(), torch.empty(len(draws), dtype=dtype), keep, g_ours)
+        exact = [Fraction(r, 2 ** 53) < Fraction(keep) for r in draws]
+        assert [bool(v) for v in (want != 0)] == exact, keep  # the crafted draws reach torch as intended
+        assert torch.equal(got, want), (keep, draws)
+        assert torch.equal(g_ours.get_state(), g.get_state())
 
 
 def test_c_dropout_kernel_declines_what_it_does_not_draw_and_its_self_check_can_fail():
@@ -1077,9 +1129,9 @@ def test_c_kernels_off_switch_and_a_missing_compiler_leave_torchs_paths(tmp_path
         assert out.returncode == 0 and out.stdout.strip() == "c", out.stderr
 
 
-# the tests that hold each float C kernel to its torch path
-_KERNEL_TESTS = ("rmsnorm or gelu_kernel or gru_fused or small_attention or ttt_dual or ttt_window or ttt_mlp_chunk or lnl2_kernels"
-                 " or sigmoid_project or din_pair_kernels or din_pairs_function or fused")
+# the tests that hold each float C kernel to its torch path (and the dropout kernel's vectorised keep decision)
+_KERNEL_TESTS = ("rmsnorm or gelu_kernel or keep_boundary or gru_fused or small_attention or ttt_dual or ttt_window"
+                 " or ttt_mlp_chunk or lnl2_kernels or sigmoid_project or din_pair_kernels or din_pairs_function or fused")
 
 
 @pytest.mark.parametrize("march, lanes", [("x86-64", 4), ("x86-64-v3", 8), ("x86-64-v3", 16)])
