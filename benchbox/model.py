@@ -171,8 +171,9 @@ def torch_dropout_noise(like: torch.Tensor, p: float, rows=None) -> torch.Tensor
     (``like``'s memory layout: a transposed input draws in its memory order), read at ``rows`` if given
     (divided after the read: the same values, only those rows of work). Bit for bit the same noise, the
     generator left where ``bernoulli_`` leaves it, drawn on CPU by the first that applies: the C kernel
-    (``kernels.dropout_noise``: 204 x 10 x 64 floats in 49 us on an AVX-512 Zen 5, 116 us on an AVX2 Zen 3, 1 thread), float64 ``uniform_`` and a comparison
-    where ``_uniform_is_bernoulli()`` holds (~550 us), ``bernoulli_`` itself (~800 us)."""
+    (``kernels.dropout_noise``: 204 x 10 x 64 floats in 49 us on an AVX-512 Zen 5, 116 us on an AVX2 Zen 3, 1
+    thread), float64 ``uniform_`` and a comparison where ``_uniform_is_bernoulli()`` holds (~550 us),
+    ``bernoulli_`` itself (~800 us)."""
     keep = 1.0 - p
     if like.device.type == "cpu" and not torch.compiler.is_compiling():
         noise = kernels.dropout_noise(like, keep)
