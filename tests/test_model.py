@@ -338,6 +338,16 @@ def test_gelu_kernel_is_the_erf_gelu_with_its_derivative(dtype, monkeypatch):
         assert ((d.double() - want_d[-n:]).abs() / scale).max() <= tol_d, n
         y_only, none = kernels.gelu(xs, derivative=False)
         assert none is None and torch.equal(y_only, y)
+    big = torch.randn(3 * kernels.GELU_GRAIN + 5, dtype=dtype) * 3  # ranges on two threads: the same values
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.gelu(big, derivative=True)
+        torch.set_num_threads(2)
+        two = kernels.gelu(big, derivative=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
     y, d = kernels.gelu(torch.tensor([float("nan"), 1.0], dtype=dtype), derivative=True)
     assert y[0].isnan() and d[0].isnan() and y[1] == F.gelu(torch.tensor(1.0, dtype=dtype))
     # the module: the kernel's y forward, g d backward; float64 gradcheck; torch's GELU where no kernel applies
