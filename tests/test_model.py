@@ -270,9 +270,10 @@ def test_dropout_mask_keeps_exactly_the_lanes_at_or_above_the_threshold():
 
 
 def test_native_gelu_is_torchs_kernel_forward_and_backward_and_only_in_the_grouped_path(monkeypatch):
-    """Where the C kernel does not apply, GELU with ``native`` on runs torch's own CPU kernel (not oneDNN's, which builds a primitive for every new
-    shape) forward and backward: bit for bit what torch gives with oneDNN off, within float rounding of
-    nn.GELU. The grouped path turns it on for the blocks' FFN and off after; oneDNN's switch is restored."""
+    """Where the C kernel does not apply, GELU with ``native`` on runs torch's own CPU kernel (not oneDNN's, which
+    builds a primitive for every new shape) forward and backward: bit for bit what torch gives with oneDNN off,
+    within float rounding of nn.GELU. The grouped path turns it on for the blocks' FFN and off after; oneDNN's switch
+    is restored."""
     import torch.nn.functional as F
     import benchbox.model as M
     from benchbox.model import GELU, _NativeGELUFunction
