@@ -239,6 +239,49 @@ def test_sigmoid_project_kernel_is_sigmoid_then_the_product(k):
     assert not kernels.sigmoid_project_applies(torch.randn(4, 32, device="meta"), torch.randn(k, 32, device="meta"))
 
 
+def test_pool_score_kernel_is_comirec_sa_plain_scores():
+    """ComiRec-SA's scores at a row's end in C (kernels.pool_score, ``_PoolScore``) against the plain path
+    (``_MultiInterestReadout.scores``: masked softmax, pooling, products, amax): values and every gradient (features,
+    candidates, the readout's weights) in float64 to 1e-12 and in float32 to its rounding, over lengths from 1 (every
+    interest the same: the max ties, its gradient shared as amax's) to the whole window, rows past the first; gradcheck;
+    the plain path where a row has no visible item (torch's NaN) or the kernel does not apply."""
+    from benchbox import kernels
+    from benchbox.readouts import ComiRecSAReadout, _MultiInterestReadout, _PoolScore
+    if not kernels._pool_score_kernels():
+        pytest.skip("no C compiler here: torch's ops run")
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 3e-6)):
+        r = ComiRecSAReadout(D, max_len=12).to(dtype)
+        h = torch.randn(37, 12, D, dtype=dtype, requires_grad=True)
+        cand = torch.randn(37, 5, D, dtype=dtype, requires_grad=True)
+        lengths = torch.randint(1, 13, (37,))
+        lengths[:4] = torch.tensor([1, 1, 12, 2])
+        calls = []
+        real = _PoolScore.apply
+        _PoolScore.apply = lambda *a: calls.append(1) or real(*a)
+        try:
+            got = r.scores(h, lengths, cand)
+        finally:
+            _PoolScore.apply = real
+        want = _MultiInterestReadout.scores(r, h, lengths, cand)
+        assert calls and got.shape == want.shape == (37, 5)
+        torch.testing.assert_close(got, want, rtol=0, atol=tol * want.abs().max().item())
+        g = torch.randn(37, 5, dtype=dtype)
+        params = [h, cand, *r.parameters()]
+        for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
+            torch.testing.assert_close(a, b, rtol=0, atol=tol * b.abs().max().item())
+    a = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(3, 6, 16, dtype=torch.float64, requires_grad=True)
+    cand = torch.randn(3, 2, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, h, c: _PoolScore.apply(a, h, c, torch.tensor([6, 3, 2])), (a, h, cand))
+    r = ComiRecSAReadout(D, max_len=12).double()
+    h, cand = torch.randn(2, 12, D, dtype=torch.float64), torch.randn(2, 5, D, dtype=torch.float64)
+    lengths = torch.tensor([0, 3])  # no visible item: the plain path, as before
+    assert torch.equal(r.scores(h, lengths, cand).isnan(), _MultiInterestReadout.scores(r, h, lengths, cand).isnan())
+    assert not kernels.pool_score_applies(h.bfloat16(), h.bfloat16(), cand.bfloat16())
+    assert not kernels.pool_score_applies(h, h.float(), cand)
+
+
 @pytest.mark.parametrize("pairs_min_ratio", [1.0, 0.0])
 def test_din_batched_matmul_form_equals_the_einsum_reference(pairs_min_ratio):
     """DIN's scores run as batched matmuls (_pool_chunk's three forms); _pool's plain einsum is the reference:
