@@ -244,7 +244,8 @@ def test_pool_score_kernel_is_comirec_sa_plain_scores():
     (``_MultiInterestReadout.scores``: masked softmax, pooling, products, amax): values and every gradient (features,
     candidates, the readout's weights) in float64 to 1e-12 and in float32 to its rounding, over lengths from 1 (every
     interest the same: the max ties, its gradient shared as amax's) to the whole window, rows past the first; gradcheck;
-    the plain path where a row has no visible item (torch's NaN) or the kernel does not apply."""
+    the plain path where a row has no visible item (torch's NaN), for many candidates a row (evaluation's), or where the
+    kernel does not apply."""
     from benchbox import kernels
     from benchbox.readouts import ComiRecSAReadout, _MultiInterestReadout, _PoolScore
     if not kernels._pool_score_kernels():
@@ -278,6 +279,14 @@ def test_pool_score_kernel_is_comirec_sa_plain_scores():
     h, cand = torch.randn(2, 12, D, dtype=torch.float64), torch.randn(2, 5, D, dtype=torch.float64)
     lengths = torch.tensor([0, 3])  # no visible item: the plain path, as before
     assert torch.equal(r.scores(h, lengths, cand).isnan(), _MultiInterestReadout.scores(r, h, lengths, cand).isnan())
+    many = torch.randn(2, r.POOL_SCORE_MAX_CANDIDATES + 1, D, dtype=torch.float64)  # evaluation's 100: the plain path
+    calls = []
+    _PoolScore.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        got = r.scores(h, torch.tensor([4, 3]), many)
+    finally:
+        _PoolScore.apply = real
+    assert not calls and torch.equal(got, _MultiInterestReadout.scores(r, h, torch.tensor([4, 3]), many))
     assert not kernels.pool_score_applies(h.bfloat16(), h.bfloat16(), cand.bfloat16())
     assert not kernels.pool_score_applies(h, h.float(), cand)
 
