@@ -2318,11 +2318,11 @@ def _pool_score_kernels():
     return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
 
 
-def pool_score_applies(a, h, cand) -> bool:
-    """Whether ``pool_score`` runs for logits a (B, S, K), features h (B, S, D) and candidates cand (B, C, D): CPU,
-    one dtype with a kernel."""
-    return (a.device.type == "cpu" and a.dtype == h.dtype == cand.dtype and a.dtype in _pool_score_kernels()
-            and a.dim() == h.dim() == cand.dim() == 3)
+def pool_score_applies(h, cand) -> bool:
+    """Whether ``pool_score`` runs for features h (B, S, D) (the logits have h's dtype) and candidates cand (B, C, D):
+    CPU, one dtype with a kernel."""
+    return (h.device.type == "cpu" and h.dtype == cand.dtype and h.dtype in _pool_score_kernels()
+            and h.dim() == cand.dim() == 3)
 
 
 def pool_score(a, h, cand, lengths):

@@ -475,7 +475,7 @@ class ComiRecSAReadout(_MultiInterestReadout):
         """Each candidate scored by its best interest, the interests from the whole visible history; on CPU, for
         few candidates a row, in one C pass each way (``_PoolScore``) where it applies, else the plain path (the
         reference)."""
-        if (cand.shape[1] <= self.POOL_SCORE_MAX_CANDIDATES and kernels.pool_score_applies(h, h, cand)
+        if (cand.shape[1] <= self.POOL_SCORE_MAX_CANDIDATES and kernels.pool_score_applies(h, cand)
                 and not torch.compiler.is_compiling()
                 and not torch.is_autocast_enabled("cpu") and bool((lengths >= 1).all())):
             return _PoolScore.apply(self._logits(h), h, cand, lengths)

@@ -287,8 +287,10 @@ def test_pool_score_kernel_is_comirec_sa_plain_scores():
     finally:
         _PoolScore.apply = real
     assert not calls and torch.equal(got, _MultiInterestReadout.scores(r, h, torch.tensor([4, 3]), many))
-    assert not kernels.pool_score_applies(h.bfloat16(), h.bfloat16(), cand.bfloat16())
-    assert not kernels.pool_score_applies(h, h.float(), cand)
+    assert kernels.pool_score_applies(h, cand) and kernels.pool_score_applies(h.float(), cand.float())
+    assert not kernels.pool_score_applies(h.bfloat16(), cand.bfloat16())
+    assert not kernels.pool_score_applies(h, cand.float())
+    assert not kernels.pool_score_applies(h.to("meta"), cand.to("meta"))
 
 
 @pytest.mark.parametrize("pairs_min_ratio", [1.0, 0.0])
