@@ -388,20 +388,27 @@ static inline vf clampv(vf x, float lo, float hi) {
 #endif
 }
 
-static inline vf expv(vf x) {  /* x clamped to [-87, 88]: no overflow of the exponent bits */
-    x = clampv(x, -87.0f, 88.0f);
-    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round to nearest */
-    vf r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    vf p = (vf){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-    return p * (vf)bits;
+/* exp of n <= EXPV_MAX vectors in lockstep, each step a loop over them (unrolled for a constant n, so their
+   instructions interleave: one vector's exp is a chain of ~15 dependent steps); x clamped to [-87, 88]: no overflow
+   of the exponent bits. Cephes' reduction and polynomial, about 1 ulp. */
+#define EXPV_MAX 4
+static inline void expv_n(vf *x, int n) {
+    vf k[EXPV_MAX], r[EXPV_MAX], p[EXPV_MAX];
+    for (int j = 0; j < n; j++) x[j] = clampv(x[j], -87.0f, 88.0f);
+    for (int j = 0; j < n; j++) k[j] = (x[j] * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* nearest */
+    for (int j = 0; j < n; j++) r[j] = x[j] - k[j] * 0.693359375f;
+    for (int j = 0; j < n; j++) r[j] = r[j] + k[j] * 2.12194440e-4f;
+    for (int j = 0; j < n; j++) p[j] = r[j] * 1.9875691500e-4f + 1.3981999507e-3f;
+    for (int j = 0; j < n; j++) p[j] = p[j] * r[j] + 8.3334519073e-3f;
+    for (int j = 0; j < n; j++) p[j] = p[j] * r[j] + 4.1665795894e-2f;
+    for (int j = 0; j < n; j++) p[j] = p[j] * r[j] + 1.6666665459e-1f;
+    for (int j = 0; j < n; j++) p[j] = p[j] * r[j] + 5.0000001201e-1f;
+    for (int j = 0; j < n; j++) p[j] = p[j] * (r[j] * r[j]) + r[j] + 1.0f;
+    for (int j = 0; j < n; j++) x[j] = p[j] * (vf)((__builtin_convertvector(k[j], vi) + 127) << 23);
+}
+static inline vf expv(vf x) {
+    expv_n(&x, 1);
+    return x;
 }
 
 void benchbox_sigmoid_project_f32(const float *u, const float *w, float *s, float *a, int64_t n, int64_t hd,
@@ -1335,11 +1342,11 @@ void benchbox_sigmoid_project_backward_f64(const double *ga, const double *s, co
    forward and 1.9-2.8 backward on a Zen 3 (AVX2; a study-protocol SASRec step's three GELUs 1.3 ms of 16). Phi from
    erf(z) ~ z P(z^2) / Q(z^2), |z| clamped to 3.92 (erf rounds to 1 there), a rational fit of our own
    (benchmarks/erf_fit.py: 1.6e-8 in double, 3.2e-7 evaluated in float32, about torch's float32 GELU's own error; like
-   torch's, the far negative tail is 0 where x Phi(x) < ~1e-7 |x|); phi by expv. float: GELU_N vectors in lockstep,
+   torch's, the far negative tail is 0 where x Phi(x) < ~1e-7 |x|); phi by expv_n. float: GELU_N vectors in lockstep,
    each step a loop over them (unrolled, so their instructions interleave; one vector's chain of a divide and two
    polynomials, written one vector after another, ran at about one vector at a time), the last partial block through a
    padded copy; double: the C library's erfc and exp. The vectors cut into `parts` ranges on torch's threads. */
-#define GELU_N 4
+#define GELU_N EXPV_MAX
 #define GELU_EACH for (int j = 0; j < GELU_N; j++)
 #define GELU_ZMAX 3.92f
 #define GELU_RSQRT2 0.70710678118654752440
@@ -1348,20 +1355,6 @@ static const float gelu_erf_p[6] = {1.12837899f, 0.192761198f, 0.0530601032f, 0.
                                     2.03475361e-06f};
 static const float gelu_erf_q[6] = {1.0f, 0.504161835f, 0.115083434f, 0.0151720494f, 0.00118808413f,
                                     3.80706661e-05f};
-static inline void expv_n(vf *x) {  /* expv of GELU_N vectors in lockstep */
-    vf n[GELU_N], r[GELU_N], p[GELU_N];
-    GELU_EACH x[j] = clampv(x[j], -87.0f, 88.0f);
-    GELU_EACH n[j] = (x[j] * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    GELU_EACH r[j] = x[j] - n[j] * 0.693359375f;
-    GELU_EACH r[j] = r[j] + n[j] * 2.12194440e-4f;
-    GELU_EACH p[j] = r[j] * 1.9875691500e-4f + 1.3981999507e-3f;
-    GELU_EACH p[j] = p[j] * r[j] + 8.3334519073e-3f;
-    GELU_EACH p[j] = p[j] * r[j] + 4.1665795894e-2f;
-    GELU_EACH p[j] = p[j] * r[j] + 1.6666665459e-1f;
-    GELU_EACH p[j] = p[j] * r[j] + 5.0000001201e-1f;
-    GELU_EACH p[j] = p[j] * (r[j] * r[j]) + r[j] + 1.0f;
-    GELU_EACH x[j] = p[j] * (vf)((__builtin_convertvector(n[j], vi) + 127) << 23);
-}
 /* GELU_N vectors from x into y and (d not NULL) the derivative into d */
 static inline void gelu_n(const float *x, float *y, float *d) {
     vf xv[GELU_N], z[GELU_N], u[GELU_N], p[GELU_N], q[GELU_N], c[GELU_N];
@@ -1379,7 +1372,7 @@ static inline void gelu_n(const float *x, float *y, float *d) {
     if (!d) return;
     GELU_EACH z[j] = clampv(xv[j], -16.0f, 16.0f);  /* x phi(x) < 1e-37 past 16: no inf * 0 at huge or infinite x */
     GELU_EACH u[j] = -0.5f * z[j] * z[j];
-    expv_n(u);
+    expv_n(u, GELU_N);
     GELU_EACH stv(d + j * VL, c[j] + z[j] * u[j] * (float)GELU_RSQRT2PI);
 }
 void benchbox_gelu_f32(const float *x, float *y, float *d, int64_t n, int64_t parts) {
