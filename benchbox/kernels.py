@@ -674,7 +674,6 @@ static void transpose_f32(float *dst, const float *src, int64_t R, int64_t C) {
     transpose_strided_f32(dst, R, src, C, R, C);
 }
 
-
 static inline vf scoresv(const float *qi, const float *xt, int64_t e, int64_t w, int64_t j0) {
     vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};  /* four chains: one would wait on each FMA's latency */
     for (int64_t d = 0; d < e; d += 4) {
@@ -2296,8 +2295,8 @@ def gelu(x, derivative: bool):
     import torch
     x = x.contiguous()
     y, d = torch.empty_like(x), torch.empty_like(x) if derivative else None
-    parts = max(1, min(torch.get_num_threads(), x.numel() // GELU_GRAIN, 8))
-    _gelu_kernels()[x.dtype](x.data_ptr(), y.data_ptr(), d.data_ptr() if derivative else None, x.numel(), parts)
+    _gelu_kernels()[x.dtype](x.data_ptr(), y.data_ptr(), d.data_ptr() if derivative else None, x.numel(),
+                             _parts(x.numel() // GELU_GRAIN))
     return y, d
 
 
