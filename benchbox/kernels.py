@@ -16,6 +16,7 @@ torch; the tests hold each kernel to its torch path. This module imports torch o
 - ``rmsnorm_forward``, ``rmsnorm_backward``: RMSNorm's forward and backward, each in one pass.
 - ``sigmoid_project``, ``sigmoid_project_backward``: ComiRec-SA's sigmoid and its rank-K product, fused.
 - ``pool_score``, ``pool_score_backward``: ComiRec-SA's interests and best-interest scores at a row's end.
+- ``dr_score``, ``dr_score_backward``: ComiRec-DR's routing (shared maps) and best-interest scores at a row's end.
 - ``gelu``: the exact (erf) GELU and, for the backward, its derivative, in one pass (the FFNs, the target tower).
 - ``gru_cell``, ``gru_cell_backward``: one GRU time step's gates, forward and backward.
 - ``ttt_dual_forward``, ``ttt_dual_backward``: TTT-Linear's dual form inside one mini-batch, around its GEMMs;
@@ -1495,6 +1496,183 @@ void benchbox_pool_score_backward_##SUF(const T *g, const T *h, const T *cand, c
 POOL_SCORE(double, f64, exp)
 POOL_SCORE(float, f32, expf)
 
+/* exp of n values in place: float in vectors (expv, the tail through a padded copy), double one at a time */
+static void exp_inplace_f64(double *a, int64_t n) {
+    for (int64_t i = 0; i < n; i++) a[i] = exp(a[i]);
+}
+static void exp_inplace_f32(float *a, int64_t n) {
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) stv(a + i, expv(ldv(a + i)));
+    if (i < n) {
+        float t[VL] = {0};
+        memcpy(t, a + i, (n - i) * sizeof(float));
+        stv(t, expv(ldv(t)));
+        memcpy(a + i, t, (n - i) * sizeof(float));
+    }
+}
+
+/* out (D) = sum_{i < n} a[i as] rows[i rs] (n = 0: zeros), the sums in registers; float: D a multiple of VL */
+static void combine_f64(double *out, const double *a, int64_t as, const double *rows, int64_t rs, int64_t n,
+                        int64_t D) {
+    for (int64_t d = 0; d < D; d++) out[d] = 0;
+    for (int64_t i = 0; i < n; i++) axpy_f64(out, a[i * as], rows + i * rs, D);
+}
+static void combine_f32(float *out, const float *a, int64_t as, const float *rows, int64_t rs, int64_t n,
+                        int64_t D) {
+    for (int64_t d0 = 0; d0 < D; d0 += VL) {
+        vf acc = {0};
+        for (int64_t i = 0; i < n; i++) acc += a[i * as] * ldv(rows + i * rs + d0);
+        stv(out + d0, acc);
+    }
+}
+/* ComiRec-DR's routing at a row's end with the shared maps (readouts.ComiRecDRReadout._interests_last_shared) and the
+   best-interest scores (its scores): per row b, over the visible positions s < len_b of x (S, D), `iters` rounds of
+   couplings c_ks (1/K in the first, then the softmax over k of the logits), pooled p_k = sum_s c_ks x_s, z_k = W_k p_k,
+   v_k = squash(z_k) = f(|z_k|^2) z_k, and between rounds the logits L_ks += x_s . W_k^T v_k; then out_c = max_k
+   cand_c . v_k. torch runs this as ~40 small operators and batched products (2.7 ms forward and backward, of a 6.2 ms
+   ML-1M study step). Here the rows go in blocks of RB, and per block and interest each map is one product of the
+   block's rows (mm_*, the matrix read once a block); the rest goes a row at a time in L1. Between rounds z itself is
+   not needed: with M_k = W_k^T W_k (computed once a call), |z_k|^2 = p_k . M_k p_k and W_k^T v_k = f M_k p_k, one
+   product a round instead of two (of the forward's five products, three remain). w: (K, E, D), wt: its (K, D, E)
+   transpose. The last round's couplings c (B, K, S), pooled p, z and v ((K, B, D), (K, B, E), (K, B, E): a block's
+   rows of one interest adjacent) and the scores sc (B, C, K) are kept for the backward, in which only the last round
+   carries gradients (the earlier rounds' logits come from detached features, as in torch's). work: K D D + RB K (D +
+   S) values. */
+#define DR_SCORE(T, SUF, MM, MMDOT, COMBINE, SQRT)                                                              \
+void benchbox_dr_score_##SUF(const T *x, const T *w, const T *wt, const int64_t *len, const T *cand, T *c,    \
+                             T *p, T *z, T *v, T *sc, T *out, T *work, int64_t B, int64_t S, int64_t K,      \
+                             int64_t D, int64_t E, int64_t C, int64_t iters, int64_t RB) {              \
+    T *mk = work, *q = work + K * D * D, *lg = q + RB * K * D;  /* (K, D, D), (K, R, D), (R, K, S) */   \
+    if (iters > 1)                                                                                      \
+        for (int64_t k = 0; k < K; k++) MM(mk + k * D * D, w + k * E * D, w + k * E * D, D, E, D, 1, 1.0, 0); \
+    for (int64_t b0 = 0; b0 < B; b0 += RB) {                                                            \
+        const int64_t R = B - b0 < RB ? B - b0 : RB;                                                    \
+        for (int64_t i = 0; i < R * K * S; i++) lg[i] = 0;                                              \
+        for (int64_t it = 0; it < iters; it++) {                                                        \
+            const int last = it == iters - 1;                                                           \
+            if (it > 0) {  /* the couplings: a softmax over the interests at each visible position */   \
+                for (int64_t r = 0; r < R; r++) {                                                       \
+                    const int64_t b = b0 + r, n = len[b] < S ? (len[b] > 0 ? len[b] : 0) : S;            \
+                    const T *lr = lg + r * K * S;                                                       \
+                    T *cb = c + b * K * S;                                                              \
+                    for (int64_t s = 0; s < S; s++) {                                                   \
+                        T m = lr[s];                                                                    \
+                        for (int64_t k = 1; k < K; k++) m = lr[k * S + s] > m ? lr[k * S + s] : m;       \
+                        for (int64_t k = 0; k < K; k++) cb[k * S + s] = s < n ? lr[k * S + s] - m : 0;  \
+                    }                                                                                   \
+                }                                                                                       \
+                exp_inplace_##SUF(c + b0 * K * S, R * K * S);                                           \
+            }                                                                                           \
+            for (int64_t r = 0; r < R; r++) {                                                           \
+                const int64_t b = b0 + r, n = len[b] < S ? (len[b] > 0 ? len[b] : 0) : S;                \
+                const T *xb = x + b * S * D;                                                            \
+                T *cb = c + b * K * S;                                                                  \
+                for (int64_t s = 0; s < S; s++) {                                                       \
+                    T den = 0;                                                                          \
+                    for (int64_t k = 0; k < K; k++) den += cb[k * S + s];                               \
+                    for (int64_t k = 0; k < K; k++)                                                     \
+                        cb[k * S + s] = s >= n ? 0 : it == 0 ? (T)1 / (T)K : cb[k * S + s] / den;       \
+                }                                                                                       \
+                for (int64_t k = 0; k < K; k++)  /* pooled */                                           \
+                    COMBINE(p + (k * B + b) * D, cb + k * S, 1, xb, D, n, D);                              \
+            }                                                                                           \
+            if (!last) {  /* the logits' update: L_ks += f_k x_s . q_k, q_k = M_k p_k */                \
+                for (int64_t k = 0; k < K; k++)                                                         \
+                    MM(q + k * R * D, p + (k * B + b0) * D, mk + k * D * D, R, D, D, 0, 1.0, 0);         \
+                for (int64_t r = 0; r < R; r++) {                                                       \
+                    const int64_t b = b0 + r, n = len[b] < S ? len[b] : S;                              \
+                    if (n <= 0) continue;                                                               \
+                    for (int64_t k = 0; k < K; k++) {                                                   \
+                        const T *pk = p + (k * B + b) * D, *qk = q + (k * R + r) * D;                   \
+                        T n2 = 0, dots[S];                                                              \
+                        _Pragma("omp simd reduction(+:n2)")                                             \
+                        for (int64_t d = 0; d < D; d++) n2 += pk[d] * qk[d];                            \
+                        n2 = n2 > 0 ? n2 : 0;  /* |z|^2 >= 0: rounding may not say so */               \
+                        MMDOT(dots, qk, x + b * S * D, 1, n, D, n2 / (1 + n2) / SQRT(n2 + (T)1e-9));     \
+                        for (int64_t s = 0; s < n; s++) lg[(r * K + k) * S + s] += dots[s];             \
+                    }                                                                                   \
+                }                                                                                       \
+                continue;                                                                               \
+            }                                                                                           \
+            for (int64_t k = 0; k < K; k++)                                                             \
+                MM(z + (k * B + b0) * E, p + (k * B + b0) * D, wt + k * D * E, R, D, E, 0, 1.0, 0);     \
+            for (int64_t k = 0; k < K; k++)                                                             \
+                for (int64_t r = 0; r < R; r++) {  /* squash */                                         \
+                    const T *zr = z + (k * B + b0 + r) * E;                                             \
+                    T *vr = v + (k * B + b0 + r) * E, n2 = 0;                                           \
+                    _Pragma("omp simd reduction(+:n2)")                                                 \
+                    for (int64_t e = 0; e < E; e++) n2 += zr[e] * zr[e];                                \
+                    const T f = n2 / (1 + n2) / SQRT(n2 + (T)1e-9);                                     \
+                    for (int64_t e = 0; e < E; e++) vr[e] = zr[e] * f;                                  \
+                }                                                                                       \
+        }                                                                                               \
+        for (int64_t r = 0; r < R; r++) {                                                               \
+            const int64_t b = b0 + r;                                                                   \
+            for (int64_t cc = 0; cc < C; cc++) {                                                        \
+                const T *cv = cand + (b * C + cc) * D;                                                  \
+                T best = 0;                                                                             \
+                for (int64_t k = 0; k < K; k++) {                                                       \
+                    const T *vk = v + (k * B + b) * E;  /* E = D */                                     \
+                    T dot = 0;                                                                          \
+                    _Pragma("omp simd reduction(+:dot)")                                                \
+                    for (int64_t d = 0; d < D; d++) dot += cv[d] * vk[d];                               \
+                    sc[(b * C + cc) * K + k] = dot;                                                     \
+                    best = k == 0 || dot > best ? dot : best;                                           \
+                }                                                                                       \
+                out[b * C + cc] = best;                                                                 \
+            }                                                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+}                                                                                                       \
+/* dx (B, S, D), dcand (B, C, D) written; dw (K, E, D) accumulated (the caller zeroes it). work: 3 RB K D values. */ \
+void benchbox_dr_score_backward_##SUF(const T *g, const T *x, const T *w, const int64_t *len, const T *cand,      \
+        const T *c, const T *p, const T *z, const T *v, const T *sc, const T *out, T *dx, T *dw, T *dcand,    \
+        T *work, int64_t B, int64_t S, int64_t K, int64_t D, int64_t E, int64_t C, int64_t RB) {        \
+    for (int64_t b0 = 0; b0 < B; b0 += RB) {                                                            \
+        const int64_t R = B - b0 < RB ? B - b0 : RB;                                                    \
+        T *dv = work, *dz = work + RB * K * E, *dp = work + 2 * RB * K * E;  /* (K, R, E), (K, R, E), (K, R, D) */ \
+        for (int64_t i = 0; i < K * R * E; i++) dv[i] = 0;                                              \
+        for (int64_t r = 0; r < R; r++) {  /* the scores' backward; ties of the max share, as amax's */ \
+            const int64_t b = b0 + r;                                                                   \
+            for (int64_t cc = 0; cc < C; cc++) {                                                        \
+                const T best = out[b * C + cc], *cv = cand + (b * C + cc) * D, *sb = sc + (b * C + cc) * K; \
+                int64_t ties = 0;                                                                       \
+                for (int64_t k = 0; k < K; k++) ties += sb[k] == best;                                  \
+                const T gk = g[b * C + cc] / (T)ties;                                                   \
+                T *dc = dcand + (b * C + cc) * D;                                                       \
+                for (int64_t d = 0; d < D; d++) dc[d] = 0;                                              \
+                for (int64_t k = 0; k < K; k++) {                                                       \
+                    if (sb[k] != best) continue;                                                        \
+                    const T *vk = v + (k * B + b) * E;                                                  \
+                    T *dvk = dv + (k * R + r) * E;                                                      \
+                    for (int64_t d = 0; d < D; d++) { dc[d] += gk * vk[d]; dvk[d] += gk * cv[d]; }      \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+        for (int64_t k = 0; k < K; k++)                                                                 \
+            for (int64_t r = 0; r < R; r++) {  /* squash's backward: v = f(|z|^2) z */                   \
+                const T *zr = z + (k * B + b0 + r) * E, *dvr = dv + (k * R + r) * E;                   \
+                T *dzr = dz + (k * R + r) * E, n2 = 0, zd = 0;                                          \
+                _Pragma("omp simd reduction(+:n2, zd)")                                                 \
+                for (int64_t e = 0; e < E; e++) { n2 += zr[e] * zr[e]; zd += zr[e] * dvr[e]; }          \
+                const T rt = SQRT(n2 + (T)1e-9), f = n2 / (1 + n2) / rt;                                \
+                const T fp = (1 / (1 + n2) - n2 / (2 * (n2 + (T)1e-9))) / ((1 + n2) * rt);            \
+                for (int64_t e = 0; e < E; e++) dzr[e] = f * dvr[e] + 2 * fp * zd * zr[e];              \
+            }                                                                                           \
+        for (int64_t k = 0; k < K; k++) {                                                               \
+            MM(dp + k * R * D, dz + k * R * E, w + k * E * D, R, E, D, 0, 1.0, 0);                      \
+            MM(dw + k * E * D, dz + k * R * E, p + (k * B + b0) * D, E, R, D, 1, 1.0, 1);               \
+        }                                                                                               \
+        for (int64_t r = 0; r < R; r++) {                                                               \
+            const int64_t b = b0 + r, n = len[b] < S ? (len[b] > 0 ? len[b] : 0) : S;                    \
+            for (int64_t s = 0; s < S; s++)  /* dx_s = sum_k c_ks dp_k */                                \
+                COMBINE(dx + (b * S + s) * D, c + b * K * S + s, S, dp + r * D, R * D, s < n ? K : 0, D);      \
+        }                                                                                               \
+    }                                                                                                   \
+}
+DR_SCORE(double, f64, mm_f64, mmdot_f64, combine_f64, sqrt)
+DR_SCORE(float, f32, mm_f32, mmdot_f32, combine_f32, sqrtf)
+
 /* Mamba's selective scan (mixers.mamba._FusedScan), h_t = exp(dt_t A) * h_{t-1} + dt_t u_t B_t and
    y_t = C_t . h_t, then y_t += D u_t (dskip not NULL) and y_t *= silu(z_t) (z not NULL), for batches [b0, b1)
    (the caller splits the batch over threads). The state is kept n-major, (N, D) per batch element, so the
@@ -2341,6 +2519,59 @@ def pool_score_backward(g, saved):
                                         v.data_ptr(), sc.data_ptr(), out.data_ptr(), da.data_ptr(), dh.data_ptr(),
                                         dcand.data_ptr(), work.data_ptr(), B, S, K, D, C)
     return da, dh, dcand
+
+
+@functools.cache
+def _dr_score_kernels():
+    """{torch dtype: (forward, backward)} of ComiRec-DR's routing and scores at a row's end (empty where no library)."""
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    forward = _per_dtype("dr_score", None, [p] * 12 + [i] * 8)
+    backward = _per_dtype("dr_score_backward", None, [p] * 15 + [i] * 7)
+    return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
+
+
+# rows a block of the routing kernel: each interest's maps are one product of the block's rows by W_k
+DR_ROW_BLOCK = 32
+
+
+def dr_score_applies(x, w, cand) -> bool:
+    """Whether ``dr_score`` runs for features x (B, S, D), shared maps w (K, D, D) and candidates cand (B, C, D): CPU,
+    one dtype with a kernel, and for float32 a width that is a multiple of 16 (the products' vector width)."""
+    import torch
+    return (x.device.type == "cpu" and x.dtype == w.dtype == cand.dtype and x.dtype in _dr_score_kernels()
+            and x.dim() == cand.dim() == 3 and w.dim() == 3 and w.shape[1] == w.shape[2] == x.shape[2] == cand.shape[2]
+            and (x.dtype != torch.float32 or x.shape[2] % 16 == 0))
+
+
+def dr_score(x, w, lengths, cand, iters: int):
+    """(out (B, C), saved): out[b, c] = max_k cand[b, c] . v[b, k], v ComiRec-DR's interests routed over x[b, :len_b]
+    with the shared maps w (K, D, D) in ``iters`` rounds; saved is what ``dr_score_backward`` reads."""
+    import torch
+    x, w, cand = x.contiguous(), w.contiguous(), cand.contiguous()
+    wt = w.transpose(1, 2).contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    (B, S, D), K, C = x.shape, w.shape[0], cand.shape[1]
+    c, p, z, v = x.new_empty(B, K, S), x.new_empty(K, B, D), x.new_empty(K, B, D), x.new_empty(K, B, D)
+    sc, out = x.new_empty(B, C, K), x.new_empty(B, C)
+    work = x.new_empty(K * D * D + DR_ROW_BLOCK * K * (D + S))
+    _dr_score_kernels()[x.dtype][0](x.data_ptr(), w.data_ptr(), wt.data_ptr(), lengths.data_ptr(), cand.data_ptr(),
+                                    c.data_ptr(), p.data_ptr(), z.data_ptr(), v.data_ptr(), sc.data_ptr(),
+                                    out.data_ptr(), work.data_ptr(), B, S, K, D, D, C, iters, DR_ROW_BLOCK)
+    return out, (x, w, lengths, cand, c, p, z, v, sc, out)
+
+
+def dr_score_backward(g, saved):
+    """(dx, dw, dcand) of ``dr_score``'s out, from its gradient g (B, C)."""
+    x, w, lengths, cand, c, p, z, v, sc, out = saved
+    g = g.contiguous()
+    (B, S, D), K, C = x.shape, w.shape[0], cand.shape[1]
+    dx, dw, dcand = x.new_empty(B, S, D), w.new_zeros(K, D, D), cand.new_empty(B, C, D)
+    work = x.new_empty(3 * DR_ROW_BLOCK * K * D)
+    _dr_score_kernels()[x.dtype][1](g.data_ptr(), x.data_ptr(), w.data_ptr(), lengths.data_ptr(), cand.data_ptr(),
+                                    c.data_ptr(), p.data_ptr(), z.data_ptr(), v.data_ptr(), sc.data_ptr(),
+                                    out.data_ptr(), dx.data_ptr(), dw.data_ptr(), dcand.data_ptr(), work.data_ptr(),
+                                    B, S, K, D, D, C, DR_ROW_BLOCK)
+    return dx, dw, dcand
 
 
 @functools.cache

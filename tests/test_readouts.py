@@ -293,6 +293,82 @@ def test_pool_score_kernel_is_comirec_sa_plain_scores():
     assert not kernels.pool_score_applies(h.to("meta"), cand.to("meta"))
 
 
+@pytest.mark.parametrize("opts", [{}, {"inputs": "unit"}, {"iterations": 1}, {"iterations": 2}, {"num_interests": 3}])
+def test_dr_score_kernel_is_comirec_dr_plain_scores(opts):
+    """ComiRec-DR's routing and scores at a row's end in C (kernels.dr_score, ``_DRScore``) against the plain path
+    (``_MultiInterestReadout.scores`` over ``_interests_last_shared``, itself held to ComiRec's layout): values and every
+    gradient (features, candidates, the maps) in float64 to 1e-12 and in float32 to its rounding, over lengths from 0
+    (no visible item: zero interests, every score 0, the max tied K ways) and 1 to the whole window, more rows than one
+    block of the kernel, 1 to 3 routing rounds, the unit-scaled inputs; gradcheck; the plain path for many candidates a
+    row (evaluation's), the position maps, or where the kernel does not apply."""
+    from benchbox import kernels
+    from benchbox.readouts import _DRScore, _MultiInterestReadout
+    if not kernels._dr_score_kernels():
+        pytest.skip("no C compiler here: torch's ops run")
+    torch.manual_seed(0)
+    d, rows = 32, kernels.DR_ROW_BLOCK + 5
+    real = _DRScore.apply
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        r = build_readout("comirec_dr", d, max_len=12, **opts).to(dtype)
+        h = torch.randn(rows, 12, d, dtype=dtype, requires_grad=True)
+        cand = torch.randn(rows, 5, d, dtype=dtype, requires_grad=True)
+        lengths = torch.randint(1, 13, (rows,))
+        lengths[:4] = torch.tensor([0, 1, 12, 2])
+        calls = []
+        _DRScore.apply = lambda *a: calls.append(1) or real(*a)
+        try:
+            got = r.scores(h, lengths, cand)
+        finally:
+            _DRScore.apply = real
+        want = _MultiInterestReadout.scores(r, h, lengths, cand)
+        assert calls and got.shape == want.shape == (rows, 5)
+        assert torch.equal(got[0], torch.zeros_like(got[0]))
+        torch.testing.assert_close(got, want, rtol=0, atol=tol * want.abs().max().item())
+        g = torch.randn(rows, 5, dtype=dtype)
+        params = [h, cand, *r.parameters()]
+        for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
+            torch.testing.assert_close(a, b, rtol=0, atol=tol * b.abs().max().item())
+    if opts:  # the rest once
+        return
+    # every interest the same (one map K times): the kernel's K scores tie exactly, and each max's gradient is shared
+    # K ways, as amax's; torch's batched products round the K copies apart, so it gives the whole gradient to one of
+    # them: the features' and candidates' gradients and the maps' summed over k agree, and the kernel's are K equal parts
+    r = build_readout("comirec_dr", d, max_len=12).double()
+    with torch.no_grad():
+        r.w[0, 1:] = r.w[0, :1]
+    h = torch.randn(6, 12, d, dtype=torch.float64, requires_grad=True)
+    cand = torch.randn(6, 5, d, dtype=torch.float64, requires_grad=True)
+    lengths, g = torch.tensor([1, 2, 5, 12, 7, 3]), torch.randn(6, 5, dtype=torch.float64)
+    got, want = r.scores(h, lengths, cand), _MultiInterestReadout.scores(r, h, lengths, cand)
+    (gh, gc, gw), (wh, wc, ww) = (torch.autograd.grad(o, [h, cand, r.w], g) for o in (got, want))
+    for a, b in ((gh, wh), (gc, wc), (gw.sum(1), ww.sum(1)), (gw[0], ww.sum(1).expand_as(gw[0]) / gw.shape[1])):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12 * b.abs().max().item())
+    x = torch.randn(3, 6, D, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, D, D, dtype=torch.float64, requires_grad=True)
+    cand = torch.randn(3, 2, D, dtype=torch.float64, requires_grad=True)
+    # one round: no couplings that depend on x or w (later rounds' carry no gradient, as in torch's, which gradcheck's
+    # finite differences would see); the squash, the maps and the max checked against finite differences
+    assert torch.autograd.gradcheck(lambda x, w, c: _DRScore.apply(x, w, c, torch.tensor([6, 3, 1]), 1), (x, w, cand))
+    r = build_readout("comirec_dr", D, max_len=12).double()
+    h = torch.randn(2, 12, D, dtype=torch.float64)
+    for readout, c in ((r, torch.randn(2, r.DR_SCORE_MAX_CANDIDATES + 1, D, dtype=torch.float64)),  # evaluation's 100
+                       (build_readout("comirec_dr", D, max_len=12, bilinear="position").double(),
+                        torch.randn(2, 5, D, dtype=torch.float64))):
+        calls = []
+        _DRScore.apply = lambda *a: calls.append(1) or real(*a)
+        try:
+            got = readout.scores(h, torch.tensor([4, 3]), c)
+        finally:
+            _DRScore.apply = real
+        assert not calls and torch.equal(got, _MultiInterestReadout.scores(readout, h, torch.tensor([4, 3]), c))
+    x, w, c = torch.randn(2, 6, 32), torch.randn(4, 32, 32), torch.randn(2, 5, 32)
+    assert kernels.dr_score_applies(x, w, c) and kernels.dr_score_applies(x.double(), w.double(), c.double())
+    assert not kernels.dr_score_applies(x[..., :8], w[:, :8, :8], c[..., :8])  # float32: 16 lanes
+    assert not kernels.dr_score_applies(x.bfloat16(), w.bfloat16(), c.bfloat16())
+    assert not kernels.dr_score_applies(x, w, c.double())
+    assert not kernels.dr_score_applies(x.to("meta"), w.to("meta"), c.to("meta"))
+
+
 @pytest.mark.parametrize("pairs_min_ratio", [1.0, 0.0])
 def test_din_batched_matmul_form_equals_the_einsum_reference(pairs_min_ratio):
     """DIN's scores run as batched matmuls (_pool_chunk's three forms); _pool's plain einsum is the reference:
