@@ -17,6 +17,7 @@ torch; the tests hold each kernel to its torch path. This module imports torch o
 - ``sigmoid_project``, ``sigmoid_project_backward``: ComiRec-SA's sigmoid and its rank-K product, fused.
 - ``pool_score``, ``pool_score_backward``: ComiRec-SA's interests and best-interest scores at a row's end.
 - ``dr_score``, ``dr_score_backward``: ComiRec-DR's routing (shared maps) and best-interest scores at a row's end.
+- ``cand_dot``, ``cand_dot_backward``: readouts.candidate_dot for few candidates a row, without its (R, C, D) temporaries.
 - ``gelu``: the exact (erf) GELU and, for the backward, its derivative, in one pass (the FFNs, the target tower).
 - ``gru_cell``, ``gru_cell_backward``: one GRU time step's gates, forward and backward.
 - ``ttt_dual_forward``, ``ttt_dual_backward``: TTT-Linear's dual form inside one mini-batch, around its GEMMs;
@@ -2125,6 +2126,49 @@ void benchbox_mlp_chunk_backward_##SUF(const T *kq, const T *W1, const T *bias1,
 }
 THREADED(double, f64)
 THREADED(float, f32)
+/* candidate_dot (readouts.candidate_dot) for few candidates a row: out[r, c] = cand[r, c] . f[r] over rows r of C
+   candidates (R, C, D) and features (R, D), and its backward, dcand[r, c] = g[r, c] f[r] and df[r] = sum_c g[r, c]
+   cand[r, c], in one pass each way. torch's multiply-and-sum makes a (R, C, D) product forward and two backward, each a
+   fresh tensor: at the sequence regime's 128 x 200 positions x 5 candidates x 64 (33 MB each) forward and backward
+   took 48 ms alone, 8 here (in ML-1M's training steps the saving is smaller: SASRec 260.5 -> 251.5 ms a step over the
+   same batches). dcand stays (the gather's backward reads it) and is the same product as torch's, bit for bit; the
+   dots sum in another order. Rows [r0, r1): the caller's threads split them. */
+#define CAND_DOT(T, SUF)                                                                                \
+static void cand_dot_range_##SUF(const T *cand, const T *f, T *out, int64_t r0, int64_t r1, int64_t C,  \
+                                  int64_t D) {                                                          \
+    for (int64_t r = r0; r < r1; r++)                                                                   \
+        for (int64_t c = 0; c < C; c++) {                                                               \
+            const T *cv = cand + (r * C + c) * D, *fr = f + r * D;                                      \
+            T dot = 0;                                                                                  \
+            _Pragma("omp simd reduction(+:dot)")                                                        \
+            for (int64_t d = 0; d < D; d++) dot += cv[d] * fr[d];                                       \
+            out[r * C + c] = dot;                                                                       \
+        }                                                                                               \
+}                                                                                                       \
+static void cand_dot_backward_range_##SUF(const T *g, const T *cand, const T *f, T *dcand, T *df,     \
+                                           int64_t r0, int64_t r1, int64_t C, int64_t D) {             \
+    for (int64_t r = r0; r < r1; r++) {                                                                 \
+        const T *fr = f + r * D;                                                                        \
+        T *dfr = df ? df + r * D : NULL;                                                                \
+        if (dfr) for (int64_t d = 0; d < D; d++) dfr[d] = 0;                                            \
+        for (int64_t c = 0; c < C; c++) {                                                               \
+            const T gc = g[r * C + c], *cv = cand + (r * C + c) * D;                                    \
+            T *dc = dcand ? dcand + (r * C + c) * D : NULL;                                             \
+            if (dc) for (int64_t d = 0; d < D; d++) dc[d] = gc * fr[d];                                 \
+            if (dfr) for (int64_t d = 0; d < D; d++) dfr[d] += gc * cv[d];                              \
+        }                                                                                               \
+    }                                                                                                   \
+}                                                                                                       \
+void benchbox_cand_dot_##SUF(const T *cand, const T *f, T *out, int64_t batch, int64_t C, int64_t D,     \
+                             int64_t parts) {                                                           \
+    PARTS(cand_dot_range_##SUF(cand, f, out, b0, b1, C, D))                                             \
+}                                                                                                       \
+void benchbox_cand_dot_backward_##SUF(const T *g, const T *cand, const T *f, T *dcand, T *df, int64_t batch, \
+                                      int64_t C, int64_t D, int64_t parts) {                           \
+    PARTS(cand_dot_backward_range_##SUF(g, cand, f, dcand, df, b0, b1, C, D))                           \
+}
+CAND_DOT(double, f64)
+CAND_DOT(float, f32)
 """
 
 
@@ -2519,6 +2563,51 @@ def pool_score_backward(g, saved):
                                         v.data_ptr(), sc.data_ptr(), out.data_ptr(), da.data_ptr(), dh.data_ptr(),
                                         dcand.data_ptr(), work.data_ptr(), B, S, K, D, C)
     return da, dh, dcand
+
+
+@functools.cache
+def _cand_dot_kernels():
+    """{torch dtype: (forward, backward)} of candidate_dot for few candidates a row (empty where no library)."""
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    forward = _per_dtype("cand_dot", None, [p, p, p, i, i, i, i])
+    backward = _per_dtype("cand_dot_backward", None, [p, p, p, p, p, i, i, i, i])
+    return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
+
+
+# rows a thread: below twice this candidate_dot runs on one thread
+CAND_DOT_GRAIN = 4096
+
+
+def cand_dot_applies(cand, f) -> bool:
+    """Whether ``cand_dot`` runs for candidates cand (..., C, D) and features f (..., D) of the same leading shape:
+    CPU, one dtype with a kernel."""
+    return (cand.device.type == "cpu" and f.device == cand.device and cand.dtype == f.dtype
+            and cand.dtype in _cand_dot_kernels() and cand.dim() >= 2 and f.shape == cand.shape[:-2] + cand.shape[-1:])
+
+
+def cand_dot(cand, f):
+    """out (..., C) = cand (..., C, D) . f (..., D), one pass; the caller checks ``cand_dot_applies`` first."""
+    cand, f = cand.contiguous(), f.contiguous()
+    C, D = cand.shape[-2], cand.shape[-1]
+    rows = f.numel() // D if D else 0
+    out = cand.new_empty(cand.shape[:-1])
+    _cand_dot_kernels()[cand.dtype][0](cand.data_ptr(), f.data_ptr(), out.data_ptr(), rows, C, D,
+                                       _parts(rows // CAND_DOT_GRAIN))
+    return out
+
+
+def cand_dot_backward(g, cand, f, need_cand: bool = True, need_f: bool = True):
+    """(dcand, df) of ``cand_dot``'s out from its gradient g (..., C): g f and sum_c g cand (None where not needed)."""
+    import torch
+    g, cand, f = g.contiguous(), cand.contiguous(), f.contiguous()
+    C, D = cand.shape[-2], cand.shape[-1]
+    rows = f.numel() // D if D else 0
+    dcand = torch.empty_like(cand) if need_cand else None
+    df = torch.empty_like(f) if need_f else None
+    _cand_dot_kernels()[cand.dtype][1](g.data_ptr(), cand.data_ptr(), f.data_ptr(),
+                                       dcand.data_ptr() if need_cand else None, df.data_ptr() if need_f else None,
+                                       rows, C, D, _parts(rows // CAND_DOT_GRAIN))
+    return dcand, df
 
 
 @functools.cache

@@ -71,14 +71,40 @@ class Embedding(nn.Embedding):
         return _TableRows.apply(self.weight, ids.reshape(-1), skip).view(*ids.shape, self.weight.shape[-1])
 
 
-def candidate_dot(cand: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """(..., C, D) candidates . (..., D) features -> (..., C) logits; reference: ``(cand @ f[..., None])[..., 0]``.
-    A batched matrix-vector product is slow on CPU (one tiny gemv per row): with few candidates (training's
-    1 + 4) a multiply-and-sum is 2-3x faster forward + backward, with many (evaluation's 101) a
-    row-times-matrix product is 5x faster than the gemv."""
+class _CandidateDot(torch.autograd.Function):
+    """candidate_dot for few candidates a row in C (kernels.cand_dot), one pass each way without the multiply-and-sum's
+    (..., C, D) temporaries (three a step, 33 MB each in the sequence regime on ML-1M). ``candidate_dot_reference``
+    is the reference; tests hold them together."""
+
+    @staticmethod
+    def forward(ctx, cand, f):
+        ctx.save_for_backward(cand, f)
+        return kernels.cand_dot(cand, f)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        cand, f = ctx.saved_tensors
+        return kernels.cand_dot_backward(g, cand, f, *ctx.needs_input_grad[:2])
+
+
+def candidate_dot_reference(cand: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``candidate_dot`` in torch's ops. A batched matrix-vector product is slow on CPU (one tiny gemv per row): with
+    few candidates (training's 1 + 4) a multiply-and-sum is 2-3x faster forward + backward, with many (evaluation's
+    101) a row-times-matrix product is 5x faster than the gemv."""
     if cand.shape[-2] <= 16:
         return (cand * f.unsqueeze(-2)).sum(-1)
     return (f.unsqueeze(-2) @ cand.transpose(-1, -2)).squeeze(-2)
+
+
+def candidate_dot(cand: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """(..., C, D) candidates . (..., D) features -> (..., C) logits; reference: ``(cand @ f[..., None])[..., 0]``.
+    Few candidates a row, on CPU: one C pass each way (``_CandidateDot``) where it applies; else torch's ops
+    (``candidate_dot_reference``)."""
+    if (cand.shape[-2] <= 16 and kernels.cand_dot_applies(cand, f) and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu")):
+        return _CandidateDot.apply(cand, f)
+    return candidate_dot_reference(cand, f)
 
 
 class LastReadout(nn.Module):

@@ -293,6 +293,61 @@ def test_pool_score_kernel_is_comirec_sa_plain_scores():
     assert not kernels.pool_score_applies(h.to("meta"), cand.to("meta"))
 
 
+def test_cand_dot_kernel_is_candidate_dot_reference():
+    """candidate_dot for few candidates a row in C (kernels.cand_dot, ``_CandidateDot``) against torch's multiply-and-sum
+    (``candidate_dot_reference``): the logits and df to float64's 1e-12 and float32's rounding, dcand bit for bit (the
+    same products), over 1 to 16 candidates, widths that are not a multiple of the vector width, leading shapes of one
+    to three dimensions, non-contiguous inputs, one gradient wanted or both, two threads as one; gradcheck; torch's ops
+    for 17 candidates, other dtypes, a broadcast f, and meta tensors."""
+    from benchbox import kernels
+    from benchbox.readouts import _CandidateDot, candidate_dot, candidate_dot_reference
+    if not kernels._cand_dot_kernels():
+        pytest.skip("no C compiler here: torch's ops run")
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+        for lead, c, d in (((37,), 5, 64), ((6, 9), 1, 24), ((3, 4, 5), 16, 33), ((700, 11), 5, 16)):
+            cand = torch.randn(*lead, c, d, dtype=dtype, requires_grad=True)
+            f = torch.randn(*lead, d, dtype=dtype, requires_grad=True)
+            g = torch.randn(*lead, c, dtype=dtype)
+            calls = []
+            real = _CandidateDot.apply
+            _CandidateDot.apply = lambda *a: calls.append(1) or real(*a)
+            try:
+                got = candidate_dot(cand, f)
+            finally:
+                _CandidateDot.apply = real
+            want = candidate_dot_reference(cand, f)
+            assert calls and got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=0, atol=tol * want.abs().max().item())
+            (gc, gf), (wc, wf) = (torch.autograd.grad(o, (cand, f), g) for o in (got, want))
+            assert torch.equal(gc, wc)
+            torch.testing.assert_close(gf, wf, rtol=0, atol=tol * wf.abs().max().item())
+            (only_f,) = torch.autograd.grad(candidate_dot(cand.detach(), f), (f,), g)
+            assert torch.equal(only_f, gf)
+            torch.set_num_threads(2)
+            try:
+                kernels.CAND_DOT_GRAIN, grain = 1, kernels.CAND_DOT_GRAIN
+                two = candidate_dot(cand, f), *torch.autograd.grad(candidate_dot(cand, f), (cand, f), g)
+            finally:
+                torch.set_num_threads(threads)
+                kernels.CAND_DOT_GRAIN = grain
+            for a, b in zip(two, (got, gc, gf)):
+                assert torch.equal(a, b)
+    base = torch.randn(4, 7, 5, 16, dtype=torch.float64)
+    cand, f = base.transpose(0, 1), torch.randn(4, 7, 16, dtype=torch.float64).transpose(0, 1)  # not contiguous
+    torch.testing.assert_close(candidate_dot(cand, f), candidate_dot_reference(cand, f), rtol=0, atol=1e-12)
+    cand = torch.randn(3, 4, 5, 8, dtype=torch.float64, requires_grad=True)
+    f = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_CandidateDot.apply, (cand, f))
+    assert not kernels.cand_dot_applies(cand.bfloat16(), f.bfloat16())
+    assert not kernels.cand_dot_applies(cand, f.float())
+    assert not kernels.cand_dot_applies(cand, f[:, :1])  # broadcast f: torch's ops
+    assert not kernels.cand_dot_applies(cand.to("meta"), f.to("meta"))
+    many, fb = torch.randn(2, 17, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+    assert torch.equal(candidate_dot(many, fb), candidate_dot_reference(many, fb))
+
+
 @pytest.mark.parametrize("opts", [{}, {"inputs": "unit"}, {"iterations": 1}, {"iterations": 2}, {"num_interests": 3}])
 def test_dr_score_kernel_is_comirec_dr_plain_scores(opts):
     """ComiRec-DR's routing and scores at a row's end in C (kernels.dr_score, ``_DRScore``) against the plain path
