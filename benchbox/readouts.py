@@ -625,6 +625,26 @@ def _squash(z, eps=1e-9):
     return z * (n2 / (1 + n2) / torch.sqrt(n2 + eps))
 
 
+def _gram(w):
+    """M_k = W_k^T W_k, (K, D, D) from the maps w (K, E, D): see ``_routed_back``."""
+    return w.transpose(1, 2) @ w
+
+
+def _routed_back(pooled, mk, eps=1e-9):
+    """W_k^T squash(W_k p_k), what a routing round adds to the logits (against each feature), from the pooled p (..., K,
+    D) or (..., 1, D) (the same for every capsule) and M_k = W_k^T W_k: with z = W_k p, |z|^2 = p . M_k p and W_k^T z =
+    M_k p, so one product by M_k instead of two by W_k (ComiRec-DR's rounds before the last; the last needs v itself).
+    The same as ``einsum(W_k^T, _squash(einsum(W_k, p)))`` up to float rounding; tests hold the routing to
+    ``interests_reference``."""
+    k = mk.shape[0]
+    if pooled.shape[-2] == 1:  # one product by the K matrices side by side
+        q = (pooled.squeeze(-2) @ mk.transpose(0, 1).reshape(mk.shape[1], -1)).unflatten(-1, (k, -1))
+    else:
+        q = torch.einsum("...kd,kde->...ke", pooled, mk)
+    n2 = (pooled * q).sum(-1, keepdim=True).clamp_min(0)  # |z|^2 >= 0: rounding may not say so
+    return q * (n2 / (1 + n2) / torch.sqrt(n2 + eps))
+
+
 class _BlockCausalPoolShared(torch.autograd.Function):
     """y[b, t, k] = sum_{s <= t} c[b, t, k, s] x[b, s]: (B, T, K, D) from couplings c (B, T, K, T) (no gradient;
     read only at block-lower-triangular entries: target block [t0, t1) against history [0, t1); the upper
@@ -769,6 +789,7 @@ class ComiRecDRReadout(_MultiInterestReadout):
         valid = torch.arange(s, device=h.device)[None, :] < lengths[:, None]
         c = h.new_empty(b, s, self.k, s)  # the last iteration's couplings, written block by block
         with torch.no_grad():
+            mk = _gram(wf) if self.iters > 1 else None
             for t0 in range(0, s, self.TARGET_BLOCK):
                 t1 = min(s, t0 + self.TARGET_BLOCK)
                 tb = t1 - t0
@@ -781,8 +802,7 @@ class ComiRecDRReadout(_MultiInterestReadout):
                     else:
                         cb = torch.softmax(logits, dim=2) * mask  # over capsules
                         pooled = (cb.view(b, tb * self.k, t1) @ hist).view(b, tb, self.k, -1)
-                    v = _squash(torch.einsum("btkd,ked->btke", pooled.expand(-1, -1, self.k, -1), wf))
-                    y = torch.einsum("btke,ked->btkd", v, wf)  # W_k^T v_k
+                    y = _routed_back(pooled, mk)  # W_k^T v_k
                     step = (y.reshape(b, tb * self.k, -1) @ hist.transpose(1, 2)).view(b, tb, self.k, t1)
                     logits = step if logits is None else logits + step
                 c[:, t0:t1, :, :t1] = mask * (1.0 / self.k) if logits is None else torch.softmax(logits, dim=2) * mask
@@ -805,20 +825,19 @@ class ComiRecDRReadout(_MultiInterestReadout):
         # x^T made contiguous once for the iterations' (B, K, D) x (B, D, S) products: with the transposed view a
         # CPU bmm took 71 us at a study step's (204, 4, 64) x (204, 64, 10), 20 us contiguous (the same bits)
         x_fixed_t = x_fixed.transpose(1, 2).contiguous() if self.iters > 2 else x_fixed.transpose(1, 2)
+        mk = _gram(w_fixed) if self.iters > 1 else None
         for it in range(self.iters):
             last = it == self.iters - 1
             xs, w = (x, self.w[0]) if last else (x_fixed, w_fixed)
-            if logits is None:  # couplings 1/K for every capsule: one pooled vector, K maps
+            if logits is None:  # couplings 1/K for every capsule: one pooled vector
                 pooled = (valid @ xs) * (1.0 / self.k)  # (B, 1, D)
-                v = _squash(torch.einsum("bd,ked->bke", pooled[:, 0], w))  # (B, K, E)
             else:
                 c = torch.softmax(logits, dim=1) * valid  # (B, K, S), over capsules
-                v = _squash(torch.einsum("bkd,ked->bke", c @ xs, w))
-            if not last:
-                y = torch.einsum("bke,ked->bkd", v, w_fixed)  # W_k^T v_k: (B, K, D)
-                step = y @ x_fixed_t  # (B, K, S)
-                logits = step if logits is None else logits + step
-        return v
+                pooled = c @ xs  # (B, K, D)
+            if last:
+                return _squash(torch.einsum("bkd,ked->bke", pooled.expand(-1, self.k, -1), w))  # (B, K, E)
+            step = _routed_back(pooled, mk) @ x_fixed_t  # W_k^T v_k (B, K, D) against the features: (B, K, S)
+            logits = step if logits is None else logits + step
 
     def interests_reference(self, h, lengths, causal: bool):
         """ComiRec-DR's routing as written, in its (B, T, S, K) layout: the reference of ``interests``."""
