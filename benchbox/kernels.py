@@ -17,7 +17,8 @@ torch; the tests hold each kernel to its torch path. This module imports torch o
 - ``sigmoid_project``, ``sigmoid_project_backward``: ComiRec-SA's sigmoid and its rank-K product, fused.
 - ``pool_score``, ``pool_score_backward``: ComiRec-SA's interests and best-interest scores at a row's end.
 - ``dr_score``, ``dr_score_backward``: ComiRec-DR's routing (shared maps) and best-interest scores at a row's end.
-- ``cand_dot``, ``cand_dot_backward``: readouts.candidate_dot for few candidates a row, without its (R, C, D) temporaries.
+- ``cand_dot``, ``cand_dot_backward``: readouts.candidate_dot for few candidates a row, without (R, C, D) temporaries.
+- ``dr_route_causal``: ComiRec-DR's causal routing rounds (shared maps, no gradient), a block of targets at a time.
 - ``gelu``: the exact (erf) GELU and, for the backward, its derivative, in one pass (the FFNs, the target tower).
 - ``gru_cell``, ``gru_cell_backward``: one GRU time step's gates, forward and backward.
 - ``ttt_dual_forward``, ``ttt_dual_backward``: TTT-Linear's dual form inside one mini-batch, around its GEMMs;
@@ -2169,6 +2170,120 @@ void benchbox_cand_dot_backward_##SUF(const T *g, const T *cand, const T *f, T *
 }
 CAND_DOT(double, f64)
 CAND_DOT(float, f32)
+static void transpose_strided_f64(double *dst, int64_t ds, const double *src, int64_t ss, int64_t R, int64_t C) {
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t c = 0; c < C; c++) dst[c * ds + r] = src[r * ss + c];
+}
+/* o[k ks + s] = softmax over k of l[k ks + s], at each s < n (ComiRec-DR's couplings over its interests); float: n a
+   multiple of VL, in vectors */
+static void softmax_over_k_f64(const double *l, double *o, int64_t K, int64_t ks, int64_t n) {
+    for (int64_t s = 0; s < n; s++) {
+        double m = l[s], den = 0;
+        for (int64_t k = 1; k < K; k++) m = l[k * ks + s] > m ? l[k * ks + s] : m;
+        for (int64_t k = 0; k < K; k++) { o[k * ks + s] = exp(l[k * ks + s] - m); den += o[k * ks + s]; }
+        for (int64_t k = 0; k < K; k++) o[k * ks + s] /= den;
+    }
+}
+static void softmax_over_k_f32(const float *l, float *o, int64_t K, int64_t ks, int64_t n) {
+    for (int64_t s = 0; s < n; s += VL) {
+        vf m = ldv(l + s), den = {0};
+        for (int64_t k = 1; k < K; k++) {
+            const vf a = ldv(l + k * ks + s);
+            const vi gt = a > m;
+            m = (vf)(((vi)a & gt) | ((vi)m & ~gt));
+        }
+        for (int64_t k = 0; k < K; k++) {
+            const vf e = expv(ldv(l + k * ks + s) - m);
+            stv(o + k * ks + s, e);
+            den += e;
+        }
+        for (int64_t k = 0; k < K; k++) stv(o + k * ks + s, ldv(o + k * ks + s) / den);
+    }
+}
+/* ComiRec-DR's causal routing with the shared maps, the rounds without gradients
+   (readouts.ComiRecDRReadout._interests_causal_shared): for every user b and target t, the routing of dr_score over the
+   visible history s <= t, s < len_b, run for a block of R = tblock targets at once. Its output is the last round's
+   couplings c[b, t, k, s] (B, S, K, S), written for s below the target block's end (zeros where not visible), which
+   torch's _BlockCausalPoolShared then pools with gradients. torch's blocked path runs each block as batched products
+   over the users with softmax, mask and copy passes over (B, R, K, t1) tensors out of cache (~240 of 440 ms forward and
+   backward at 128 users x 200); here a block's logits, couplings and pooled vectors stay in L2, and each round is one
+   product a block per interest: logits L_k (R, t1) = Y_k X^T, pooled P_k (R, D) = C_k X, Q_k = P_k M_k (M_k = W_k^T
+   W_k: W_k^T squash(W_k p) = f(p . M_k p) M_k p, see readouts._routed_back). The first round's pooled vector is the
+   running mean of the visible features, the same for every interest. mcat: M_k side by side, (D, K D); work per part:
+   dr_route_causal_work(). */
+int64_t benchbox_dr_route_causal_work(int64_t S, int64_t K, int64_t D, int64_t R) {
+    const int64_t sp = (S + 15) / 16 * 16;
+    return D * sp + 2 * K * R * sp + K * R * S + 3 * K * R * D + R * D + D;
+}
+#define DR_ROUTE_CAUSAL(T, SUF, MM, TRANSPOSE, SQRT)                                                             \
+static void dr_route_causal_range_##SUF(const T *x, const T *mk, const T *mcat, const int64_t *len, T *c,   \
+        T *work, int64_t b0, int64_t b1, int64_t S, int64_t K, int64_t D, int64_t iters, int64_t R) {    \
+    const int64_t sp = (S + 15) / 16 * 16;                                                              \
+    T *xt = work, *lg = xt + D * sp, *sm = lg + K * R * sp, *cc = sm + K * R * sp, *p = cc + K * R * S;  \
+    T *q = p + K * R * D;                                                                               \
+    T *y = q + K * R * D, *p0 = y + K * R * D, *run = p0 + R * D;                                       \
+    for (int64_t b = b0; b < b1; b++) {                                                                 \
+        const T *xb = x + b * S * D;                                                                    \
+        const int64_t n = len[b] < S ? (len[b] > 0 ? len[b] : 0) : S;                                   \
+        for (int64_t d = 0; d < D; d++) run[d] = 0;                                                     \
+        for (int64_t t0 = 0; t0 < S; t0 += R) {                                                         \
+            const int64_t t1 = t0 + R < S ? t0 + R : S, rb = t1 - t0, t1p = (t1 + 15) / 16 * 16;        \
+            TRANSPOSE(xt, t1p, xb, D, t1, D);  /* X^T over the block's history, rows of t1p */           \
+            for (int64_t d = 0; d < D; d++)                                                             \
+                for (int64_t s = t1; s < t1p; s++) xt[d * t1p + s] = 0;                                 \
+            for (int64_t r = 0; r < rb; r++) {  /* round 0: the running sum over the visible history */ \
+                const int64_t t = t0 + r;                                                               \
+                if (t < n) for (int64_t d = 0; d < D; d++) run[d] += xb[t * D + d];                      \
+                for (int64_t d = 0; d < D; d++) p0[r * D + d] = run[d] * ((T)1 / (T)K);                  \
+            }                                                                                           \
+            for (int64_t it = 0; it + 1 < iters; it++) {                                                \
+                if (it == 0) {                                                                          \
+                    MM(q, p0, mcat, rb, D, K * D, 0, 1.0, 0);  /* (rb, K D): M_k p for every k */       \
+                } else {                                                                                \
+                    for (int64_t k = 0; k < K; k++) {                                                   \
+                        MM(p + k * R * D, cc + k * R * t1, xb, rb, t1, D, 0, 1.0, 0);                    \
+                        MM(q + k * R * D, p + k * R * D, mk + k * D * D, rb, D, D, 0, 1.0, 0);           \
+                    }                                                                                   \
+                }                                                                                       \
+                for (int64_t k = 0; k < K; k++)                                                         \
+                    for (int64_t r = 0; r < rb; r++) {  /* y = f(p . q) q */                            \
+                        const T *pr = it == 0 ? p0 + r * D : p + (k * R + r) * D;                       \
+                        const T *qr = it == 0 ? q + (r * K + k) * D : q + (k * R + r) * D;              \
+                        T *yr = y + (k * R + r) * D, n2 = 0;                                            \
+                        _Pragma("omp simd reduction(+:n2)")                                             \
+                        for (int64_t d = 0; d < D; d++) n2 += pr[d] * qr[d];                            \
+                        n2 = n2 > 0 ? n2 : 0;                                                           \
+                        const T f = n2 / (1 + n2) / SQRT(n2 + (T)1e-9);                                 \
+                        for (int64_t d = 0; d < D; d++) yr[d] = f * qr[d];                              \
+                    }                                                                                   \
+                for (int64_t k = 0; k < K; k++)  /* the logits' update */                               \
+                    MM(lg + k * R * t1p, y + k * R * D, xt, rb, D, t1p, 0, 1.0, it > 0);                \
+                for (int64_t r = 0; r < rb; r++) {  /* couplings: a softmax over the interests */       \
+                    const int64_t t = t0 + r, nt = t + 1 < n ? t + 1 : n;                               \
+                    softmax_over_k_##SUF(lg + r * t1p, sm + r * t1p, K, R * t1p, t1p);                  \
+                    for (int64_t k = 0; k < K; k++)                                                     \
+                        for (int64_t s = 0; s < t1; s++)                                                \
+                            cc[(k * R + r) * t1 + s] = s < nt ? sm[(k * R + r) * t1p + s] : 0;          \
+                }                                                                                       \
+            }                                                                                           \
+            for (int64_t r = 0; r < rb; r++) {  /* the last round's couplings out, (t, k, s) */         \
+                const int64_t t = t0 + r, nt = t + 1 < n ? t + 1 : n;                                   \
+                for (int64_t k = 0; k < K; k++) {                                                       \
+                    T *ct = c + ((b * S + t) * K + k) * S;                                              \
+                    for (int64_t s = 0; s < t1; s++)                                                    \
+                        ct[s] = s >= nt ? 0 : iters > 1 ? cc[(k * R + r) * t1 + s] : (T)1 / (T)K;       \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+}                                                                                                       \
+void benchbox_dr_route_causal_##SUF(const T *x, const T *mk, const T *mcat, const int64_t *len, T *c, T *work, \
+        int64_t batch, int64_t S, int64_t K, int64_t D, int64_t iters, int64_t R, int64_t parts) {     \
+    const int64_t per = benchbox_dr_route_causal_work(S, K, D, R);                                      \
+    PARTS(dr_route_causal_range_##SUF(x, mk, mcat, len, c, work + p_ * per, b0, b1, S, K, D, iters, R)) \
+}
+DR_ROUTE_CAUSAL(double, f64, mm_f64, transpose_strided_f64, sqrt)
+DR_ROUTE_CAUSAL(float, f32, mm_f32, transpose_strided_f32, sqrtf)
 """
 
 
@@ -2563,6 +2678,43 @@ def pool_score_backward(g, saved):
                                         v.data_ptr(), sc.data_ptr(), out.data_ptr(), da.data_ptr(), dh.data_ptr(),
                                         dcand.data_ptr(), work.data_ptr(), B, S, K, D, C)
     return da, dh, dcand
+
+
+@functools.cache
+def _dr_route_causal_kernels():
+    """{torch dtype: ComiRec-DR's causal routing rounds} (empty where no library)."""
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    lib = _library()
+    if lib is not None:
+        lib.benchbox_dr_route_causal_work.restype = i
+        lib.benchbox_dr_route_causal_work.argtypes = [i, i, i, i]
+    return _per_dtype("dr_route_causal", None, [p] * 6 + [i] * 7)
+
+
+def dr_route_causal_applies(x, w) -> bool:
+    """Whether ``dr_route_causal`` runs for features x (B, S, D) and shared maps w (K, D, D): CPU, one dtype with a
+    kernel, and for float32 a width that is a multiple of 16."""
+    import torch
+    return (x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in _dr_route_causal_kernels() and x.dim() == 3
+            and w.dim() == 3 and w.shape[1] == w.shape[2] == x.shape[2] and (x.dtype != torch.float32 or x.shape[2] % 16 == 0))
+
+
+def dr_route_causal(x, w, lengths, iters: int, block: int):
+    """The last round's couplings c (B, S, K, S) of ComiRec-DR's causal routing with the shared maps w (K, D, D) over
+    x (B, S, D), in target blocks of ``block``: written at s below each target's block end (what
+    readouts._BlockCausalPoolShared reads), zero where s is not visible; no gradient."""
+    import torch
+    x, w = x.detach().contiguous(), w.detach().contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    (B, S, D), K = x.shape, w.shape[0]
+    mk = (w.transpose(1, 2) @ w).contiguous()  # M_k = W_k^T W_k, symmetric
+    mcat = mk.transpose(0, 1).reshape(D, K * D).contiguous()
+    c = x.new_empty(B, S, K, S)
+    parts = _parts(B)
+    work = x.new_empty(parts * _library().benchbox_dr_route_causal_work(S, K, D, block))
+    _dr_route_causal_kernels()[x.dtype](x.data_ptr(), mk.data_ptr(), mcat.data_ptr(), lengths.data_ptr(), c.data_ptr(),
+                                        work.data_ptr(), B, S, K, D, iters, block, parts)
+    return c
 
 
 @functools.cache

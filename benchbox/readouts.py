@@ -681,8 +681,8 @@ class _BlockCausalPoolShared(torch.autograd.Function):
 class _DRScore(torch.autograd.Function):
     """ComiRec-DR's scores at a row's end with the shared maps, max_k cand_c . v_k with v the routed interests, and
     their backward, in C (kernels.dr_score): torch's ~40 small operators and batched products took 2.7 ms of a 6.2 ms
-    ML-1M study step (now about 1.0). ``_MultiInterestReadout.scores`` over ``_interests_last_shared`` is the reference; tests hold them
-    together."""
+    ML-1M study step (now about 1.0). ``_MultiInterestReadout.scores`` over ``_interests_last_shared`` is the
+    reference; tests hold them together."""
 
     @staticmethod
     def forward(ctx, x, w, cand, lengths, iters):
@@ -760,7 +760,7 @@ class ComiRecDRReadout(_MultiInterestReadout):
             if self.bilinear == "shared":
                 return self._interests_last_shared(h, lengths)
             return self.interests_reference(h, lengths, causal)
-        if self.bilinear == "shared" and h.shape[1] >= self.BLOCKED_MIN_LEN:
+        if self.bilinear == "shared" and (h.shape[1] >= self.BLOCKED_MIN_LEN or self._route_in_c(h)):
             return self._interests_causal_shared(h, lengths)
         s = h.shape[1]
         u = self._u(h)
@@ -782,18 +782,34 @@ class ComiRecDRReadout(_MultiInterestReadout):
         in target blocks as the general path. Couplings and logits are laid out (B, T, K, S): one target
         block's (t, k) rows are one matrix, so each product is a batched GEMM of K x block rows, and the
         (B, S, K, D) capsule inputs are never formed."""
-        b, s = h.shape[:2]
+        s = h.shape[1]
         x = h * self.input_scale if self.input_scale != 1.0 else h
         xf, w = x.detach(), self.w[0]  # (B, S, D), (K, E, D)
         wf = w.detach()
         valid = torch.arange(s, device=h.device)[None, :] < lengths[:, None]
-        c = h.new_empty(b, s, self.k, s)  # the last iteration's couplings, written block by block
+        if self._route_in_c(xf):  # the rounds in C, a target block at a time
+            c = kernels.dr_route_causal(xf, wf, lengths, self.iters, self.TARGET_BLOCK)
+        else:
+            c = self._couplings_causal_shared(xf, wf, valid)
+        pooled = _BlockCausalPoolShared.apply(c, x, self.TARGET_BLOCK)  # (B, T, K, D)
+        return _squash(torch.einsum("btkd,ked->btke", pooled, w))
+
+    def _route_in_c(self, h) -> bool:
+        """Whether the causal routing's rounds run in C (``kernels.dr_route_causal``): CPU, float32 or float64."""
+        return (kernels.dr_route_causal_applies(h, self.w[0]) and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled("cpu"))
+
+    def _couplings_causal_shared(self, xf, wf, valid):
+        """The last round's couplings (B, T, K, S) of ``_interests_causal_shared`` in torch's ops, a target block at a
+        time (block-lower-triangular entries written): the reference of ``kernels.dr_route_causal``."""
+        b, s = xf.shape[:2]
+        c = xf.new_empty(b, s, self.k, s)  # the last iteration's couplings, written block by block
         with torch.no_grad():
             mk = _gram(wf) if self.iters > 1 else None
             for t0 in range(0, s, self.TARGET_BLOCK):
                 t1 = min(s, t0 + self.TARGET_BLOCK)
                 tb = t1 - t0
-                mask = (valid[:, None, :t1] & _causal_mask(tb, t1, h.device, t0)[None])[:, :, None].to(h.dtype)
+                mask = (valid[:, None, :t1] & _causal_mask(tb, t1, xf.device, t0)[None])[:, :, None].to(xf.dtype)
                 hist = xf[:, :t1]  # (B, t1, D)
                 logits = None
                 for _ in range(self.iters - 1):
@@ -806,17 +822,17 @@ class ComiRecDRReadout(_MultiInterestReadout):
                     step = (y.reshape(b, tb * self.k, -1) @ hist.transpose(1, 2)).view(b, tb, self.k, t1)
                     logits = step if logits is None else logits + step
                 c[:, t0:t1, :, :t1] = mask * (1.0 / self.k) if logits is None else torch.softmax(logits, dim=2) * mask
-        pooled = _BlockCausalPoolShared.apply(c, x, self.TARGET_BLOCK)  # (B, T, K, D)
-        return _squash(torch.einsum("btkd,ked->btke", pooled, w))
+        return c
 
     def _interests_last_shared(self, h, lengths):
         """One set of interests (evaluation, the instance regime) with the shared map, without u_hat.
         With one W_k for every position, sum_s c_sk (W_k h_s) = W_k (sum_s c_sk h_s) and
         u_hat_sk . v_k = h_s . (W_k^T v_k): the routing pools the (B, S, D) features and maps the K
         pooled vectors, instead of mapping every item to K capsule inputs ((B, S, K, D), the step's
-        largest product in the study protocol). The logits are laid out (B, K, S); the first
-        iteration's couplings are 1/K exactly. Only the last iteration carries gradients, as in
-        ``interests_reference`` (held to it in float64 by the tests)."""
+        largest product in the study protocol); between rounds W_k^T v_k comes from one product by
+        W_k^T W_k (``_routed_back``). The logits are laid out (B, K, S); the first iteration's couplings
+        are 1/K exactly. Only the last iteration carries gradients, as in ``interests_reference`` (held
+        to it in float64 by the tests). The C kernel (``_DRScore``) computes the same with the scores."""
         s = h.shape[1]
         x = h * self.input_scale if self.input_scale != 1.0 else h
         x_fixed, w_fixed = x.detach(), self.w[0].detach()  # (B, S, D), (K, E, D)

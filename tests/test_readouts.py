@@ -293,12 +293,54 @@ def test_pool_score_kernel_is_comirec_sa_plain_scores():
     assert not kernels.pool_score_applies(h.to("meta"), cand.to("meta"))
 
 
+@pytest.mark.parametrize("iterations, block", [(3, 16), (2, 5), (1, 16), (3, 1), (3, 7)])
+def test_dr_route_causal_kernel_is_the_torch_couplings(iterations, block):
+    """ComiRec-DR's causal routing rounds in C (``kernels.dr_route_causal``) against torch's blocked rounds
+    (``_couplings_causal_shared``): the last round's couplings over every entry the pooling reads (each target block
+    against the history up to its end), float64 to 1e-12 and float32 to its rounding, over lengths 0, 1 and full,
+    blocks of 1 to 16 with a short last one, 1 to 3 rounds, 3 or 4 interests, a sequence longer than 16; two threads
+    as one, bit for bit. Where it applies: CPU, float32 (width a multiple of 16) or float64."""
+    from benchbox import kernels
+    from benchbox.readouts import ComiRecDRReadout
+    if not kernels._dr_route_causal_kernels():
+        pytest.skip("no C compiler here: torch's ops run")
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    for dtype, tol, d, k in ((torch.float64, 1e-12, 16, 4), (torch.float32, 2e-6, 32, 3)):
+        b, s = 6, 37
+        r = ComiRecDRReadout(d, k, iterations=iterations, max_len=s).to(dtype)
+        r.TARGET_BLOCK = block
+        x, w = torch.randn(b, s, d, dtype=dtype), r.w[0].detach()
+        lengths = torch.tensor([s, 0, 1, 20, s - 1, 16])
+        valid = torch.arange(s)[None] < lengths[:, None]
+        want = r._couplings_causal_shared(x, w, valid)
+        got = kernels.dr_route_causal(x, w, lengths, iterations, block)
+        read = torch.zeros(s, s, dtype=torch.bool)
+        for t0 in range(0, s, block):
+            read[t0:t0 + block, :min(s, t0 + block)] = True
+        read = read[None, :, None, :].expand(b, s, k, s)
+        torch.testing.assert_close(got[read], want[read], rtol=0, atol=tol)
+        assert torch.equal(got[1][read[1]], torch.zeros_like(got[1][read[1]]))  # nothing visible
+        torch.set_num_threads(2)
+        try:
+            two = kernels.dr_route_causal(x, w, lengths, iterations, block)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(two[read], got[read])
+    x, w = torch.randn(2, 5, 32), torch.randn(4, 32, 32)
+    assert kernels.dr_route_causal_applies(x, w) and kernels.dr_route_causal_applies(x.double(), w.double())
+    assert not kernels.dr_route_causal_applies(x[..., :8], w[:, :8, :8])  # float32: 16 lanes
+    assert not kernels.dr_route_causal_applies(x.bfloat16(), w.bfloat16())
+    assert not kernels.dr_route_causal_applies(x, w.double())
+    assert not kernels.dr_route_causal_applies(x.to("meta"), w.to("meta"))
+
+
 def test_cand_dot_kernel_is_candidate_dot_reference():
-    """candidate_dot for few candidates a row in C (kernels.cand_dot, ``_CandidateDot``) against torch's multiply-and-sum
-    (``candidate_dot_reference``): the logits and df to float64's 1e-12 and float32's rounding, dcand bit for bit (the
-    same products), over 1 to 16 candidates, widths that are not a multiple of the vector width, leading shapes of one
-    to three dimensions, non-contiguous inputs, one gradient wanted or both, two threads as one; gradcheck; torch's ops
-    for 17 candidates, other dtypes, a broadcast f, and meta tensors."""
+    """candidate_dot for few candidates a row in C (kernels.cand_dot, ``_CandidateDot``) against torch's
+    multiply-and-sum (``candidate_dot_reference``): the logits and df to float64's 1e-12 and float32's rounding, dcand
+    bit for bit (the same products), over 1 to 16 candidates, widths that are not a multiple of the vector width,
+    leading shapes of one to three dimensions, non-contiguous inputs, one gradient wanted or both, two threads as one;
+    gradcheck; torch's ops for 17 candidates, other dtypes, a broadcast f, and meta tensors."""
     from benchbox import kernels
     from benchbox.readouts import _CandidateDot, candidate_dot, candidate_dot_reference
     if not kernels._cand_dot_kernels():
@@ -351,7 +393,8 @@ def test_cand_dot_kernel_is_candidate_dot_reference():
 @pytest.mark.parametrize("opts", [{}, {"inputs": "unit"}, {"iterations": 1}, {"iterations": 2}, {"num_interests": 3}])
 def test_dr_score_kernel_is_comirec_dr_plain_scores(opts):
     """ComiRec-DR's routing and scores at a row's end in C (kernels.dr_score, ``_DRScore``) against the plain path
-    (``_MultiInterestReadout.scores`` over ``_interests_last_shared``, itself held to ComiRec's layout): values and every
+    (``_MultiInterestReadout.scores`` over ``_interests_last_shared``, itself held to ComiRec's layout): values and
+    every
     gradient (features, candidates, the maps) in float64 to 1e-12 and in float32 to its rounding, over lengths from 0
     (no visible item: zero interests, every score 0, the max tied K ways) and 1 to the whole window, more rows than one
     block of the kernel, 1 to 3 routing rounds, the unit-scaled inputs; gradcheck; the plain path for many candidates a
@@ -387,7 +430,8 @@ def test_dr_score_kernel_is_comirec_dr_plain_scores(opts):
         return
     # every interest the same (one map K times): the kernel's K scores tie exactly, and each max's gradient is shared
     # K ways, as amax's; torch's batched products round the K copies apart, so it gives the whole gradient to one of
-    # them: the features' and candidates' gradients and the maps' summed over k agree, and the kernel's are K equal parts
+    # them: the features' and candidates' gradients and the maps' summed over k agree, and the kernel's are K equal
+    # parts
     r = build_readout("comirec_dr", d, max_len=12).double()
     with torch.no_grad():
         r.w[0, 1:] = r.w[0, :1]
@@ -473,15 +517,24 @@ def test_candidate_dot_and_gather_rows_match_their_references(n_cand):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("in_c", [True, False])
 @pytest.mark.parametrize("block", [None, 16, 5, 1])
 @pytest.mark.parametrize("opts", [{}, {"bilinear": "position"}, {"inputs": "unit", "num_interests": 3},
                                   {"iterations": 1}])
-def test_comirec_dr_causal_routing_equals_the_reference_layout(opts, block):
+def test_comirec_dr_causal_routing_equals_the_reference_layout(opts, block, in_c):
     """The causal routing against ComiRec-DR's own dense (B, T, S, K) layout, float64, interests and the
-    gradients through them: the dense (B, K, T, S) layout (block None), and, with the shared map, the
-    routing by target blocks (one block of 16, blocks of 5 with a short last one, single targets)."""
+    gradients through them: the dense (B, K, T, S) layout (block None, the C rounds off), and, with the shared
+    map, the routing by target blocks (one block of 16, blocks of 5 with a short last one, single targets), its
+    rounds in torch's ops or in C (``kernels.dr_route_causal``, also taken for short sequences where it applies)."""
+    from benchbox import kernels
+    if in_c and not kernels._dr_route_causal_kernels():
+        pytest.skip("no C compiler here: torch's ops run")
+    if in_c and (block is None or opts.get("bilinear") == "position"):
+        pytest.skip("the C rounds run the shared map's target blocks")
     torch.manual_seed(0)
     r = build_readout("comirec_dr", D, max_len=12, **opts).double()
+    if not in_c:
+        r._route_in_c = lambda h: False
     if block is not None:
         r.BLOCKED_MIN_LEN, r.TARGET_BLOCK = 0, block
     h = torch.randn(5, 12, D, dtype=torch.float64, requires_grad=True)
