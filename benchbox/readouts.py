@@ -754,8 +754,9 @@ class ComiRecDRReadout(_MultiInterestReadout):
         across contiguous (T, S) planes and both products are plain batched GEMMs over (b, k). In
         ComiRec's (B, T, S, K) layout a softmax over rows of 4 took 60% of an ML-1M step. The first
         iteration's couplings are exactly 1/K (the softmax of zero logits) and are not computed. Not
-        causal (one target: evaluation, the instance regime): ``interests_reference``. With the shared
-        map and long sequences: ``_interests_causal_shared``. Tests hold each to the reference in float64."""
+        causal (one target: evaluation, the instance regime): ``_interests_last_shared`` with the shared
+        map, else ``interests_reference``. Causal with the shared map and long sequences, or any length
+        where its C rounds apply: ``_interests_causal_shared``. Tests hold each to the reference in float64."""
         if not causal:
             if self.bilinear == "shared":
                 return self._interests_last_shared(h, lengths)
@@ -781,7 +782,8 @@ class ComiRecDRReadout(_MultiInterestReadout):
         (B, S, D) features, map the K pooled vectors; u_hat_sk . v_k = h_s . (W_k^T v_k)) at every target,
         in target blocks as the general path. Couplings and logits are laid out (B, T, K, S): one target
         block's (t, k) rows are one matrix, so each product is a batched GEMM of K x block rows, and the
-        (B, S, K, D) capsule inputs are never formed."""
+        (B, S, K, D) capsule inputs are never formed. The rounds without gradients run in C where it applies
+        (``kernels.dr_route_causal``), else in torch's ops (``_couplings_causal_shared``, its reference)."""
         s = h.shape[1]
         x = h * self.input_scale if self.input_scale != 1.0 else h
         xf, w = x.detach(), self.w[0]  # (B, S, D), (K, E, D)

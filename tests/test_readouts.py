@@ -7,6 +7,17 @@ from benchbox.readouts import READOUTS, build_readout
 D = 8
 
 
+def _counting(function, thunk):
+    """thunk()'s result and how many times it called ``function.apply`` (a torch.autograd.Function): whether a fast
+    path ran."""
+    calls, real = [], function.apply
+    function.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        return thunk(), len(calls)
+    finally:
+        function.apply = real
+
+
 CASES = list(READOUTS) + ["comirec_dr:bilinear=position", "comirec_dr:inputs=unit", "comirec_sa:select=max",
                           "comirec_dr:select=max"]
 
@@ -257,13 +268,7 @@ def test_pool_score_kernel_is_comirec_sa_plain_scores():
         cand = torch.randn(37, 5, D, dtype=dtype, requires_grad=True)
         lengths = torch.randint(1, 13, (37,))
         lengths[:4] = torch.tensor([1, 1, 12, 2])
-        calls = []
-        real = _PoolScore.apply
-        _PoolScore.apply = lambda *a: calls.append(1) or real(*a)
-        try:
-            got = r.scores(h, lengths, cand)
-        finally:
-            _PoolScore.apply = real
+        got, calls = _counting(_PoolScore, lambda: r.scores(h, lengths, cand))
         want = _MultiInterestReadout.scores(r, h, lengths, cand)
         assert calls and got.shape == want.shape == (37, 5)
         torch.testing.assert_close(got, want, rtol=0, atol=tol * want.abs().max().item())
@@ -280,12 +285,7 @@ def test_pool_score_kernel_is_comirec_sa_plain_scores():
     lengths = torch.tensor([0, 3])  # no visible item: the plain path, as before
     assert torch.equal(r.scores(h, lengths, cand).isnan(), _MultiInterestReadout.scores(r, h, lengths, cand).isnan())
     many = torch.randn(2, r.POOL_SCORE_MAX_CANDIDATES + 1, D, dtype=torch.float64)  # evaluation's 100: the plain path
-    calls = []
-    _PoolScore.apply = lambda *a: calls.append(1) or real(*a)
-    try:
-        got = r.scores(h, torch.tensor([4, 3]), many)
-    finally:
-        _PoolScore.apply = real
+    got, calls = _counting(_PoolScore, lambda: r.scores(h, torch.tensor([4, 3]), many))
     assert not calls and torch.equal(got, _MultiInterestReadout.scores(r, h, torch.tensor([4, 3]), many))
     assert kernels.pool_score_applies(h, cand) and kernels.pool_score_applies(h.float(), cand.float())
     assert not kernels.pool_score_applies(h.bfloat16(), cand.bfloat16())
@@ -352,13 +352,7 @@ def test_cand_dot_kernel_is_candidate_dot_reference():
             cand = torch.randn(*lead, c, d, dtype=dtype, requires_grad=True)
             f = torch.randn(*lead, d, dtype=dtype, requires_grad=True)
             g = torch.randn(*lead, c, dtype=dtype)
-            calls = []
-            real = _CandidateDot.apply
-            _CandidateDot.apply = lambda *a: calls.append(1) or real(*a)
-            try:
-                got = candidate_dot(cand, f)
-            finally:
-                _CandidateDot.apply = real
+            got, calls = _counting(_CandidateDot, lambda: candidate_dot(cand, f))
             want = candidate_dot_reference(cand, f)
             assert calls and got.shape == want.shape
             torch.testing.assert_close(got, want, rtol=0, atol=tol * want.abs().max().item())
@@ -405,19 +399,13 @@ def test_dr_score_kernel_is_comirec_dr_plain_scores(opts):
         pytest.skip("no C compiler here: torch's ops run")
     torch.manual_seed(0)
     d, rows = 32, kernels.DR_ROW_BLOCK + 5
-    real = _DRScore.apply
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         r = build_readout("comirec_dr", d, max_len=12, **opts).to(dtype)
         h = torch.randn(rows, 12, d, dtype=dtype, requires_grad=True)
         cand = torch.randn(rows, 5, d, dtype=dtype, requires_grad=True)
         lengths = torch.randint(1, 13, (rows,))
         lengths[:4] = torch.tensor([0, 1, 12, 2])
-        calls = []
-        _DRScore.apply = lambda *a: calls.append(1) or real(*a)
-        try:
-            got = r.scores(h, lengths, cand)
-        finally:
-            _DRScore.apply = real
+        got, calls = _counting(_DRScore, lambda: r.scores(h, lengths, cand))
         want = _MultiInterestReadout.scores(r, h, lengths, cand)
         assert calls and got.shape == want.shape == (rows, 5)
         assert torch.equal(got[0], torch.zeros_like(got[0]))
@@ -453,12 +441,7 @@ def test_dr_score_kernel_is_comirec_dr_plain_scores(opts):
     for readout, c in ((r, torch.randn(2, r.DR_SCORE_MAX_CANDIDATES + 1, D, dtype=torch.float64)),  # evaluation's 100
                        (build_readout("comirec_dr", D, max_len=12, bilinear="position").double(),
                         torch.randn(2, 5, D, dtype=torch.float64))):
-        calls = []
-        _DRScore.apply = lambda *a: calls.append(1) or real(*a)
-        try:
-            got = readout.scores(h, torch.tensor([4, 3]), c)
-        finally:
-            _DRScore.apply = real
+        got, calls = _counting(_DRScore, lambda: readout.scores(h, torch.tensor([4, 3]), c))
         assert not calls and torch.equal(got, _MultiInterestReadout.scores(readout, h, torch.tensor([4, 3]), c))
     x, w, c = torch.randn(2, 6, 32), torch.randn(4, 32, 32), torch.randn(2, 5, 32)
     assert kernels.dr_score_applies(x, w, c) and kernels.dr_score_applies(x.double(), w.double(), c.double())
