@@ -2696,7 +2696,8 @@ def dr_route_causal_applies(x, w) -> bool:
     kernel, and for float32 a width that is a multiple of 16."""
     import torch
     return (x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in _dr_route_causal_kernels() and x.dim() == 3
-            and w.dim() == 3 and w.shape[1] == w.shape[2] == x.shape[2] and (x.dtype != torch.float32 or x.shape[2] % 16 == 0))
+            and w.dim() == 3 and w.shape[1] == w.shape[2] == x.shape[2]
+            and (x.dtype != torch.float32 or x.shape[2] % 16 == 0))
 
 
 def dr_route_causal(x, w, lengths, iters: int, block: int):
@@ -2704,6 +2705,7 @@ def dr_route_causal(x, w, lengths, iters: int, block: int):
     x (B, S, D), in target blocks of ``block``: written at s below each target's block end (what
     readouts._BlockCausalPoolShared reads), zero where s is not visible; no gradient."""
     import torch
+    fn = _dr_route_causal_kernels()[x.dtype]  # first: it also types the work-size function
     x, w = x.detach().contiguous(), w.detach().contiguous()
     lengths = lengths.to(torch.int64).contiguous()
     (B, S, D), K = x.shape, w.shape[0]
@@ -2712,8 +2714,8 @@ def dr_route_causal(x, w, lengths, iters: int, block: int):
     c = x.new_empty(B, S, K, S)
     parts = _parts(B)
     work = x.new_empty(parts * _library().benchbox_dr_route_causal_work(S, K, D, block))
-    _dr_route_causal_kernels()[x.dtype](x.data_ptr(), mk.data_ptr(), mcat.data_ptr(), lengths.data_ptr(), c.data_ptr(),
-                                        work.data_ptr(), B, S, K, D, iters, block, parts)
+    fn(x.data_ptr(), mk.data_ptr(), mcat.data_ptr(), lengths.data_ptr(), c.data_ptr(), work.data_ptr(), B, S, K, D,
+       iters, block, parts)
     return c
 
 

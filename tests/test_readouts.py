@@ -500,10 +500,13 @@ def test_candidate_dot_and_gather_rows_match_their_references(n_cand):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("in_c", [True, False])
-@pytest.mark.parametrize("block", [None, 16, 5, 1])
-@pytest.mark.parametrize("opts", [{}, {"bilinear": "position"}, {"inputs": "unit", "num_interests": 3},
-                                  {"iterations": 1}])
+_CAUSAL_OPTS = [{}, {"bilinear": "position"}, {"inputs": "unit", "num_interests": 3}, {"iterations": 1}]
+
+
+# the C rounds (in_c) run the shared map's target blocks only
+@pytest.mark.parametrize("opts, block, in_c", [(o, b, c) for o in _CAUSAL_OPTS for b in (None, 16, 5, 1)
+                                               for c in (False, True)
+                                               if not (c and (b is None or o.get("bilinear") == "position"))])
 def test_comirec_dr_causal_routing_equals_the_reference_layout(opts, block, in_c):
     """The causal routing against ComiRec-DR's own dense (B, T, S, K) layout, float64, interests and the
     gradients through them: the dense (B, K, T, S) layout (block None, the C rounds off), and, with the shared
@@ -512,8 +515,6 @@ def test_comirec_dr_causal_routing_equals_the_reference_layout(opts, block, in_c
     from benchbox import kernels
     if in_c and not kernels._dr_route_causal_kernels():
         pytest.skip("no C compiler here: torch's ops run")
-    if in_c and (block is None or opts.get("bilinear") == "position"):
-        pytest.skip("the C rounds run the shared map's target blocks")
     torch.manual_seed(0)
     r = build_readout("comirec_dr", D, max_len=12, **opts).double()
     if not in_c:
