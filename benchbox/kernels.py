@@ -19,6 +19,7 @@ torch; the tests hold each kernel to its torch path. This module imports torch o
 - ``dr_score``, ``dr_score_backward``: ComiRec-DR's routing (shared maps) and best-interest scores at a row's end.
 - ``cand_dot``, ``cand_dot_backward``: readouts.candidate_dot for few candidates a row, without (R, C, D) temporaries.
 - ``dr_route_causal``: ComiRec-DR's causal routing rounds (shared maps, no gradient), a block of targets at a time.
+- ``causal_pool``, ``causal_pool_backward``: ComiRec-SA's causal interests, an online softmax over the positions.
 - ``gelu``: the exact (erf) GELU and, for the backward, its derivative, in one pass (the FFNs, the target tower).
 - ``gru_cell``, ``gru_cell_backward``: one GRU time step's gates, forward and backward.
 - ``ttt_dual_forward``, ``ttt_dual_backward``: TTT-Linear's dual form inside one mini-batch, around its GEMMs;
@@ -2284,6 +2285,77 @@ void benchbox_dr_route_causal_##SUF(const T *x, const T *mk, const T *mcat, cons
 }
 DR_ROUTE_CAUSAL(double, f64, mm_f64, transpose_strided_f64, sqrt)
 DR_ROUTE_CAUSAL(float, f32, mm_f32, transpose_strided_f32, sqrtf)
+/* ComiRec-SA's causal interests (readouts._causal_softmax_pool): y[b, t, k] = sum_{s <= t} softmax_s(a[b, :t+1, k])
+   h[b, s], the logits a (B, S, K) -inf at padding, position 0 visible. The logits do not depend on t: per (b, k) an
+   online softmax over t, a running max m_t, denominator den_t and numerator vector, O(S D) where torch's blocked form
+   makes several (B, S, K, D) passes (~35% of an ML-1M sequence step). m and den are kept; the backward runs the
+   adjoint backwards in time under the same running shifts, each factor exp(m_s - m_{s+1}) <= 1:
+   G_s = dy_s / den_s + exp(m_s - m_{s+1}) G_{s+1}, H_s = y_s . dy_s / den_s + exp(m_s - m_{s+1}) H_{s+1},
+   dh_s = sum_k exp(a_s - m_s) G_s, da_s = exp(a_s - m_s) (h_s . G_s - H_s). Rows [b0, b1): the caller's threads
+   split them; work: K D values a part. */
+#define CAUSAL_POOL(T, SUF, EXP)                                                                        \
+static void causal_pool_range_##SUF(const T *a, const T *h, T *y, T *m, T *den, T *num, int64_t b0, int64_t b1, \
+                                    int64_t S, int64_t K, int64_t D) {                                  \
+    for (int64_t b = b0; b < b1; b++) {                                                                 \
+        for (int64_t i = 0; i < K * D; i++) num[i] = 0;                                                 \
+        for (int64_t k = 0; k < K; k++) { m[b * S * K + k] = a[b * S * K + k]; den[b * S * K + k] = 0; } \
+        for (int64_t t = 0; t < S; t++) {                                                               \
+            const T *ht = h + (b * S + t) * D;                                                          \
+            for (int64_t k = 0; k < K; k++) {                                                           \
+                const int64_t i = (b * S + t) * K + k, ip = t ? i - K : i;                              \
+                const T at = a[i], mp = m[ip];                                                          \
+                T *nk = num + k * D, *yt = y + i * D, dn = t ? den[ip] : 0, mt = mp;                     \
+                if (at > mp) {  /* a new max: rescale what was summed */                                \
+                    const T sc = EXP(mp - at);                                                          \
+                    for (int64_t d = 0; d < D; d++) nk[d] *= sc;                                        \
+                    dn *= sc;                                                                           \
+                    mt = at;                                                                            \
+                }                                                                                       \
+                const T e = EXP(at - mt);  /* 0 at padding */                                           \
+                dn += e;                                                                                \
+                const T inv = 1 / dn;                                                                   \
+                for (int64_t d = 0; d < D; d++) { nk[d] += e * ht[d]; yt[d] = nk[d] * inv; }            \
+                m[i] = mt;                                                                              \
+                den[i] = dn;                                                                            \
+            }                                                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+}                                                                                                       \
+static void causal_pool_backward_range_##SUF(const T *dy, const T *a, const T *h, const T *y, const T *m,  \
+        const T *den, T *da, T *dh, T *gk, int64_t b0, int64_t b1, int64_t S, int64_t K, int64_t D) {   \
+    T hk[64];  /* H per interest (K <= 64) */                                                           \
+    for (int64_t b = b0; b < b1; b++) {                                                                 \
+        for (int64_t i = 0; i < K * D; i++) gk[i] = 0;                                                  \
+        for (int64_t k = 0; k < K; k++) hk[k] = 0;                                                      \
+        for (int64_t s = S - 1; s >= 0; s--) {                                                          \
+            const T *hs = h + (b * S + s) * D;                                                          \
+            T *dhs = dh + (b * S + s) * D;                                                              \
+            for (int64_t d = 0; d < D; d++) dhs[d] = 0;                                                 \
+            for (int64_t k = 0; k < K; k++) {                                                           \
+                const int64_t i = (b * S + s) * K + k;                                                  \
+                const T r = s + 1 < S ? EXP(m[i] - m[i + K]) : 0, inv = 1 / den[i];                     \
+                const T *dys = dy + i * D, *ys = y + i * D;                                             \
+                T *g = gk + k * D, yd = 0, hg = 0;                                                      \
+                for (int64_t d = 0; d < D; d++) yd += ys[d] * dys[d];                                   \
+                hk[k] = hk[k] * r + yd * inv;                                                           \
+                for (int64_t d = 0; d < D; d++) { g[d] = g[d] * r + dys[d] * inv; hg += hs[d] * g[d]; }  \
+                const T e = EXP(a[i] - m[i]);                                                           \
+                for (int64_t d = 0; d < D; d++) dhs[d] += e * g[d];                                     \
+                da[i] = e * (hg - hk[k]);                                                               \
+            }                                                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+}                                                                                                       \
+void benchbox_causal_pool_##SUF(const T *a, const T *h, T *y, T *m, T *den, T *work, int64_t batch, int64_t S, \
+                                int64_t K, int64_t D, int64_t parts) {                                  \
+    PARTS(causal_pool_range_##SUF(a, h, y, m, den, work + p_ * K * D, b0, b1, S, K, D))                 \
+}                                                                                                       \
+void benchbox_causal_pool_backward_##SUF(const T *dy, const T *a, const T *h, const T *y, const T *m,    \
+        const T *den, T *da, T *dh, T *work, int64_t batch, int64_t S, int64_t K, int64_t D, int64_t parts) { \
+    PARTS(causal_pool_backward_range_##SUF(dy, a, h, y, m, den, da, dh, work + p_ * K * D, b0, b1, S, K, D)) \
+}
+CAUSAL_POOL(double, f64, exp)
+CAUSAL_POOL(float, f32, expf)
 """
 
 
@@ -2717,6 +2789,48 @@ def dr_route_causal(x, w, lengths, iters: int, block: int):
     fn(x.data_ptr(), mk.data_ptr(), mcat.data_ptr(), lengths.data_ptr(), c.data_ptr(), work.data_ptr(), B, S, K, D,
        iters, block, parts)
     return c
+
+
+@functools.cache
+def _causal_pool_kernels():
+    """{torch dtype: (forward, backward)} of ComiRec-SA's causal softmax pool (empty where no library)."""
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    forward = _per_dtype("causal_pool", None, [p] * 6 + [i] * 5)
+    backward = _per_dtype("causal_pool_backward", None, [p] * 9 + [i] * 5)
+    return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
+
+
+def causal_pool_applies(a, h) -> bool:
+    """Whether ``causal_pool`` runs for logits a (B, S, K) and features h (B, S, D): CPU, one dtype with a kernel, at
+    most 64 interests."""
+    return (a.device.type == "cpu" and h.device == a.device and a.dtype == h.dtype and a.dtype in _causal_pool_kernels()
+            and a.dim() == h.dim() == 3 and a.shape[:2] == h.shape[:2] and a.shape[2] <= 64)
+
+
+def causal_pool(a, h):
+    """(y (B, S, K, D), saved): y[b, t, k] = sum_{s <= t} softmax_s(a[b, :t+1, k]) h[b, s] by an online softmax over t;
+    saved is what ``causal_pool_backward`` reads. a[:, 0] must be finite."""
+    a, h = a.contiguous(), h.contiguous()
+    (B, S, K), D = a.shape, h.shape[2]
+    y, m, den = h.new_empty(B, S, K, D), a.new_empty(B, S, K), a.new_empty(B, S, K)
+    parts = _parts(B)
+    work = h.new_empty(parts * K * D)
+    _causal_pool_kernels()[a.dtype][0](a.data_ptr(), h.data_ptr(), y.data_ptr(), m.data_ptr(), den.data_ptr(),
+                                       work.data_ptr(), B, S, K, D, parts)
+    return y, (a, h, y, m, den)
+
+
+def causal_pool_backward(dy, saved):
+    """(da, dh) of ``causal_pool``'s y from its gradient dy (B, S, K, D)."""
+    a, h, y, m, den = saved
+    dy = dy.contiguous()
+    (B, S, K), D = a.shape, h.shape[2]
+    da, dh = a.new_empty(B, S, K), h.new_empty(B, S, D)
+    parts = _parts(B)
+    work = h.new_empty(parts * K * D)
+    _causal_pool_kernels()[a.dtype][1](dy.data_ptr(), a.data_ptr(), h.data_ptr(), y.data_ptr(), m.data_ptr(),
+                                       den.data_ptr(), da.data_ptr(), dh.data_ptr(), work.data_ptr(), B, S, K, D, parts)
+    return da, dh
 
 
 @functools.cache

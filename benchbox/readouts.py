@@ -544,6 +544,33 @@ def _causal_softmax_pool(a: torch.Tensor, h: torch.Tensor, block: int = 8) -> to
     if h.dtype in (torch.float16, torch.bfloat16) or a.dtype in (torch.float16, torch.bfloat16):
         with torch.autocast(h.device.type, enabled=False):
             return _causal_softmax_pool(a.float(), h.float(), block).to(h.dtype)
+    if (kernels.causal_pool_applies(a, h) and not torch.compiler.is_compiling()
+            and bool(torch.isfinite(a[:, 0]).all())):  # an online softmax in C, one pass each way
+        return _CausalPool.apply(a, h)
+    return _causal_softmax_pool_blocked(a, h, block)
+
+
+class _CausalPool(torch.autograd.Function):
+    """``_causal_softmax_pool`` in C (kernels.causal_pool): per (row, interest) an online softmax over the positions,
+    O(S D), forward and backward one pass each; ``_causal_softmax_pool_blocked`` is the reference (tests hold them
+    together, and both to ``interests_naive``)."""
+
+    @staticmethod
+    def forward(ctx, a, h):
+        y, saved = kernels.causal_pool(a, h)
+        ctx.save_for_backward(*saved)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        da, dh = kernels.causal_pool_backward(dy, ctx.saved_tensors)
+        need = ctx.needs_input_grad
+        return da if need[0] else None, dh if need[1] else None
+
+
+def _causal_softmax_pool_blocked(a: torch.Tensor, h: torch.Tensor, block: int = 8) -> torch.Tensor:
+    """``_causal_softmax_pool`` in torch's ops, in blocks of ``block`` positions (see there)."""
     B, S, K = a.shape
     D = h.shape[-1]
     nb = -(-S // block)

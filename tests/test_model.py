@@ -1143,7 +1143,7 @@ def test_c_kernels_off_switch_and_a_missing_compiler_leave_torchs_paths(tmp_path
 # the tests that hold each float C kernel to its torch path (and the dropout kernel's vectorised keep decision)
 _KERNEL_TESTS = ("rmsnorm or gelu_kernel or keep_boundary or gru_fused or small_attention or ttt_dual or ttt_window"
                  " or ttt_mlp_chunk or lnl2_kernels or sigmoid_project or pool_score or dr_score or cand_dot or dr_route"
-                 " or comirec_dr_causal or din_pair_kernels"
+                 " or comirec_dr_causal or causal_pool or comirec_sa_prefix or din_pair_kernels"
                  " or din_pairs_function"
                  " or fused")
 

@@ -160,14 +160,21 @@ def test_din_chunked_evaluation_equals_one_pass():
         torch.testing.assert_close(r.scores(h, lengths, cand), one_pass, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("in_c", [False, True])
 @pytest.mark.parametrize("dtype,spread,block", [(torch.float32, 40.0, 8), (torch.float64, 40.0, 8),
                                                  (torch.float64, 1000.0, 4), (torch.float64, 1.0, 32),
                                                  (torch.float32, 1000.0, 8)])
-def test_comirec_sa_prefix_softmax_equals_masked_softmax(dtype, spread, block):
-    """The blocked prefix-softmax form of ComiRec-SA's causal interests (_causal_softmax_pool) against the plain
-    masked softmax, values and gradients: several blocks, a block past the end (length 1), one block longer
-    than the sequence, and logits spread over ~100-2,000 (exp() of the early ones under one global shift
-    would underflow float32, of the later ones overflow): finite everywhere, exact in float64."""
+def test_comirec_sa_prefix_softmax_equals_masked_softmax(dtype, spread, block, in_c, monkeypatch):
+    """ComiRec-SA's causal interests (_causal_softmax_pool) against the plain masked softmax, values and gradients,
+    in torch's blocked prefix-softmax form (several blocks, a block past the end (length 1), one block longer than the
+    sequence) and as the C kernel's online softmax (``kernels.causal_pool``), with logits spread over ~100-2,000
+    (exp() of the early ones under one global shift would underflow float32, of the later ones overflow): finite
+    everywhere, exact in float64."""
+    from benchbox import kernels
+    if in_c and not kernels._causal_pool_kernels():
+        pytest.skip("no C compiler here: torch's ops run")
+    if not in_c:
+        monkeypatch.setattr(kernels, "causal_pool_applies", lambda *a: False)
     torch.manual_seed(0)
     r = build_readout("comirec_sa", D, max_len=32).to(dtype)
     r.CAUSAL_BLOCK = block
@@ -186,6 +193,52 @@ def test_comirec_sa_prefix_softmax_equals_masked_softmax(dtype, spread, block):
     assert torch.isfinite(g1).all()
     scale = g2.abs().max().item()
     torch.testing.assert_close(g1, g2, rtol=0, atol=(1e-11 if dtype == torch.float64 else 1e-5) * max(scale, 1.0))
+
+
+def test_causal_pool_kernel_is_the_blocked_pool():
+    """ComiRec-SA's causal softmax pool in C (``kernels.causal_pool``, ``_CausalPool``) against torch's blocked form
+    (``_causal_softmax_pool_blocked``): values and both gradients to float64's 1e-12 (relative) and float32's rounding,
+    sequences longer than any block, 3 and 4 interests, lengths 1 to full; two threads as one, bit for bit; where
+    position 0 is padding (torch's NaN), bf16, other devices or more than 64 interests: torch's blocked form."""
+    from benchbox import kernels
+    from benchbox.readouts import _CausalPool, _causal_softmax_pool, _causal_softmax_pool_blocked
+    if not kernels._causal_pool_kernels():
+        pytest.skip("no C compiler here: torch's ops run")
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+        for b, s, k, d in ((5, 45, 4, 16), (3, 9, 3, 24)):
+            lengths = torch.randint(1, s + 1, (b,))
+            lengths[:2] = torch.tensor([s, 1])
+            valid = torch.arange(s)[None] < lengths[:, None]
+            a = (torch.randn(b, s, k, dtype=dtype) * 3).masked_fill(~valid[..., None], float("-inf"))
+            a.requires_grad_()
+            h = torch.randn(b, s, d, dtype=dtype, requires_grad=True)
+            g = torch.randn(b, s, k, d, dtype=dtype)
+            got, calls = _counting(_CausalPool, lambda: _causal_softmax_pool(a, h))
+            want = _causal_softmax_pool_blocked(a, h)
+            assert calls
+            torch.testing.assert_close(got, want, rtol=0, atol=tol * want.abs().max().item())
+            (ga, gh), (wa, wh) = (torch.autograd.grad(o, (a, h), g) for o in (got, want))
+            seen = torch.isfinite(a.detach())
+            torch.testing.assert_close(ga[seen], wa[seen], rtol=0, atol=tol * wa[seen].abs().max().item())
+            assert torch.equal(ga[~seen], torch.zeros_like(ga[~seen]))
+            torch.testing.assert_close(gh, wh, rtol=0, atol=tol * wh.abs().max().item())
+            torch.set_num_threads(2)
+            try:
+                two = _CausalPool.apply(a, h), *torch.autograd.grad(_CausalPool.apply(a, h), (a, h), g)
+            finally:
+                torch.set_num_threads(threads)
+            for x, y in zip(two, (got, ga, gh)):
+                assert torch.equal(x, y)
+    a, h = torch.randn(2, 6, 4, dtype=torch.float64), torch.randn(2, 6, 8, dtype=torch.float64)
+    a[1, 0] = float("-inf")  # position 0 padding: torch's blocked form, as before
+    got, calls = _counting(_CausalPool, lambda: _causal_softmax_pool(a, h))
+    assert not calls and torch.equal(got.isnan(), _causal_softmax_pool_blocked(a, h).isnan())
+    assert not kernels.causal_pool_applies(a.bfloat16(), h.bfloat16())
+    assert not kernels.causal_pool_applies(a, h.float())
+    assert not kernels.causal_pool_applies(torch.randn(2, 6, 65), torch.randn(2, 6, 8))
+    assert not kernels.causal_pool_applies(a.to("meta"), h.to("meta"))
 
 
 @pytest.mark.parametrize("c_kernel", [True, False])
