@@ -31,7 +31,8 @@ torch; the tests hold each kernel to its torch path. This module imports torch o
 - ``selective_scan_forward``, ``selective_scan_backward``, ``conv_silu_forward``, ``conv_silu_backward``: Mamba's
   selective scan with its D skip and silu gate (lanes over d_inner, the state checkpointed every 16 steps) and its
   causal depthwise conv with SiLU in the (B, L, D) layout.
-The threaded ones (the last three groups) split their batch in one OpenMP loop (``PARTS``) on torch's own threads.
+The threaded ones (the last three groups, and gelu, cand_dot, dr_route_causal, causal_pool) split their batch in one
+OpenMP loop (``PARTS``) on torch's own threads.
 All but the dropout and rows kernels sum in another order than torch's ops (float rounding), so rows record which
 ran (``cpu_kernels``, ``kernels_in_force``).
 """

@@ -530,7 +530,8 @@ class ComiRecSAReadout(_MultiInterestReadout):
 def _causal_softmax_pool(a: torch.Tensor, h: torch.Tensor, block: int = 8) -> torch.Tensor:
     """out[b, t, k] = sum_{s <= t} softmax_s(a[b, :t+1, k]) h[b, s]: (B, T, K, D) from logits a (B, S, K), -inf at
     padding (position 0 never padding), and h (B, S, D). ComiRec-SA's causal interests: the logits do not
-    depend on t, so this is a prefix softmax, computed in blocks of ``block`` positions in h's dtype.
+    depend on t, so this is a prefix softmax. On CPU in float32/64, an online softmax in C (``_CausalPool``);
+    else computed in blocks of ``block`` positions in h's dtype (``_causal_softmax_pool_blocked``), as follows.
 
     Position t of block j is shifted by m_t = max(the max of blocks < j, the running max of block j up to t),
     never below a visible logit, so every exp() is at most 1 and the largest visible term is exactly 1 (no
