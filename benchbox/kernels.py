@@ -653,9 +653,12 @@ static inline float hmaxv(vf v) {
 /* dst (C, R) = src (R, C)^T, rows of src ss apart and of dst ds apart. float: VL x VL tiles in registers, log2(VL)
    rounds of interleaving the rows i and i + VL/2 (a perfect shuffle; 3x the element by element copy on 128 x 32,
    measured), the edges element by element */
-static void transpose_f64(double *dst, const double *src, int64_t R, int64_t C) {
+static void transpose_strided_f64(double *dst, int64_t ds, const double *src, int64_t ss, int64_t R, int64_t C) {
     for (int64_t r = 0; r < R; r++)
-        for (int64_t c = 0; c < C; c++) dst[c * R + r] = src[r * C + c];
+        for (int64_t c = 0; c < C; c++) dst[c * ds + r] = src[r * ss + c];
+}
+static void transpose_f64(double *dst, const double *src, int64_t R, int64_t C) {
+    transpose_strided_f64(dst, R, src, C, R, C);
 }
 static void transpose_strided_f32(float *dst, int64_t ds, const float *src, int64_t ss, int64_t R, int64_t C) {
     const int64_t Rv = R / VL * VL, Cv = C / VL * VL;
@@ -2172,10 +2175,6 @@ void benchbox_cand_dot_backward_##SUF(const T *g, const T *cand, const T *f, T *
 }
 CAND_DOT(double, f64)
 CAND_DOT(float, f32)
-static void transpose_strided_f64(double *dst, int64_t ds, const double *src, int64_t ss, int64_t R, int64_t C) {
-    for (int64_t r = 0; r < R; r++)
-        for (int64_t c = 0; c < C; c++) dst[c * ds + r] = src[r * ss + c];
-}
 /* o[k ks + s] = softmax over k of l[k ks + s], at each s < n (ComiRec-DR's couplings over its interests); float: n a
    multiple of VL, in vectors */
 static void softmax_over_k_f64(const double *l, double *o, int64_t K, int64_t ks, int64_t n) {
