@@ -2526,6 +2526,13 @@ def _per_dtype(stem: str, restype, argtypes) -> dict:
     return found
 
 
+def _kernel_pair(forward: str, forward_args, backward: str, backward_args) -> dict:
+    """{torch dtype: (forward, backward)}: a kernel's two library functions (``_per_dtype``'s stems), typed with
+    their argument lists (void return); empty where no library."""
+    fw, bw = _per_dtype(forward, None, forward_args), _per_dtype(backward, None, backward_args)
+    return {dtype: (fw[dtype], bw[dtype]) for dtype in fw}
+
+
 @functools.cache
 def _rows_add_kernels():
     """{torch dtype: the rows-add kernel} that agree with torch's own (empty where no library)."""
@@ -2644,9 +2651,7 @@ def rmsnorm_backward(g, xhat, rstd, weight):
 def _sigmoid_project_kernels():
     """{torch dtype: (forward, backward)} of ComiRec-SA's sigmoid + rank-K product (empty where no library)."""
     p, i = ctypes.c_void_p, ctypes.c_int64
-    forward = _per_dtype("sigmoid_project", None, [p] * 4 + [i] * 3)
-    backward = _per_dtype("sigmoid_project_backward", None, [p] * 6 + [i] * 3)
-    return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
+    return _kernel_pair("sigmoid_project", [p] * 4 + [i] * 3, "sigmoid_project_backward", [p] * 6 + [i] * 3)
 
 
 def sigmoid_project_applies(u, w) -> bool:
@@ -2714,9 +2719,7 @@ def _pool_score_kernels():
     """{torch dtype: (forward, backward)} of ComiRec-SA's interests and scores at a row's end (empty where no
     library)."""
     p, i = ctypes.c_void_p, ctypes.c_int64
-    forward = _per_dtype("pool_score", None, [p] * 8 + [i] * 5)
-    backward = _per_dtype("pool_score_backward", None, [p] * 12 + [i] * 5)
-    return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
+    return _kernel_pair("pool_score", [p] * 8 + [i] * 5, "pool_score_backward", [p] * 12 + [i] * 5)
 
 
 def pool_score_applies(h, cand) -> bool:
@@ -2795,9 +2798,7 @@ def dr_route_causal(x, w, lengths, iters: int, block: int):
 def _causal_pool_kernels():
     """{torch dtype: (forward, backward)} of ComiRec-SA's causal softmax pool (empty where no library)."""
     p, i = ctypes.c_void_p, ctypes.c_int64
-    forward = _per_dtype("causal_pool", None, [p] * 6 + [i] * 5)
-    backward = _per_dtype("causal_pool_backward", None, [p] * 9 + [i] * 5)
-    return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
+    return _kernel_pair("causal_pool", [p] * 6 + [i] * 5, "causal_pool_backward", [p] * 9 + [i] * 5)
 
 
 def causal_pool_applies(a, h) -> bool:
@@ -2837,9 +2838,7 @@ def causal_pool_backward(dy, saved):
 def _cand_dot_kernels():
     """{torch dtype: (forward, backward)} of candidate_dot for few candidates a row (empty where no library)."""
     p, i = ctypes.c_void_p, ctypes.c_int64
-    forward = _per_dtype("cand_dot", None, [p, p, p, i, i, i, i])
-    backward = _per_dtype("cand_dot_backward", None, [p, p, p, p, p, i, i, i, i])
-    return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
+    return _kernel_pair("cand_dot", [p, p, p, i, i, i, i], "cand_dot_backward", [p, p, p, p, p, i, i, i, i])
 
 
 # rows a thread: below twice this candidate_dot runs on one thread
@@ -2882,9 +2881,7 @@ def cand_dot_backward(g, cand, f, need_cand: bool = True, need_f: bool = True):
 def _dr_score_kernels():
     """{torch dtype: (forward, backward)} of ComiRec-DR's routing and scores at a row's end (empty where no library)."""
     p, i = ctypes.c_void_p, ctypes.c_int64
-    forward = _per_dtype("dr_score", None, [p] * 12 + [i] * 8)
-    backward = _per_dtype("dr_score_backward", None, [p] * 15 + [i] * 7)
-    return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
+    return _kernel_pair("dr_score", [p] * 12 + [i] * 8, "dr_score_backward", [p] * 15 + [i] * 7)
 
 
 # rows a block of the routing kernel: each interest's maps are one product of the block's rows by W_k
@@ -2935,9 +2932,8 @@ def dr_score_backward(g, saved):
 def _gru_kernels():
     """{torch dtype: (cell, cell_backward)} (empty where no library)."""
     p, i = ctypes.c_void_p, ctypes.c_int64
-    cell = _per_dtype("gru_cell", None, [p, i, p, p, i, p, i, p, p, p, p, i, i])
-    backward = _per_dtype("gru_cell_backward", None, [p, p, i, p, p, p, p, p, i, p, i, p, p, i, i])
-    return {dtype: (cell[dtype], backward[dtype]) for dtype in cell}
+    return _kernel_pair("gru_cell", [p, i, p, p, i, p, i, p, p, p, p, i, i],
+                        "gru_cell_backward", [p, p, i, p, p, p, p, p, i, p, i, p, p, i, i])
 
 
 def gru_applies(x, hidden: int) -> bool:
@@ -2964,10 +2960,8 @@ def gru_functions(dtype):
 def _attention_kernels():
     """{torch dtype: (forward, backward)} of the small causal attention (empty where no library)."""
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-    forward = _per_dtype("small_attention", None, [p, i, i, p, p, i, i, p, p, p, i, i, i, i, i, f])
-    backward = _per_dtype("small_attention_backward", None, [p, i, i, p, p, i, i, p, p, p, p, p, p, p, i, i, i, i,
-                                                             i, f])
-    return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
+    return _kernel_pair("small_attention", [p, i, i, p, p, i, i, p, p, p, i, i, i, i, i, f],
+                        "small_attention_backward", [p, i, i, p, p, i, i] + [p] * 7 + [i] * 5 + [f])
 
 
 def attention_functions(dtype):
@@ -3195,9 +3189,8 @@ def _ttt_window_kernels():
     """{torch dtype: (forward, backward)} of TTT-Linear's whole layer over its scan's chunks (empty where no
     library)."""
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-    forward = _per_dtype("ttt_window_forward", None, [p, i] + [p] * 7 + [f, p, p] + [i] * 7 + [f])
-    backward = _per_dtype("ttt_window_backward", None, [p, i, p, p, p, f] + [p] * 9 + [i] * 7)
-    return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
+    return _kernel_pair("ttt_window_forward", [p, i] + [p] * 7 + [f, p, p] + [i] * 7 + [f],
+                        "ttt_window_backward", [p, i, p, p, p, f] + [p] * 9 + [i] * 7)
 
 
 TTT_WINDOW_MAX = 64  # a chunk's positions and the head size: the kernels' per-chunk arrays live on the stack
@@ -3260,9 +3253,7 @@ def ttt_window_backward(proj, tok, gam, cs, eta_scale: float, chunk: int, save, 
 def _mlp_chunk_kernels():
     """{torch dtype: (forward, backward)} of TTT-MLP's one-mini-batch chunk (empty where no library)."""
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-    forward = _per_dtype("mlp_chunk_forward", None, [p] * 16 + [i] * 5 + [f])
-    backward = _per_dtype("mlp_chunk_backward", None, [p] * 26 + [i] * 5 + [f])
-    return {dtype: (forward[dtype], backward[dtype]) for dtype in forward}
+    return _kernel_pair("mlp_chunk_forward", [p] * 16 + [i] * 5 + [f], "mlp_chunk_backward", [p] * 26 + [i] * 5 + [f])
 
 
 def mlp_chunk_applies(kq, d: int, f: int) -> bool:
